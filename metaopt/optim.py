@@ -1,0 +1,291 @@
+"""``torch.optim.Optimizer`` drop-ins over any functional :class:`~metaopt.rules.UpdateRule`.
+
+The functional rule does the arithmetic; this shell does what ``torch.optim`` users rely
+on: ``param_groups`` with their own hyper-parameters (read at every step, so every
+``torch.optim.lr_scheduler`` works), per-parameter state in ``self.state[p]``,
+``state_dict()``/``load_state_dict()``, ``zero_grad()``, closures and ``add_param_group``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from metaopt.rules.base import UpdateRule
+
+__all__ = ["FunctionalOptimizer"]
+
+RuleFactory = Callable[..., UpdateRule]
+
+
+def _flatten_leaf_state(leaf_state: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    """A leaf state pytree as ``({path: tensor}, spec)`` for ``optimizer.state[p]``."""
+    with_path, spec = pytree.tree_flatten_with_path(leaf_state)
+    flat = {}
+    for path, leaf in with_path:
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"rule state leaves must be tensors, got {type(leaf).__name__}")
+        flat[pytree.keystr(path) or "value"] = leaf
+    return flat, spec
+
+
+def _describe(flat: dict[str, Any]) -> dict[str, tuple[int, ...] | str]:
+    return {
+        k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        for k, v in flat.items()
+    }
+
+
+class FunctionalOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that runs a functional update rule.
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim`` optimizer
+            (named parameters are accepted too, as in ``torch.optim``).
+        rule: either a *rule factory* such as :func:`metaopt.rules.adam`, called with each
+            group's hyper-parameters at every step, or a ready :class:`UpdateRule` (whose
+            hyper-parameters are then fixed; no ``lr`` for schedulers to change).
+        check_finite: raise ``FloatingPointError`` before touching anything when a
+            gradient holds NaN or inf (default). ``False`` skips the check (one device
+            sync per step) and lets non-finite values flow into parameters.
+        **hyper: hyper-parameters for ``rule`` (a factory); missing ones take the
+            factory's defaults, so ``group["lr"]`` always exists when the factory has ``lr``.
+
+    Example:
+        >>> opt = FunctionalOptimizer(model.parameters(), metaopt.rules.adam, lr=1e-3)
+        >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        rule: RuleFactory | UpdateRule,
+        *,
+        check_finite: bool = True,
+        **hyper: Any,
+    ) -> None:
+        if isinstance(rule, UpdateRule):
+            if hyper:
+                raise TypeError(
+                    f"hyper-parameters {sorted(hyper)} need a rule factory (e.g. "
+                    "metaopt.rules.adam), not a ready UpdateRule whose values are fixed"
+                )
+            self._factory: RuleFactory | None = None
+            self._fixed_rule: UpdateRule | None = rule
+            self._hyper_names: frozenset[str] = frozenset()
+            defaults: dict[str, Any] = {}
+        elif callable(rule):
+            self._factory, self._fixed_rule = rule, None
+            defaults = self._factory_defaults(rule, hyper)
+            self._hyper_names = frozenset(defaults) | self._signature_names(rule)
+        else:
+            raise TypeError(f"rule must be an UpdateRule or a factory, got {type(rule).__name__}")
+        self.check_finite = check_finite
+        self._specs: dict[torch.Tensor, Any] = {}
+        self._rule_cache: dict[int, tuple[Any, UpdateRule]] = {}
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _factory_defaults(factory: RuleFactory, hyper: dict[str, Any]) -> dict[str, Any]:
+        """The factory's keyword defaults overridden by ``hyper``; unknown names rejected."""
+        try:
+            signature = inspect.signature(factory)
+        except (TypeError, ValueError):
+            return dict(hyper)
+        accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+        named = {
+            name: p.default
+            for name, p in signature.parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        }
+        unknown = set(hyper) - set(named)
+        if unknown and not accepts_any:
+            raise TypeError(
+                f"{getattr(factory, '__name__', factory)!s} has no hyper-parameter(s) "
+                f"{sorted(unknown)}; it takes {sorted(named)}"
+            )
+        defaults = {k: v for k, v in named.items() if v is not inspect.Parameter.empty}
+        defaults.update(hyper)
+        missing = set(named) - set(defaults)
+        if missing:
+            raise TypeError(f"missing hyper-parameter(s) {sorted(missing)} for the rule factory")
+        return defaults
+
+    # ------------------------------------------------------------------ rules and keys
+    def rule_for(self, group: dict[str, Any]) -> UpdateRule:
+        """The :class:`UpdateRule` for a parameter group, built from its current values."""
+        if self._fixed_rule is not None:
+            return self._fixed_rule
+        assert self._factory is not None
+        kwargs = {k: group[k] for k in self._hyper_names if k in group}
+        try:
+            cache_key: Any = tuple(sorted(kwargs.items()))
+            hash(cache_key)
+        except TypeError:
+            cache_key = None
+        cached = self._rule_cache.get(id(group))
+        if cache_key is not None and cached is not None and cached[0] == cache_key:
+            return cached[1]
+        rule = self._factory(**kwargs)
+        if cache_key is not None:
+            self._rule_cache[id(group)] = (cache_key, rule)
+        return rule
+
+    @staticmethod
+    def _signature_names(factory: RuleFactory) -> frozenset[str]:
+        """Keyword parameter names of the factory (per-group extras are passed too)."""
+        try:
+            parameters = inspect.signature(factory).parameters.values()
+        except (TypeError, ValueError):
+            return frozenset()
+        return frozenset(
+            p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        )
+
+    @staticmethod
+    def param_keys(group: dict[str, Any]) -> list[str]:
+        """Keys naming the group's parameters for the rule: names when the optimizer was
+        given named parameters, otherwise positions in the group (``"0"``, ``"1"``, ...)."""
+        names = group.get("param_names")
+        if names is not None and len(names) == len(group["params"]):
+            return list(names)
+        return [str(i) for i in range(len(group["params"]))]
+
+    # ------------------------------------------------------------------ state
+    def _leaf_state(self, rule: UpdateRule, key: str, p: torch.Tensor) -> Any:
+        """The rule's leaf state for ``p``: rebuilt from ``self.state[p]`` or initialised."""
+        flat = self.state[p]
+        if not flat:  # never initialised, or emptied by a framework: start afresh
+            leaf_state = rule.init({key: p})[key]
+            self._specs[p] = _flatten_leaf_state(leaf_state)[1]
+            return leaf_state
+        spec = self._specs.get(p)
+        if spec is None:
+            expected, spec = _flatten_leaf_state(rule.init({key: p})[key])
+            if list(expected) != list(flat):
+                raise RuntimeError(
+                    f"optimizer.state for parameter {key!r} holds {sorted(flat)}, "
+                    f"the rule expects {sorted(expected)}"
+                )
+            self._specs[p] = spec
+        return pytree.tree_unflatten(list(flat.values()), spec)
+
+    def _store(self, p: torch.Tensor, leaf_state: Any) -> None:
+        flat, spec = _flatten_leaf_state(leaf_state)
+        self.state[p] = flat
+        self._specs[p] = spec
+
+    # ------------------------------------------------------------------ step
+    def _gather(self) -> list[tuple[dict[str, Any], list[str], list[torch.Tensor]]]:
+        """Per group: the keys and parameters that have a gradient; validates them."""
+        plan = []
+        for group in self.param_groups:
+            keys, params = [], []
+            for key, p in zip(self.param_keys(group), group["params"], strict=True):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients "
+                        f"(parameter {key!r}); use torch.optim.SparseAdam for those"
+                    )
+                keys.append(key)
+                params.append(p)
+            if params:
+                plan.append((group, keys, params))
+        return plan
+
+    @staticmethod
+    def _raise_if_nonfinite(plan: list[tuple[dict[str, Any], list[str], list[torch.Tensor]]]):
+        grads = [p.grad for _, _, params in plan for p in params]
+        if not grads:
+            return
+        device = grads[0].device
+        norms = torch.stack([torch.linalg.vector_norm(g).float().to(device) for g in grads])
+        if bool(torch.isfinite(norms).all()):
+            return
+        for gi, (_, keys, params) in enumerate(plan):
+            for key, p in zip(keys, params, strict=True):
+                if not bool(torch.isfinite(p.grad).all()):
+                    raise FloatingPointError(
+                        f"non-finite gradient (NaN or inf) for parameter {key!r} in group "
+                        f"{gi}; no parameter or state was changed. Pass check_finite=False "
+                        "to disable this check."
+                    )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every parameter that has a gradient.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan = self._gather()
+        if self.check_finite:
+            self._raise_if_nonfinite(plan)
+        for group, keys, params in plan:
+            self._step_group(group, keys, params)
+        return loss
+
+    def _step_group(
+        self, group: dict[str, Any], keys: list[str], params: list[torch.Tensor]
+    ) -> None:
+        rule = self.rule_for(group)
+        state = {k: self._leaf_state(rule, k, p) for k, p in zip(keys, params, strict=True)}
+        grads = {k: p.grad for k, p in zip(keys, params, strict=True)}
+        updates, new_state = rule.update(grads, state, dict(zip(keys, params, strict=True)))
+        torch._foreach_add_(params, [updates[k].to(p.dtype) for k, p in zip(keys, params)])
+        for k, p in zip(keys, params, strict=True):
+            self._store(p, new_state[k])
+
+    # ------------------------------------------------------------------ state_dict
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()``; raises ``ValueError`` and changes nothing when it does
+        not fit this optimizer (other parameter shapes, another rule, other groups)."""
+        self._validate_state_dict(state_dict)
+        super().load_state_dict(state_dict)
+        self._specs.clear()
+        self._rule_cache.clear()
+
+    def _validate_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("not an optimizer state_dict: needs 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} parameter groups, the optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"group {gi}: state_dict has {len(saved['params'])} parameters, "
+                    f"the optimizer has {len(group['params'])}"
+                )
+            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            rule = self.rule_for(merged)
+            self._rule_cache.clear()
+            keys = self.param_keys(group)
+            for key, pid, p in zip(keys, saved["params"], group["params"], strict=True):
+                flat = state_dict["state"].get(pid)
+                if not flat:
+                    continue
+                expected, _ = _flatten_leaf_state(rule.init({key: p})[key])
+                got = {k: v for k, v in flat.items()}
+                if _describe(expected) != _describe(got):
+                    raise ValueError(
+                        f"state_dict does not fit parameter {key!r} (group {gi}, shape "
+                        f"{tuple(p.shape)}): the rule expects state {_describe(expected)}, "
+                        f"the state_dict holds {_describe(got)}"
+                    )

@@ -1,0 +1,146 @@
+"""The update-rule protocol: pure ``(init, update)`` pairs over parameter trees.
+
+A rule never mutates its inputs. Its state is a ``dict`` with one entry per parameter
+key (see :mod:`metaopt.tree`): ``state[key]`` is that parameter's *leaf state*, a
+pytree of tensors (a NamedTuple, a tuple, ``()`` for stateless rules). Keeping state
+per parameter is what lets :class:`metaopt.FunctionalOptimizer` store it in
+``optimizer.state[p]`` exactly like ``torch.optim`` does, and update only the
+parameters that received a gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from metaopt.tree import named_leaves, rebuild
+
+State = dict[str, Any]
+"""A rule's state: ``{parameter key: leaf state}``."""
+
+Scalar = float | torch.Tensor
+"""A hyper-parameter: a Python number, or a 0-d tensor (differentiable if it requires grad)."""
+
+Schedule = Callable[[torch.Tensor], Scalar]
+"""A function of the step count (0-d tensor, starting at 0) returning a scalar."""
+
+__all__ = [
+    "Schedule",
+    "Scalar",
+    "State",
+    "UpdateRule",
+    "apply_updates",
+    "chain",
+    "identity",
+    "per_leaf",
+]
+
+
+class UpdateFn(Protocol):
+    def __call__(
+        self, grads: Any, state: State, params: Any | None = None
+    ) -> tuple[Any, State]: ...
+
+
+class UpdateRule(NamedTuple):
+    """A pure, differentiable optimizer: ``init(params) -> state`` and
+    ``update(grads, state, params=None) -> (updates, new_state)``.
+
+    ``updates`` has the structure of ``grads`` and is *added* to the parameters by
+    :func:`apply_updates` (so a descent rule returns ``-lr * direction``).
+    """
+
+    init: Callable[[Any], State]
+    update: UpdateFn
+
+
+def apply_updates(params: Any, updates: Any) -> Any:
+    """``params + updates`` leaf by leaf, out of place (differentiable).
+
+    Args:
+        params: a parameter tree.
+        updates: a tree of the same structure (as returned by ``rule.update``).
+
+    Returns:
+        A new tree; ``params`` is left untouched.
+    """
+    items = named_leaves(params)
+    new = dict(named_leaves(updates))
+    if list(new) != [key for key, _ in items]:
+        raise ValueError(
+            f"apply_updates: updates have keys {sorted(new)}, params have "
+            f"{sorted(key for key, _ in items)}"
+        )
+    return rebuild(params, [p + new[key].to(p.dtype) for key, p in items])
+
+
+def _check_state_keys(keys: list[str], state: State, where: str) -> None:
+    if not isinstance(state, dict) or list(state) != keys:
+        have = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(
+            f"{where}: state does not match the gradients: gradient keys {sorted(keys)}, "
+            f"state keys {have}. Pass the state returned by init() on the same parameters."
+        )
+
+
+def per_leaf(
+    init_leaf: Callable[[torch.Tensor], Any],
+    update_leaf: Callable[[torch.Tensor, Any, torch.Tensor | None], tuple[torch.Tensor, Any]],
+    name: str = "rule",
+) -> UpdateRule:
+    """Build a rule that acts on each parameter independently.
+
+    Args:
+        init_leaf: ``param -> leaf_state``.
+        update_leaf: ``(grad, leaf_state, param_or_None) -> (update, new_leaf_state)``.
+        name: used in error messages.
+    """
+
+    def init(params: Any) -> State:
+        return {key: init_leaf(p) for key, p in named_leaves(params)}
+
+    def update(grads: Any, state: State, params: Any | None = None) -> tuple[Any, State]:
+        items = named_leaves(grads)
+        keys = [key for key, _ in items]
+        _check_state_keys(keys, state, name)
+        param_of = dict(named_leaves(params)) if params is not None else {}
+        updates, new_state = [], {}
+        for key, g in items:
+            u, new_state[key] = update_leaf(g, state[key], param_of.get(key))
+            updates.append(u)
+        return rebuild(grads, updates), new_state
+
+    return UpdateRule(init, update)
+
+
+def identity() -> UpdateRule:
+    """The rule whose update is the gradient itself (stateless)."""
+    return per_leaf(lambda p: (), lambda g, s, p: (g, s), "identity")
+
+
+def chain(*rules: UpdateRule) -> UpdateRule:
+    """Compose rules: each one's updates are the next one's gradients.
+
+    The leaf state of the chain is the tuple of the rules' leaf states, so the
+    chain's state is still ``{key: leaf_state}``.
+    """
+    for i, r in enumerate(rules):
+        if not isinstance(r, UpdateRule):
+            raise TypeError(f"chain: argument {i} is a {type(r).__name__}, not an UpdateRule")
+
+    def init(params: Any) -> State:
+        states = [r.init(params) for r in rules]
+        return {key: tuple(s[key] for s in states) for key, _ in named_leaves(params)}
+
+    def update(grads: Any, state: State, params: Any | None = None) -> tuple[Any, State]:
+        keys = [key for key, _ in named_leaves(grads)]
+        _check_state_keys(keys, state, "chain")
+        new_states = []
+        for i, r in enumerate(rules):
+            grads, s = r.update(grads, {k: state[k][i] for k in keys}, params)
+            new_states.append(s)
+        return grads, {k: tuple(s[k] for s in new_states) for k in keys}
+
+    return UpdateRule(init, update)
