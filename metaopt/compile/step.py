@@ -1,0 +1,205 @@
+"""One pure inner training step — forward, gradient, update — that ``torch.compile`` fuses.
+
+:func:`make_step` turns an ``nn.Module``, a loss and an :class:`~metaopt.rules.UpdateRule`
+into ``step(params, buffers, opt_state, batch) -> (params, buffers, opt_state, metrics)``.
+The model runs through :func:`torch.func.functional_call` and the gradient comes from
+:func:`torch.func.grad_and_value`, so the whole step is a pure function of tensors: Dynamo
+captures it as one graph (``fullgraph=True``) and Inductor fuses the update arithmetic.
+
+Hyper-parameters that change during training (a learning rate set by a schedule) must be
+tensors, not Python numbers: Dynamo treats a Python float as a constant and recompiles
+when it changes, while a 0-d tensor is a graph input. :func:`tensor_hyper` builds a rule
+with tensor hyper-parameters that are changed in place; the schedules of
+:mod:`metaopt.rules.schedules` are tensor expressions of the step count and never
+recompile either.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value
+
+from metaopt.rules.base import State, UpdateRule, apply_updates
+from metaopt.tree import Params
+
+__all__ = [
+    "Batch",
+    "InnerStep",
+    "LossFn",
+    "StepFn",
+    "loss_and_buffers",
+    "make_step",
+    "module_state",
+    "tensor_hyper",
+]
+
+Batch = tuple[Any, torch.Tensor]
+"""``(inputs, targets)``: ``model(inputs)`` is compared with ``targets`` by the loss."""
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``loss_fn(outputs, targets) -> 0-d loss``, e.g. :func:`torch.nn.functional.cross_entropy`."""
+
+StepFn = Callable[
+    [Params, Params, State, Batch], tuple[Params, Params, State, dict[str, torch.Tensor]]
+]
+"""``step(params, buffers, opt_state, batch) -> (params, buffers, opt_state, metrics)``."""
+
+
+def module_state(model: nn.Module) -> tuple[Params, Params]:
+    """``(params, buffers)`` of ``model`` as detached tensors sharing its storage.
+
+    Returns:
+        ``params``: ``{name: tensor}`` of ``model.named_parameters()``; ``buffers``:
+        ``{name: tensor}`` of ``model.named_buffers()`` (batchnorm running statistics).
+    """
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = {name: b.detach() for name, b in model.named_buffers()}
+    return params, buffers
+
+
+def loss_and_buffers(
+    model: nn.Module, loss_fn: LossFn, params: Params, buffers: Params, batch: Batch
+) -> tuple[torch.Tensor, Params]:
+    """The loss of ``model`` with ``params`` and ``buffers`` on ``batch``, computed purely.
+
+    The module updates its buffers in place (batchnorm running statistics in training
+    mode); it does so on fresh copies, which are returned, so ``buffers`` is untouched and
+    the function stays pure (and differentiable under :mod:`torch.func` transforms).
+
+    Returns:
+        ``(loss, new_buffers)``: a 0-d loss and the updated buffers.
+    """
+    inputs, targets = batch
+    new_buffers = {name: b.clone() for name, b in buffers.items()}
+    outputs = functional_call(model, (params, new_buffers), (inputs,))
+    loss = loss_fn(outputs, targets)
+    if loss.dim() != 0:
+        raise ValueError(f"loss_fn must return a 0-d loss, got shape {tuple(loss.shape)}")
+    return loss, new_buffers
+
+
+def _pure_step(model: nn.Module, loss_fn: LossFn, rule: UpdateRule) -> StepFn:
+    grad_fn = grad_and_value(functools.partial(loss_and_buffers, model, loss_fn), has_aux=True)
+
+    def step(params: Params, buffers: Params, opt_state: State, batch: Batch):
+        grads, (loss, new_buffers) = grad_fn(params, buffers, batch)
+        updates, new_state = rule.update(grads, opt_state, params)
+        return apply_updates(params, updates), new_buffers, new_state, {"loss": loss}
+
+    return step
+
+
+@dataclass(frozen=True)
+class InnerStep:
+    """A pure inner training step; call it as ``step(params, buffers, opt_state, batch)``.
+
+    Attributes:
+        fn: the function that runs (compiled when ``compiled`` is true).
+        eager: the same step without ``torch.compile`` (the reference for ``fn``).
+        rule: the update rule it applies.
+        compiled: whether ``fn`` is the ``torch.compile`` of ``eager``.
+    """
+
+    fn: StepFn
+    eager: StepFn
+    rule: UpdateRule
+    compiled: bool
+
+    def __call__(
+        self, params: Params, buffers: Params, opt_state: State, batch: Batch
+    ) -> tuple[Params, Params, State, dict[str, torch.Tensor]]:
+        """One step: returns new ``(params, buffers, opt_state, {"loss": 0-d loss})``.
+
+        ``loss`` is the training loss *before* the update, on ``batch``.
+        """
+        return self.fn(params, buffers, opt_state, batch)
+
+    def init(self, model: nn.Module) -> tuple[Params, Params, State]:
+        """``(params, buffers, opt_state)`` to start from: :func:`module_state` of
+        ``model`` and the rule's initial state."""
+        params, buffers = module_state(model)
+        return params, buffers, self.rule.init(params)
+
+
+def make_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    rule: UpdateRule,
+    *,
+    compile: bool = True,
+    **compile_kwargs: Any,
+) -> InnerStep:
+    """Build one pure training step ``(params, buffers, opt_state, batch) -> (params,
+    buffers, opt_state, metrics)``.
+
+    Args:
+        model: the architecture; its own tensors are not used (parameters and buffers are
+            arguments of the step) and never modified. Its ``training`` flag is read at
+            each call (batchnorm uses batch statistics and updates its running statistics
+            only in training mode).
+        loss_fn: ``(outputs, targets) -> 0-d loss``.
+        rule: the update rule. Give hyper-parameters that change during training as 0-d
+            tensors (see :func:`tensor_hyper`) or as schedules, never as Python numbers
+            that you rebuild the rule with: those recompile.
+        compile: wrap the step in ``torch.compile`` (default) or run it eagerly.
+        **compile_kwargs: passed to ``torch.compile``; ``fullgraph=True`` by default
+            (the step has no graph break for the rules of :mod:`metaopt.rules`).
+
+    Returns:
+        An :class:`InnerStep`. ``metrics`` holds ``"loss"``, the 0-d training loss on the
+        batch before the update.
+
+    Example:
+        >>> rule, hyper = tensor_hyper(metaopt.rules.adam, lr=1e-3)
+        >>> step = make_step(model, torch.nn.functional.cross_entropy, rule)
+        >>> params, buffers, state = step.init(model)
+        >>> params, buffers, state, metrics = step(params, buffers, state, (x, y))
+        >>> hyper["lr"].fill_(5e-4)          # new learning rate, no recompilation
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(rule, UpdateRule):
+        raise TypeError(
+            f"rule must be an UpdateRule (e.g. metaopt.rules.adam(lr=...)), got "
+            f"{type(rule).__name__}; for a rule factory use tensor_hyper(factory, ...)"
+        )
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    eager = _pure_step(model, loss_fn, rule)
+    if not compile:
+        if compile_kwargs:
+            raise TypeError(f"compile_kwargs {sorted(compile_kwargs)} need compile=True")
+        return InnerStep(eager, eager, rule, compiled=False)
+    compile_kwargs.setdefault("fullgraph", True)
+    return InnerStep(torch.compile(eager, **compile_kwargs), eager, rule, compiled=True)
+
+
+def tensor_hyper(
+    factory: Callable[..., UpdateRule], *, dtype: torch.dtype = torch.float32, **hyper: Any
+) -> tuple[UpdateRule, dict[str, torch.Tensor]]:
+    """Build ``factory(**hyper)`` with every float hyper-parameter as a 0-d tensor.
+
+    Change a value in place (``tensors["lr"].fill_(1e-4)``) and the next step uses it;
+    a compiled step does not recompile, because the tensor is a graph input.
+
+    Args:
+        factory: a rule factory such as :func:`metaopt.rules.adam`.
+        dtype: dtype of the hyper-parameter tensors.
+        **hyper: the factory's keyword arguments; Python floats become tensors, anything
+            else (bools, tuples, ints) is passed unchanged.
+
+    Returns:
+        ``(rule, tensors)``: the rule and ``{name: 0-d tensor}`` of the converted values.
+    """
+    tensors = {
+        name: torch.tensor(value, dtype=dtype)
+        for name, value in hyper.items()
+        if isinstance(value, float)
+    }
+    return factory(**{**hyper, **tensors}), tensors
