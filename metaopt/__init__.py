@@ -6,11 +6,12 @@ Public API: the functional rules (:mod:`metaopt.rules`), pytree helpers
 
 from metaopt import rules, tree
 from metaopt._version import __version__
-from metaopt.optim import FunctionalOptimizer
+from metaopt.optim import FunctionalOptimizer, LearnedOptimizer
 from metaopt.rules import UpdateRule, apply_updates, chain
 
 __all__ = [
     "FunctionalOptimizer",
+    "LearnedOptimizer",
     "UpdateRule",
     "__version__",
     "apply_updates",

@@ -1,0 +1,263 @@
+"""Features of the learned rule: tensor layout into tokens, static shape descriptors, token
+statistics from a fixed subsample, and the task token.
+
+Every parameter tensor is viewed as a matrix ``[R, C]`` (``R * C = numel``) whose rows are
+grouped into *row blocks*; each block is one attention token and never covers more than
+``max_block`` elements (rows are chosen as the smallest divisor of ``numel`` that makes a
+row fit; a prime ``numel`` gives rows of one element). Token statistics are computed from
+``sample_size`` evenly spaced elements of each block, so building tokens costs
+``O(tokens x sample_size)``, not ``O(numel)``.
+
+All dynamic features are ratios or logarithms of ratios, so they do not change when the
+gradients are multiplied by a constant (Adam's ``eps`` aside).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "KINDS",
+    "N_STATIC_FEATURES",
+    "N_TASK_FEATURES",
+    "N_TOKEN_FEATURES",
+    "STATIC_FEATURES",
+    "TASK_FEATURES",
+    "TOKEN_STAT_FEATURES",
+    "Layout",
+    "layout_of",
+    "sample_index",
+    "static_descriptor",
+    "task_features",
+    "token_statistics",
+]
+
+KINDS = ("weight", "bias", "norm", "embedding")
+"""Parameter kinds recognised from names and shapes (one-hot in the static descriptor)."""
+
+STATIC_FEATURES = (
+    "ndim_is_1",
+    "ndim_is_2",
+    "ndim_ge_3",
+    "log_fan_in",
+    "log_fan_out",
+    "log_numel",
+    "depth_fraction",
+    *(f"kind_{k}" for k in KINDS),
+)
+TOKEN_STAT_FEATURES = (
+    "mean_abs_adam_direction",
+    "adam_direction_coherence",
+    "grad_momentum_correlation",
+    "log_grad_over_rms",
+    "log_relative_step",
+    "log_relative_drift",
+    "log1p_relative_importance",
+    "log_relative_grad_scale",
+)
+TASK_FEATURES = (
+    "log1p_task_index",
+    "log1p_step_in_task",
+    "first_step_of_task",
+    "has_loss",
+    "loss_trend",
+    "loss_progress",
+)
+N_STATIC_FEATURES = len(STATIC_FEATURES)
+N_TOKEN_FEATURES = len(TOKEN_STAT_FEATURES) + N_STATIC_FEATURES
+N_TASK_FEATURES = len(TASK_FEATURES)
+
+_TINY = 1e-12
+_LOG_CLAMP = 30.0
+
+
+class Layout(NamedTuple):
+    """How one parameter tensor is cut into tokens.
+
+    ``rows x cols`` is the matrix view of the flattened tensor; consecutive blocks of
+    ``rows_per_token`` rows form the ``n_tokens`` tokens (the last may be shorter).
+    """
+
+    rows: int
+    cols: int
+    rows_per_token: int
+    n_tokens: int
+
+
+def _smallest_divisor_at_least(n: int, low: int) -> int:
+    """The smallest divisor of ``n`` that is ``>= low`` (``n`` itself at worst)."""
+    best = n
+    for d in range(1, math.isqrt(n) + 1):
+        if n % d == 0:
+            for candidate in (d, n // d):
+                if low <= candidate < best:
+                    best = candidate
+    return best
+
+
+@functools.lru_cache(maxsize=4096)
+def layout_of(numel: int, max_block: int, leading: int = 1) -> Layout:
+    """The token layout of a tensor with ``numel`` elements (cached).
+
+    Args:
+        numel: number of elements (>= 0).
+        max_block: largest number of elements one token may summarise (>= 1).
+        leading: the tensor's first dimension; its rows (e.g. output units) are used as
+            the matrix rows when one of them fits in a block.
+    """
+    if max_block < 1:
+        raise ValueError(f"max_block must be >= 1, got {max_block}")
+    if numel <= max_block:
+        return Layout(1, max(numel, 1), 1, 1)
+    if leading > 1 and numel % leading == 0 and numel // leading <= max_block:
+        rows = leading
+    else:
+        rows = _smallest_divisor_at_least(numel, math.ceil(numel / max_block))
+    cols = numel // rows
+    rows_per_token = max(1, max_block // cols)
+    return Layout(rows, cols, rows_per_token, math.ceil(rows / rows_per_token))
+
+
+@functools.lru_cache(maxsize=4096)
+def _sample_index_cpu(layout: Layout, sample_size: int) -> torch.Tensor:
+    starts, lengths = [], []
+    for t in range(layout.n_tokens):
+        first = t * layout.rows_per_token
+        last = min(first + layout.rows_per_token, layout.rows)
+        starts.append(first * layout.cols)
+        lengths.append((last - first) * layout.cols)
+    start = torch.tensor(starts, dtype=torch.long)[:, None]
+    length = torch.tensor(lengths, dtype=torch.long)[:, None]
+    offset = torch.arange(sample_size, dtype=torch.long)[None, :] * length // sample_size
+    return (start + offset).reshape(-1)
+
+
+def sample_index(layout: Layout, sample_size: int, device: torch.device) -> torch.Tensor:
+    """Flat indices ``[n_tokens * sample_size]`` of evenly spaced elements of each token
+    (repeating elements when a token is shorter than ``sample_size``)."""
+    index = _sample_index_cpu(layout, sample_size)
+    return index if index.device == device else index.to(device)
+
+
+def _kind(name: str, ndim: int) -> str:
+    lowered = name.lower()
+    if "emb" in lowered:
+        return "embedding"
+    if any(tag in lowered for tag in ("norm", "bn", "ln")):
+        return "norm"
+    if ndim <= 1:
+        return "bias"
+    return "weight"
+
+
+def static_descriptor(name: str, shape: torch.Size, depth: float) -> torch.Tensor:
+    """The static part of a tensor's tokens: ``[N_STATIC_FEATURES]`` float32.
+
+    Args:
+        name: the parameter's key (used only to recognise norm / embedding / bias kinds).
+        shape: the parameter's shape.
+        depth: position of the parameter in its model, in [0, 1] (0 = first).
+    """
+    ndim = len(shape)
+    numel = math.prod(shape)
+    fan_out = shape[0] if ndim >= 1 else 1
+    fan_in = numel // max(fan_out, 1) if ndim >= 2 else 1
+    kind = _kind(name, ndim)
+    values = [
+        float(ndim <= 1),
+        float(ndim == 2),
+        float(ndim >= 3),
+        math.log1p(fan_in) / 10,
+        math.log1p(fan_out) / 10,
+        math.log1p(numel) / 20,
+        float(depth),
+        *(float(kind == k) for k in KINDS),
+    ]
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def _safe_log(x: torch.Tensor) -> torch.Tensor:
+    return torch.log(x + _TINY).clamp(-_LOG_CLAMP, _LOG_CLAMP)
+
+
+def token_statistics(
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    param: torch.Tensor,
+    anchor: torch.Tensor,
+    importance: torch.Tensor,
+    *,
+    bias_correction1: torch.Tensor,
+    bias_correction2: torch.Tensor,
+    lr: torch.Tensor | float,
+    eps: float,
+) -> torch.Tensor:
+    """Dynamic token features from samples: every input is ``[T, S]`` (T tokens of all
+    tensors, S samples each) in one floating dtype; ``bias_correction*`` are ``[T, 1]``.
+
+    Returns:
+        ``[T, len(TOKEN_STAT_FEATURES)]`` in the inputs' dtype.
+    """
+    m_hat = exp_avg / bias_correction1
+    v_hat = exp_avg_sq / bias_correction2
+    direction = m_hat / (v_hat.sqrt() + eps)
+    abs_dir = direction.abs().mean(1)
+    coherence = direction.mean(1) / (abs_dir + _TINY)
+    g2 = (grad * grad).mean(1)
+    m2 = (exp_avg * exp_avg).mean(1)
+    corr = (grad * exp_avg).mean(1) / ((g2 * m2).sqrt() + _TINY)
+    rms_g = g2.sqrt()
+    grad_over_rms = _safe_log(rms_g) - _safe_log(v_hat.mean(1).sqrt())
+    rms_w = (param * param).mean(1).sqrt()
+    drift = param - anchor
+    rel_step = _safe_log(lr * (direction * direction).mean(1).sqrt()) - _safe_log(rms_w)
+    rel_drift = _safe_log((drift * drift).mean(1).sqrt()) - _safe_log(rms_w)
+    mean_imp = importance.mean(1)
+    rel_imp = torch.log1p(mean_imp / (mean_imp.mean() + _TINY))
+    log_rms_g = _safe_log(rms_g)
+    rel_grad = log_rms_g - log_rms_g.mean()
+    return torch.stack(
+        [
+            abs_dir,
+            coherence,
+            corr,
+            grad_over_rms,
+            rel_step / 10,
+            rel_drift / 10,
+            rel_imp,
+            rel_grad / 10,
+        ],
+        dim=1,
+    )
+
+
+def task_features(
+    task_index: torch.Tensor, step_in_task: torch.Tensor, loss_stats: torch.Tensor
+) -> torch.Tensor:
+    """The task token's features ``[N_TASK_FEATURES]``.
+
+    Args:
+        task_index: 0-d, tasks finished so far.
+        step_in_task: 0-d, updates done in the current task.
+        loss_stats: ``[4]``: fast loss average, slow loss average, first loss of the task,
+            number of losses observed in the task (see :func:`metaopt.learned.observe_loss`).
+    """
+    fast, slow, start, count = loss_stats.unbind(0)
+    has_loss = (count > 0).to(loss_stats.dtype)
+    trend = ((fast - slow) / (slow.abs() + 1e-8)).clamp(-10, 10) * has_loss
+    progress = ((fast - start) / (start.abs() + 1e-8)).clamp(-10, 10) * has_loss
+    return torch.stack(
+        [
+            torch.log1p(task_index),
+            torch.log1p(step_in_task) / 5,
+            (step_in_task == 0).to(loss_stats.dtype),
+            has_loss,
+            trend,
+            progress,
+        ]
+    )

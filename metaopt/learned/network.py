@@ -1,0 +1,114 @@
+"""The network of the learned rule: attention across tensor tokens, per-tensor coefficients.
+
+``LearnedRuleNet`` holds every meta-parameter of the rule. It embeds the token features
+(:data:`metaopt.learned.features.TOKEN_STAT_FEATURES` + static shape descriptors) and one
+task token, runs a small pre-norm transformer encoder over them (no positional embedding:
+the result does not depend on the order of the parameters) and maps each token's context
+vector to the coefficients of the per-element update (:class:`TokenCoefficients`).
+
+The output layer is zero-initialised, so a fresh net gives ``log_scale = 0``, zero
+corrections, ``gate = 1``, ``gate_lambda = 0`` and ``rho = 0``: the rule is Adam.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from metaopt.learned.features import N_TASK_FEATURES, N_TOKEN_FEATURES
+
+__all__ = ["N_COEFFICIENTS", "LearnedRuleNet", "TokenCoefficients"]
+
+
+class TokenCoefficients(NamedTuple):
+    """Per-token coefficients of the per-element update; each field is ``[T]``.
+
+    update = -lr * gate / (1 + gate_lambda * imp) * (exp(log_scale) * m_hat / denom
+             + grad * g / denom + param * w / rms(w) + drift * (w - anchor) / rms(w))
+             - rho * imp * (w - anchor)
+
+    with ``imp`` the importance normalised by its mean over all tokens.
+    """
+
+    log_scale: torch.Tensor
+    grad: torch.Tensor
+    param: torch.Tensor
+    drift: torch.Tensor
+    gate: torch.Tensor
+    gate_lambda: torch.Tensor
+    rho: torch.Tensor
+
+
+N_COEFFICIENTS = len(TokenCoefficients._fields)
+
+
+class LearnedRuleNet(nn.Module):
+    """All meta-parameters of the learned rule.
+
+    Args:
+        d_model: width of the token embeddings.
+        n_heads: attention heads (must divide ``d_model``).
+        n_layers: transformer encoder layers.
+        d_ff: hidden width of the encoder's feed-forward blocks.
+        rho_scale: multiplies the raw pull-back output (so ``rho`` of order ``rho_scale``
+            per step for raw outputs of order 1).
+        max_log_scale: bound on ``|log_scale|`` (the learned step-size multiplier stays in
+            ``[exp(-max_log_scale), exp(max_log_scale)]``).
+
+    Inputs of :meth:`forward`: ``tokens [T, N_TOKEN_FEATURES]`` and
+    ``task [N_TASK_FEATURES]``; output: :class:`TokenCoefficients` of ``[T]`` tensors.
+    """
+
+    def __init__(
+        self,
+        d_model: int = 32,
+        n_heads: int = 4,
+        n_layers: int = 2,
+        d_ff: int = 64,
+        rho_scale: float = 1e-2,
+        max_log_scale: float = 3.0,
+    ) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"n_heads ({n_heads}) must divide d_model ({d_model})")
+        self.config: dict[str, Any] = {
+            "d_model": d_model,
+            "n_heads": n_heads,
+            "n_layers": n_layers,
+            "d_ff": d_ff,
+            "rho_scale": rho_scale,
+            "max_log_scale": max_log_scale,
+        }
+        self.rho_scale = rho_scale
+        self.max_log_scale = max_log_scale
+        self.token_embed = nn.Linear(N_TOKEN_FEATURES, d_model)
+        self.task_embed = nn.Linear(N_TASK_FEATURES, d_model)
+        layer = nn.TransformerEncoderLayer(
+            d_model, n_heads, d_ff, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, N_COEFFICIENTS)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, tokens: torch.Tensor, task: torch.Tensor) -> TokenCoefficients:
+        """Coefficients for ``T`` tokens (see the class docstring for shapes)."""
+        if tokens.ndim != 2 or tokens.shape[1] != N_TOKEN_FEATURES:
+            raise ValueError(f"tokens must be [T, {N_TOKEN_FEATURES}], got {tuple(tokens.shape)}")
+        x = torch.cat([self.task_embed(task)[None], self.token_embed(tokens)], dim=0)
+        context = self.norm(self.encoder(x[None]))[0, 1:]
+        raw = self.head(context)
+        log_scale, grad, param, drift, gate, lam, rho = raw.unbind(1)
+        # clamp (not softplus) keeps the identity exact at init and passes gradient at 0
+        return TokenCoefficients(
+            log_scale=log_scale.clamp(-self.max_log_scale, self.max_log_scale),
+            grad=grad,
+            param=param,
+            drift=drift,
+            gate=(1.0 - gate).clamp(0.0, 1.0),
+            gate_lambda=lam.clamp(min=0.0),
+            rho=self.rho_scale * rho.clamp(min=0.0),
+        )

@@ -1,0 +1,325 @@
+"""The learned update rule: Adam-anchored, conditioned on attention across tensor tokens.
+
+One ``update`` call:
+
+1. updates Adam's moments of every parameter (``torch._foreach`` ops over all tensors);
+2. builds one token per tensor (or row block) from a fixed subsample of its gradient,
+   moments, value, drift since the task's start and importance, plus its static shape
+   descriptor, and a task token from the loss statistics and task counters;
+3. runs :class:`~metaopt.learned.network.LearnedRuleNet` over the tokens to get
+   per-token coefficients (:class:`~metaopt.learned.network.TokenCoefficients`);
+4. applies them element-wise with a dozen ``torch._foreach`` ops::
+
+       u = -lr * gate / (1 + lambda * imp) * (exp(s) * m_hat / (sqrt(v_hat) + eps)
+               + a * g / (sqrt(v_hat) + eps) + b * w / rms_w + c * (w - anchor) / rms_w)
+           - rho * imp * (w - anchor)
+
+With the net's zero-initialised output layer, ``s = a = b = c = lambda = rho = 0`` and
+``gate = 1``: the update is exactly Adam's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+from metaopt.learned.features import (
+    Layout,
+    layout_of,
+    sample_index,
+    task_features,
+    token_statistics,
+)
+from metaopt.learned.network import LearnedRuleNet, TokenCoefficients
+from metaopt.learned.state import LearnedState, init_leaf
+from metaopt.learned.tasks import check_importance, fold_task
+from metaopt.rules.base import Scalar, State, UpdateRule, _check_state_keys
+from metaopt.tree import named_leaves, rebuild
+
+__all__ = ["DepthFn", "learned_rule"]
+
+DepthFn = Callable[[str, torch.Tensor], float]
+"""``(key, param) -> depth in [0, 1]``: where a parameter sits in its model."""
+
+_TINY = 1e-12
+
+
+def _check_options(
+    lr: Any,
+    betas: Any,
+    eps: float,
+    max_block: int,
+    sample_size: int,
+    topk_fraction: float | None,
+    aux_dtype: torch.dtype | None,
+) -> None:
+    if isinstance(lr, (int, float)) and not lr >= 0:
+        raise ValueError(f"invalid learning rate: {lr} (must be >= 0)")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"invalid betas: {betas} (two values in [0, 1))")
+    if not eps >= 0:
+        raise ValueError(f"invalid eps: {eps} (must be >= 0)")
+    if max_block < 1 or sample_size < 1:
+        raise ValueError(f"max_block ({max_block}) and sample_size ({sample_size}) must be >= 1")
+    if topk_fraction is not None and not 0.0 < topk_fraction <= 1.0:
+        raise ValueError(f"topk_fraction must be in (0, 1], got {topk_fraction}")
+    if aux_dtype is not None and not aux_dtype.is_floating_point:
+        raise ValueError(f"aux_dtype must be a floating dtype, got {aux_dtype}")
+
+
+def _depth_function(depth: DepthFn | Mapping[str, float] | None, keys: list[str]) -> DepthFn:
+    if callable(depth):
+        return depth
+    if depth is not None:
+        return lambda key, p: float(depth.get(key, 0.5))
+    position = {key: i / (len(keys) - 1) if len(keys) > 1 else 0.5 for i, key in enumerate(keys)}
+    return lambda key, p: position[key]
+
+
+def learned_rule(
+    net: LearnedRuleNet,
+    lr: Scalar = 1e-3,
+    *,
+    meta_params: Mapping[str, torch.Tensor] | None = None,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    max_block: int = 65536,
+    sample_size: int = 32,
+    aux_dtype: torch.dtype | None = torch.bfloat16,
+    importance: str = "path",
+    topk_fraction: float | None = None,
+    depth: DepthFn | Mapping[str, float] | None = None,
+) -> UpdateRule:
+    """The attention-based learned rule as a pure :class:`~metaopt.rules.UpdateRule`.
+
+    Args:
+        net: the meta-parameters (a :class:`LearnedRuleNet`).
+        lr: learning rate (a number or a 0-d tensor), the scale of Adam's step.
+        meta_params: ``{name: tensor}`` replacing ``net``'s parameters through
+            ``torch.func.functional_call`` (gradients then flow to these tensors).
+        betas, eps: Adam's moment decay rates and denominator constant.
+        max_block: most elements summarised by one token (larger tensors are split
+            into row blocks).
+        sample_size: elements sampled per token to compute its statistics.
+        aux_dtype: dtype of the anchor and importance buffers (``None``: the parameter's).
+        importance: how a finished task's importance is scored, one of
+            :data:`metaopt.learned.tasks.IMPORTANCE_KINDS` (used for pending boundaries).
+        topk_fraction: if set, only the ``ceil(topk_fraction * T)`` tokens with the largest
+            gates move in each update (hard selection); the others get gate 0.
+        depth: each parameter's depth in [0, 1] (a ``{key: depth}`` mapping or a
+            ``(key, param) -> depth`` function); default: position in ``init``'s tree.
+
+    Returns:
+        ``UpdateRule`` whose ``update(grads, state, params)`` requires ``params``.
+    """
+    _check_options(lr, betas, eps, max_block, sample_size, topk_fraction, aux_dtype)
+    check_importance(importance)
+    b1, b2 = betas
+
+    def init(params: Any) -> State:
+        items = named_leaves(params)
+        depth_of = _depth_function(depth, [key for key, _ in items])
+        return {key: init_leaf(key, p, depth_of(key, p), aux_dtype) for key, p in items}
+
+    def run_net(tokens: torch.Tensor, task: torch.Tensor) -> TokenCoefficients:
+        if meta_params is None:
+            return net(tokens, task)
+        return functional_call(net, dict(meta_params), (tokens, task))
+
+    def update(grads: Any, state: State, params: Any | None = None) -> tuple[Any, State]:
+        items = named_leaves(grads)
+        keys = [key for key, _ in items]
+        _check_state_keys(keys, state, "learned_rule")
+        if params is None:
+            raise ValueError("learned_rule needs params: call update(grads, state, params)")
+        param_of = dict(named_leaves(params))
+        missing = [k for k in keys if k not in param_of]
+        if missing:
+            raise ValueError(f"learned_rule: params lack the keys {missing}")
+        if not items:
+            return rebuild(grads, []), {}
+        leaves: list[LearnedState] = []
+        for key, g in items:
+            leaf = state[key]
+            if not isinstance(leaf, LearnedState):
+                raise TypeError(f"learned_rule: state[{key!r}] is not a LearnedState")
+            if leaf.exp_avg.shape != g.shape:
+                raise ValueError(
+                    f"learned_rule: gradient of {key!r} has shape {tuple(g.shape)}, "
+                    f"the state {tuple(leaf.exp_avg.shape)}"
+                )
+            if leaf.pending.numel():  # a boundary marked by new_task(state) without params
+                leaf = fold_task(leaf, param_of[key], importance)
+            leaves.append(leaf)
+        grads_l = [g for _, g in items]
+        params_l = [param_of[k] for k in keys]
+        updates, new_leaves = _learned_step(
+            grads_l,
+            params_l,
+            leaves,
+            run_net,
+            lr=lr,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            max_block=max_block,
+            sample_size=sample_size,
+            topk_fraction=topk_fraction,
+            net_dtype=_net_dtype(net, meta_params),
+        )
+        return rebuild(grads, updates), dict(zip(keys, new_leaves, strict=True))
+
+    return UpdateRule(init, update)
+
+
+def _net_dtype(net: LearnedRuleNet, meta_params: Mapping[str, torch.Tensor] | None) -> torch.dtype:
+    source = meta_params.values() if meta_params is not None else net.parameters()
+    return next(iter(source)).dtype
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor, n_tokens: int, dtype: torch.dtype):
+    return x.reshape(-1).index_select(0, index).view(n_tokens, -1).to(dtype)
+
+
+def _learned_step(
+    grads: list[torch.Tensor],
+    params: list[torch.Tensor],
+    leaves: list[LearnedState],
+    run_net: Callable[[torch.Tensor, torch.Tensor], TokenCoefficients],
+    *,
+    lr: Scalar,
+    b1: float,
+    b2: float,
+    eps: float,
+    max_block: int,
+    sample_size: int,
+    topk_fraction: float | None,
+    net_dtype: torch.dtype,
+) -> tuple[list[torch.Tensor], list[LearnedState]]:
+    """The arithmetic of one update over lists of tensors (see the module docstring)."""
+    device = grads[0].device
+    layouts: list[Layout] = [
+        layout_of(g.numel(), max_block, g.shape[0] if g.ndim else 1) for g in grads
+    ]
+    views = [(lay.rows, lay.cols) for lay in layouts]
+    g_v = [g.reshape(shape) for g, shape in zip(grads, views, strict=True)]
+    w_v = [p.reshape(shape) for p, shape in zip(params, views, strict=True)]
+    m_old = [s.exp_avg.reshape(shape) for s, shape in zip(leaves, views, strict=True)]
+    v_old = [s.exp_avg_sq.reshape(shape) for s, shape in zip(leaves, views, strict=True)]
+    anchor = [s.anchor.reshape(shape) for s, shape in zip(leaves, views, strict=True)]
+    imp = [s.importance.reshape(shape) for s, shape in zip(leaves, views, strict=True)]
+
+    # 1. Adam's moments (torch.optim.Adam's foreach formulas)
+    m_new = torch._foreach_lerp(m_old, g_v, 1.0 - b1)
+    v_new = torch._foreach_addcmul(torch._foreach_mul(v_old, b2), g_v, g_v, value=1.0 - b2)
+
+    # 2. tokens: statistics of a fixed subsample of each row block
+    steps = torch.stack([s.step for s in leaves]) + 1.0
+    wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    steps_w = steps.to(wide)
+    bc1 = 1.0 - b1**steps_w  # [n]
+    bc2 = 1.0 - b2**steps_w
+    counts = torch.tensor([lay.n_tokens for lay in layouts], device=device)
+    samples = []
+    for buffers in (g_v, m_new, v_new, w_v, anchor, imp):
+        samples.append(
+            torch.cat(
+                [
+                    _gather(x, sample_index(lay, sample_size, device), lay.n_tokens, net_dtype)
+                    for x, lay in zip(buffers, layouts, strict=True)
+                ]
+            )
+        )
+    g_s, m_s, v_s, w_s, a_s, i_s = samples
+    bc1_t = bc1.to(net_dtype).repeat_interleave(counts)[:, None]
+    bc2_t = bc2.to(net_dtype).repeat_interleave(counts)[:, None]
+    stats = token_statistics(
+        g_s,
+        m_s,
+        v_s,
+        w_s,
+        a_s,
+        i_s,
+        bias_correction1=bc1_t,
+        bias_correction2=bc2_t,
+        lr=lr,
+        eps=eps,
+    )
+    static = torch.cat(
+        [
+            s.descriptor.to(net_dtype).expand(n, -1)
+            for s, n in zip(leaves, counts.tolist(), strict=True)
+        ]
+    )
+    tokens = torch.cat([stats, static], dim=1)
+    task = task_features(
+        torch.stack([s.task_index for s in leaves]).mean().to(net_dtype),
+        torch.stack([s.task_step for s in leaves]).mean().to(net_dtype),
+        torch.stack([s.loss_stats for s in leaves]).mean(0).to(net_dtype),
+    )
+
+    # 3. attention across tokens -> per-token coefficients
+    coef = run_net(tokens, task)
+    gate = coef.gate
+    if topk_fraction is not None:
+        k = max(1, math.ceil(topk_fraction * gate.numel()))
+        keep = torch.zeros_like(gate).scatter(0, torch.topk(gate, k).indices, 1.0)
+        gate = gate * keep
+    # coefficient arithmetic in the widest dtype around (float64 params stay exact)
+    work = torch.promote_types(wide, net_dtype)
+    rms_w = ((w_s * w_s).mean(1).sqrt() + _TINY).to(work)
+    inv_imp = (1.0 / (i_s.mean() + _TINY)).to(work)
+    bc1_w = bc1.to(work).repeat_interleave(counts)
+    bc2_sqrt = bc2.to(work).repeat_interleave(counts).sqrt()
+    coef = TokenCoefficients(*(c.to(work) for c in coef))
+    gate = gate.to(work)
+    columns = torch.stack(
+        [
+            torch.exp(coef.log_scale) * bc2_sqrt / bc1_w,  # x m
+            coef.grad * bc2_sqrt,  # x g
+            coef.param / rms_w,  # x w
+            coef.drift / rms_w,  # x (w - anchor)
+            coef.gate_lambda * inv_imp,  # x importance, in the gate's denominator
+            -lr * gate,  # x everything above
+            -coef.rho * inv_imp,  # x importance x (w - anchor)
+            eps * bc2_sqrt,  # + sqrt(v)
+        ],
+        dim=1,
+    )  # [T, 8]
+
+    # 4. element-wise update with per-row coefficients
+    per_tensor = torch.split(columns, counts.tolist())
+    rows = []
+    for cols_t, lay, g in zip(per_tensor, layouts, grads, strict=True):
+        if lay.n_tokens > 1:
+            owner = torch.arange(lay.rows, device=device) // lay.rows_per_token
+            cols_t = cols_t.index_select(0, owner)
+        rows.append(cols_t.to(g.dtype).unsqueeze(-1))  # [R or 1, 8, 1]
+    c_m, c_g, c_w, c_d, c_lam, c_out, c_rho, c_eps = (
+        [r[:, j] for r in rows] for j in range(columns.shape[1])
+    )
+    denom = torch._foreach_add(torch._foreach_sqrt(v_new), c_eps)
+    direction = torch._foreach_addcmul(torch._foreach_mul(m_new, c_m), g_v, c_g)
+    direction = torch._foreach_div(direction, denom)
+    drift = torch._foreach_sub(w_v, anchor)
+    direction = torch._foreach_addcmul(direction, w_v, c_w)
+    direction = torch._foreach_addcmul(direction, drift, c_d)
+    gate_den = torch._foreach_add(torch._foreach_mul(imp, c_lam), 1.0)
+    out = torch._foreach_mul(torch._foreach_div(direction, gate_den), c_out)
+    out = torch._foreach_addcmul(out, torch._foreach_mul(imp, drift), c_rho)
+
+    updates = [u.reshape(g.shape) for u, g in zip(out, grads, strict=True)]
+    new_leaves = [
+        s._replace(
+            step=step,
+            task_step=s.task_step + 1.0,
+            exp_avg=m.reshape(s.exp_avg.shape),
+            exp_avg_sq=v.reshape(s.exp_avg_sq.shape),
+        )
+        for s, step, m, v in zip(leaves, steps.unbind(0), m_new, v_new, strict=True)
+    ]
+    return updates, new_leaves

@@ -1,0 +1,175 @@
+"""Pure task-boundary and loss-observation functions on states of the learned rule.
+
+They accept the state of :func:`metaopt.learned.learned_rule` and of any composition
+(``chain(clip_by_global_norm(1.0), learned_rule(net))``): every
+:class:`~metaopt.learned.state.LearnedState` found in the state is rewritten, everything
+else is returned unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch.utils import _pytree as pytree
+
+from metaopt.learned.state import LearnedState
+from metaopt.tree import named_leaves
+
+__all__ = [
+    "IMPORTANCE_KINDS",
+    "fold_task",
+    "learned_leaves",
+    "map_learned",
+    "new_task",
+    "observe_loss",
+]
+
+Importance = Literal["path", "weight_grad", "fisher"]
+IMPORTANCE_KINDS: tuple[str, ...] = ("path", "weight_grad", "fisher")
+"""How a finished task's importance is scored per element (RMS gradient ``r = sqrt(v)``):
+``"path"`` = ``|w - anchor| * r`` (work done along the task's path, SI-like),
+``"weight_grad"`` = ``|w| * r`` (Vettoruzzo's gradient x weight), ``"fisher"`` = ``v``
+(EWC-like squared gradients)."""
+
+
+def check_importance(kind: str) -> None:
+    """Raise ``ValueError`` unless ``kind`` is one of :data:`IMPORTANCE_KINDS`."""
+    if kind not in IMPORTANCE_KINDS:
+        raise ValueError(f"importance must be one of {IMPORTANCE_KINDS}, got {kind!r}")
+
+
+def _is_learned(x: Any) -> bool:
+    return isinstance(x, LearnedState)
+
+
+def learned_leaves(leaf_state: Any) -> list[LearnedState]:
+    """The :class:`LearnedState` objects inside one parameter's leaf state."""
+    return [x for x in pytree.tree_leaves(leaf_state, is_leaf=_is_learned) if _is_learned(x)]
+
+
+def map_learned(state: Any, fn: Callable[[str, LearnedState], LearnedState]) -> Any:
+    """Apply ``fn(key, leaf_state)`` to every :class:`LearnedState` in a rule state.
+
+    Raises:
+        ValueError: ``state`` holds no learned-rule state.
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"a rule state is a dict {{key: leaf_state}}, got {type(state).__name__}")
+    found = False
+
+    def visit(key: str, leaf: Any) -> Any:
+        nonlocal found
+        if _is_learned(leaf):
+            found = True
+            return fn(key, leaf)
+        return leaf
+
+    out = {
+        key: pytree.tree_map(lambda x, k=key: visit(k, x), leaf_state, is_leaf=_is_learned)
+        for key, leaf_state in state.items()
+    }
+    if state and not found:
+        raise ValueError("the state holds no learned-rule state (LearnedState)")
+    return out
+
+
+def fold_task(leaf: LearnedState, param: torch.Tensor, importance: str = "path") -> LearnedState:
+    """Snapshot the anchor to ``param`` and add the finished task's importance score.
+
+    Args:
+        leaf: the parameter's leaf state.
+        param: the parameter's current value (same shape).
+        importance: one of :data:`IMPORTANCE_KINDS`.
+    """
+    check_importance(importance)
+    if param.shape != leaf.anchor.shape:
+        raise ValueError(
+            f"new_task: parameter shape {tuple(param.shape)} != state shape "
+            f"{tuple(leaf.anchor.shape)}"
+        )
+    v = leaf.exp_avg_sq
+    if importance == "path":
+        score = (param - leaf.anchor).abs() * v.sqrt()
+    elif importance == "weight_grad":
+        score = param.abs() * v.sqrt()
+    else:
+        score = v
+    aux = leaf.anchor.dtype
+    return leaf._replace(
+        anchor=param.to(aux, copy=True),
+        importance=(leaf.importance + score).to(aux),
+        pending=leaf.pending.new_zeros(0),
+    )
+
+
+def _advance(leaf: LearnedState) -> LearnedState:
+    stats = leaf.loss_stats.clone()
+    stats[3] = 0.0
+    return leaf._replace(
+        task_step=torch.zeros_like(leaf.task_step),
+        task_index=leaf.task_index + 1,
+        loss_stats=stats,
+    )
+
+
+def new_task(state: Any, params: Any | None = None, *, importance: str = "path") -> Any:
+    """Mark a task boundary (pure): returns a new state, ``state`` is unchanged.
+
+    Every learned leaf state gets its task index incremented, its in-task counters and
+    loss statistics reset, its anchor snapshotted to the current parameter value and the
+    finished task's importance folded into the accumulated importance. Without
+    ``params`` the last two happen at the next ``update`` (which receives the parameters;
+    they have not changed since), so ``new_task(state)`` needs nothing but the state.
+
+    Args:
+        state: the state of ``learned_rule`` or of a chain containing it.
+        params: the current parameters (same tree as given to ``update``), optional.
+        importance: importance score of the finished task, see :data:`IMPORTANCE_KINDS`.
+    """
+    check_importance(importance)
+    if params is None:
+        return map_learned(
+            state, lambda key, leaf: _advance(leaf)._replace(pending=leaf.pending.new_ones(1))
+        )
+    param_of = dict(named_leaves(params))
+    missing = set(state) - set(param_of)
+    if missing:
+        raise ValueError(f"new_task: params lack the state's keys {sorted(missing)}")
+    return map_learned(
+        state, lambda key, leaf: _advance(fold_task(leaf, param_of[key], importance))
+    )
+
+
+def observe_loss(state: Any, loss: torch.Tensor | float) -> Any:
+    """Record a training loss for the task token (pure).
+
+    Keeps a fast (rate 0.1) and a slow (rate 0.01) running average of the loss and the
+    first loss of the task in every learned leaf state.
+
+    Args:
+        state: the state of ``learned_rule`` or of a chain containing it.
+        loss: a scalar (a Python number or a one-element tensor).
+    """
+    loss_t = torch.as_tensor(loss)
+    if loss_t.numel() != 1:
+        raise ValueError(f"observe_loss expects a scalar loss, got shape {tuple(loss_t.shape)}")
+    loss_t = loss_t.reshape(())
+
+    def update(key: str, leaf: LearnedState) -> LearnedState:
+        fast, slow, start, count = leaf.loss_stats.unbind(0)
+        value = loss_t.to(leaf.loss_stats)
+        w_fast = torch.clamp(1.0 / (count + 1.0), min=0.1)
+        w_slow = torch.clamp(1.0 / (count + 1.0), min=0.01)
+        stats = torch.stack(
+            [
+                fast + w_fast * (value - fast),
+                slow + w_slow * (value - slow),
+                torch.where(count == 0, value, start),
+                count + 1.0,
+            ]
+        )
+        return leaf._replace(loss_stats=stats)
+
+    return map_learned(state, update)

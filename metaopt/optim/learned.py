@@ -1,0 +1,208 @@
+"""``LearnedOptimizer``: the learned continual-learning rule as a ``torch.optim`` drop-in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from metaopt.learned.checkpoint import load_pretrained
+from metaopt.learned.network import LearnedRuleNet
+from metaopt.learned.rule import learned_rule
+from metaopt.learned.tasks import (
+    check_importance,
+    learned_leaves,
+    map_learned,
+    new_task,
+    observe_loss,
+)
+from metaopt.optim.functional import FunctionalOptimizer, _flatten_leaf_state
+from metaopt.rules.base import UpdateRule
+
+__all__ = ["LearnedOptimizer"]
+
+
+class LearnedOptimizer(FunctionalOptimizer):
+    """The attention-based learned rule (:func:`metaopt.learned.learned_rule`) as a
+    ``torch.optim.Optimizer``, with task boundaries.
+
+    Attention runs across the tensors of one parameter group per step. The per-parameter
+    state lives in ``optimizer.state[p]`` (Adam's moments, the anchor and importance in
+    ``aux_dtype``, per-tensor counters), so ``state_dict()``/``load_state_dict()``, LR
+    schedulers, ``torch.amp.GradScaler`` and frameworks that empty ``optimizer.state[p]``
+    work as with ``torch.optim.Adam``. When ``step(closure)`` gets a loss from the
+    closure, the loss feeds the rule's task token.
+
+    Args:
+        params: parameters or parameter groups (named parameters are accepted).
+        lr: learning rate (per group; schedulers change it).
+        net: the rule's network; ``None`` loads the shipped ``"default"`` checkpoint.
+        betas, eps: Adam's constants (per group).
+        topk_fraction: hard selection of the fraction of tokens that move (per group).
+        max_block, sample_size, aux_dtype, importance: see
+            :func:`metaopt.learned.learned_rule` (fixed for the optimizer).
+        check_finite: see :class:`metaopt.FunctionalOptimizer`.
+
+    Example:
+        >>> opt = LearnedOptimizer.from_pretrained("default", model.parameters(), lr=1e-3)
+        >>> for task in stream:
+        ...     train(model, opt, task)
+        ...     opt.new_task()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor = 1e-3,
+        net: LearnedRuleNet | None = None,
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        topk_fraction: float | None = None,
+        max_block: int = 65536,
+        sample_size: int = 32,
+        aux_dtype: torch.dtype | None = torch.bfloat16,
+        importance: str = "path",
+        check_finite: bool = True,
+    ) -> None:
+        if net is not None and not isinstance(net, LearnedRuleNet):
+            raise TypeError(f"net must be a LearnedRuleNet, got {type(net).__name__}")
+        check_importance(importance)
+        self.net = net if net is not None else load_pretrained("default")
+        self._options: dict[str, Any] = {
+            "max_block": max_block,
+            "sample_size": sample_size,
+            "aux_dtype": aux_dtype,
+            "importance": importance,
+        }
+        self._depth: dict[torch.Tensor, float] = {}
+        self._task_index = 0
+        self._loss: torch.Tensor | None = None
+        super().__init__(
+            params,
+            self._rule_factory(),
+            check_finite=check_finite,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            topk_fraction=topk_fraction,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, name: str, params: Iterable[Any], lr: float = 1e-3, **options: Any
+    ) -> LearnedOptimizer:
+        """An optimizer running a shipped checkpoint (see
+        :func:`metaopt.learned.load_pretrained`; ``name`` may also be a ``.pt`` path)."""
+        return cls(params, lr=lr, net=load_pretrained(name), **options)
+
+    @property
+    def task_index(self) -> int:
+        """Task boundaries marked so far (0 during the first task)."""
+        return self._task_index
+
+    # ------------------------------------------------------------------ rule
+    def _rule_factory(self) -> Callable[..., UpdateRule]:
+        def learned(
+            lr: float | torch.Tensor = 1e-3,
+            betas: tuple[float, float] = (0.9, 0.999),
+            eps: float = 1e-8,
+            topk_fraction: float | None = None,
+        ) -> UpdateRule:
+            return learned_rule(
+                self.net,
+                lr,
+                betas=tuple(betas),
+                eps=eps,
+                topk_fraction=topk_fraction,
+                depth=self._depth_of,
+                **self._options,
+            )
+
+        return learned
+
+    def _depth_of(self, key: str, p: torch.Tensor) -> float:
+        return self._depth.get(p, 0.5)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``; also updates parameter depths."""
+        super().add_param_group(param_group)
+        ordered = [p for group in self.param_groups for p in group["params"]]
+        n = len(ordered)
+        self._depth = {p: i / (n - 1) if n > 1 else 0.5 for i, p in enumerate(ordered)}
+
+    def rule_for(self, group: dict[str, Any]) -> UpdateRule:
+        """The group's rule; during ``step(closure)`` it first records the closure's loss."""
+        rule = super().rule_for(group)
+        loss = self._loss
+        if loss is None:
+            return rule
+        return UpdateRule(rule.init, lambda g, s, p=None: rule.update(g, observe_loss(s, loss), p))
+
+    def _leaf_state(self, rule: UpdateRule, key: str, p: torch.Tensor) -> Any:
+        fresh = not self.state[p]
+        leaf = super()._leaf_state(rule, key, p)
+        if fresh and self._task_index:
+            index = float(self._task_index)
+            leaf = map_learned(
+                {key: leaf},
+                lambda k, s: s._replace(task_index=torch.full_like(s.task_index, index)),
+            )[key]
+        return leaf
+
+    # ------------------------------------------------------------------ step and tasks
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every parameter that has a gradient (see ``torch.optim``).
+
+        Returns:
+            The closure's loss, or ``None``; a scalar tensor loss feeds the task token.
+        """
+        if closure is None:
+            return super().step()
+        with torch.enable_grad():
+            loss = closure()
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self._loss = loss.detach()
+        try:
+            return super().step(lambda: loss)
+        finally:
+            self._loss = None
+
+    @torch.no_grad()
+    def new_task(self) -> None:
+        """Mark a task boundary: for every parameter with state, snapshot the anchor to its
+        current value, fold the finished task's importance into the accumulated
+        importance, reset the in-task counters and increment the task index."""
+        for group in self.param_groups:
+            rule = self.rule_for(group)
+            for key, p in zip(self.param_keys(group), group["params"], strict=True):
+                if not self.state.get(p):
+                    continue
+                leaf = self._leaf_state(rule, key, p)
+                leaf = new_task({key: leaf}, {key: p}, importance=self._options["importance"])
+                self._store(p, leaf[key])
+        self._task_index += 1
+
+    # ------------------------------------------------------------------ state_dict
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim``; keeps the auxiliary buffers in ``aux_dtype`` and the counters
+        in float32 (``torch.optim`` would cast every floating state to the parameter's
+        dtype) and restores the task index."""
+        super().load_state_dict(state_dict)
+        task_index = 0.0
+        for group in self.param_groups:
+            rule = self.rule_for(group)
+            for key, p in zip(self.param_keys(group), group["params"], strict=True):
+                flat = self.state.get(p)
+                if not flat:
+                    continue
+                expected, _ = _flatten_leaf_state(rule.init({key: p})[key])
+                self.state[p] = {
+                    k: v.to(expected[k].dtype) if k in expected else v for k, v in flat.items()
+                }
+                leaf = self._leaf_state(rule, key, p)
+                found = [float(s.task_index) for s in learned_leaves(leaf)]
+                task_index = max([task_index, *found])
+        self._task_index = int(task_index)
