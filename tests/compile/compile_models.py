@@ -1,0 +1,62 @@
+"""Tiny models and batches for the compile tests (small, so that compiling stays cheap)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def cnn_bn() -> nn.Module:
+    """Conv (no bias: a bias before batchnorm has a zero gradient that Adam would
+    normalise from rounding noise), batchnorm, ReLU, pooling, linear head."""
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    )
+
+
+class TinyTransformer(nn.Module):
+    """Each of the 8 input features is a token: embedding, one encoder layer, mean, head.
+
+    The encoder layer has no biases: the key bias of attention has a zero gradient
+    (softmax ignores a constant shift), which Adam would normalise from rounding noise.
+    """
+
+    def __init__(self, d_model: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Linear(1, d_model)
+        layer = nn.TransformerEncoderLayer(
+            d_model, 2, dim_feedforward=16, dropout=0.0, batch_first=True, bias=False
+        )
+        self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(self.embed(x.reshape(x.shape[0], -1, 1)))
+        return self.head(h.mean(dim=1))
+
+
+BUILDERS = {"mlp": mlp, "cnn": cnn_bn, "transformer": TinyTransformer}
+
+
+def build(kind: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return BUILDERS[kind]()
+
+
+def batches(kind: str, n: int, seed: int = 0, size: int = 8) -> list[tuple[torch.Tensor, ...]]:
+    """``n`` random ``(x, y)`` batches for ``kind`` (3 classes)."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (size, 1, 6, 6) if kind == "cnn" else (size, 8)
+    return [
+        (torch.randn(*shape, generator=gen), torch.randint(0, 3, (size,), generator=gen))
+        for _ in range(n)
+    ]
