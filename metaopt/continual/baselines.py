@@ -1,0 +1,254 @@
+"""Continual-learning baselines EWC and SI as quadratic penalties over a base optimizer.
+
+Both add ``strength * sum_i Omega_i (theta_i - theta*_i)^2`` (EWC with a factor 1/2) to the
+task loss, where ``theta*`` is the parameter value at the last task boundary and
+``Omega`` an importance accumulated over past tasks. The penalty is quadratic, so its
+gradient is added to ``p.grad`` right before the base optimizer's step — the same update
+as back-propagating the penalised loss, without changing the training loop.
+
+- :class:`EWC` (Kirkpatrick et al., 2017; online form of Schwarz et al., 2018):
+  ``Omega`` = diagonal Fisher information, estimated at the end of each task from
+  ``n_fisher`` training examples with labels sampled from the model's prediction
+  (``end_task`` hook of the runner); summed over tasks with decay ``gamma``.
+- :class:`SI` (Zenke et al., 2017): ``Omega += max(w, 0) / (delta^2 + xi)`` where ``w`` is
+  the path integral ``-sum_t g_t * (theta_{t+1} - theta_t)`` of the task-loss gradient over
+  the task and ``delta`` the parameter change over the task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from metaopt.continual.runner import TaskContext
+
+__all__ = ["EWC", "SI", "QuadraticRegularizer"]
+
+BaseFactory = Callable[..., torch.optim.Optimizer]
+
+
+class QuadraticRegularizer(torch.optim.Optimizer):
+    """A base optimizer plus a quadratic anchor penalty (shared machinery of EWC and SI).
+
+    ``param_groups`` are the base optimizer's (so learning-rate schedulers act on it);
+    the penalty's per-parameter buffers live in ``self.state[p]``.
+
+    Args:
+        params: parameters to optimise.
+        base: base optimizer class or factory, default :class:`torch.optim.Adam`.
+        strength: penalty coefficient (lambda for EWC, c for SI).
+        **base_options: passed to ``base`` (``lr=``...).
+    """
+
+    #: factor in front of ``strength * sum Omega (theta - theta*)^2``.
+    penalty_scale = 1.0
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        base: BaseFactory = torch.optim.Adam,
+        *,
+        strength: float = 1.0,
+        **base_options: Any,
+    ) -> None:
+        if strength < 0:
+            raise ValueError(f"strength must be >= 0, got {strength}")
+        params = [p for p in params if p.requires_grad]
+        self.base = base(params, **base_options)
+        super().__init__(params, {"strength": strength})
+        self.param_groups = self.base.param_groups
+        for group in self.param_groups:
+            group.setdefault("strength", strength)
+        self.strength = strength
+        for p in self._params():
+            self.state[p]["anchor"] = p.detach().clone()
+            self.state[p]["importance"] = torch.zeros_like(p)
+        self.n_tasks_consolidated = 0
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def penalty(self) -> torch.Tensor:
+        """The penalty (a differentiable scalar) at the current parameter values."""
+        total = torch.zeros(())
+        for p in self._params():
+            st = self.state[p]
+            total = total + (st["importance"] * (p - st["anchor"]) ** 2).sum()
+        return self.penalty_scale * self.strength * total
+
+    @torch.no_grad()
+    def _add_penalty_grad(self) -> None:
+        if self.n_tasks_consolidated == 0 or self.strength == 0:
+            return
+        coef = 2.0 * self.penalty_scale * self.strength
+        for p in self._params():
+            if p.grad is not None:
+                st = self.state[p]
+                p.grad.add_(coef * st["importance"] * (p - st["anchor"]))
+
+    def _before_step(self) -> None:
+        """Hook before the penalty gradient is added (``p.grad`` = task-loss gradient)."""
+
+    def _after_step(self) -> None:
+        """Hook after the base optimizer's step."""
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One step: closure (task loss), penalty gradient, base optimizer step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._before_step()
+        self._add_penalty_grad()
+        self.base.step()
+        self._after_step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none)
+
+    def _task_importance(self, p: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def new_task(self) -> None:
+        """Task boundary: fold this task's importance in and anchor at the current values."""
+        for p in self._params():
+            st = self.state[p]
+            st["importance"] = self._fold(st["importance"], self._task_importance(p))
+            st["anchor"] = p.detach().clone()
+        self.n_tasks_consolidated += 1
+
+    def _fold(self, accumulated: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        return accumulated + new
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"base": self.base.state_dict(), "regularizer": super().state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base.load_state_dict(state_dict["base"])
+        super().load_state_dict(state_dict["regularizer"])
+        self.param_groups = self.base.param_groups
+
+
+class EWC(QuadraticRegularizer):
+    """Elastic weight consolidation: Fisher-weighted penalty ``strength/2 * F (theta - theta*)^2``.
+
+    Args:
+        params, base, strength, **base_options: see :class:`QuadraticRegularizer`.
+        n_fisher: examples used to estimate the Fisher at each task end.
+        gamma: decay of the accumulated Fisher (1 = plain sum over tasks).
+
+    Without an ``end_task`` call (outside :func:`~metaopt.continual.runner.run_stream`),
+    ``new_task()`` falls back to the mean squared minibatch gradient of the task.
+    """
+
+    penalty_scale = 0.5
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        base: BaseFactory = torch.optim.Adam,
+        *,
+        strength: float = 100.0,
+        n_fisher: int = 200,
+        gamma: float = 1.0,
+        **base_options: Any,
+    ) -> None:
+        super().__init__(params, base, strength=strength, **base_options)
+        self.n_fisher = n_fisher
+        self.gamma = gamma
+        self._reset_task_buffers()
+
+    def _reset_task_buffers(self) -> None:
+        for p in self._params():
+            self.state[p]["fisher"] = None
+            self.state[p]["grad_sq"] = torch.zeros_like(p)
+        self._n_steps = 0
+
+    @torch.no_grad()
+    def _before_step(self) -> None:
+        for p in self._params():
+            if p.grad is not None:
+                self.state[p]["grad_sq"].add_(p.grad**2)
+        self._n_steps += 1
+
+    def end_task(self, context: TaskContext) -> None:
+        """Estimate the diagonal Fisher on the finished task (labels sampled from the model)."""
+        params = self._params()
+        fisher = [torch.zeros_like(p) for p in params]
+        x = context.task.x_train[: self.n_fisher]
+        was_training = context.model.training
+        context.model.eval()
+        for i in range(len(x)):
+            log_probs = torch.log_softmax(context.logits(x[i : i + 1]), dim=1)
+            label = torch.multinomial(log_probs.detach().exp()[0], 1).item()
+            grads = torch.autograd.grad(log_probs[0, label], params, allow_unused=True)
+            for f, g in zip(fisher, grads, strict=True):
+                if g is not None:
+                    f.add_(g**2)
+        context.model.train(was_training)
+        for p, f in zip(params, fisher, strict=True):
+            self.state[p]["fisher"] = f / max(1, len(x))
+
+    def _task_importance(self, p: torch.Tensor) -> torch.Tensor:
+        st = self.state[p]
+        if st["fisher"] is not None:
+            return st["fisher"]
+        return st["grad_sq"] / max(1, self._n_steps)
+
+    def _fold(self, accumulated: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        return self.gamma * accumulated + new
+
+    def new_task(self) -> None:
+        super().new_task()
+        self._reset_task_buffers()
+
+
+class SI(QuadraticRegularizer):
+    """Synaptic intelligence: path-integral importance, penalty ``c * Omega (theta - theta*)^2``.
+
+    Args:
+        params, base, strength, **base_options: see :class:`QuadraticRegularizer`.
+        xi: damping of the importance denominator.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        base: BaseFactory = torch.optim.Adam,
+        *,
+        strength: float = 1.0,
+        xi: float = 0.1,
+        **base_options: Any,
+    ) -> None:
+        super().__init__(params, base, strength=strength, **base_options)
+        self.xi = xi
+        for p in self._params():
+            self.state[p]["path"] = torch.zeros_like(p)
+
+    @torch.no_grad()
+    def _before_step(self) -> None:
+        for p in self._params():
+            st = self.state[p]
+            st["task_grad"] = None if p.grad is None else p.grad.clone()
+            st["previous"] = p.detach().clone()
+
+    @torch.no_grad()
+    def _after_step(self) -> None:
+        for p in self._params():
+            st = self.state[p]
+            if st["task_grad"] is not None:
+                st["path"].sub_(st["task_grad"] * (p - st["previous"]))
+
+    def _task_importance(self, p: torch.Tensor) -> torch.Tensor:
+        st = self.state[p]
+        delta = p.detach() - st["anchor"]
+        return st["path"].clamp(min=0) / (delta**2 + self.xi)
+
+    def new_task(self) -> None:
+        super().new_task()
+        for p in self._params():
+            self.state[p]["path"].zero_()

@@ -1,0 +1,211 @@
+"""``metaopt bench`` (continual-learning benchmark) and ``metaopt download`` commands."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metaopt._version import __version__
+from metaopt.continual.data import DATASETS
+from metaopt.continual.report import (
+    format_table,
+    load_results,
+    merge_rows,
+    plot_results,
+    save_results,
+    write_csv,
+)
+from metaopt.continual.selection import summary_rows
+from metaopt.continual.suite import (
+    OPTIMIZERS,
+    SUITES,
+    Budget,
+    n_runs,
+    row_key,
+    run_suite,
+    suite_from_preset,
+)
+
+__all__ = ["register"]
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``bench`` and ``download`` commands to a top-level ``metaopt`` parser."""
+    bench = subparsers.add_parser(
+        "bench",
+        help="run the continual-learning benchmark",
+        description=(
+            "Train models sequentially on continual-learning streams with several optimizers "
+            "and report ACC, BWT, FWT, forgetting and learning accuracy (LA, mean diagonal "
+            "of R), mean ± std over seeds, in %%. Hyper-parameters of the baselines are "
+            "chosen on validation splits held out from the training data."
+        ),
+    )
+    bench.add_argument("--suite", choices=sorted(SUITES), default="quick", help="preset")
+    bench.add_argument(
+        "--streams",
+        nargs="+",
+        metavar="NAME",
+        help="streams <kind>-<dataset>[-<scenario>], kind in split/permuted/rotated, "
+        f"dataset in {'/'.join(DATASETS)}, scenario in task/domain/class "
+        "(e.g. split-mnist-domain permuted-mnist)",
+    )
+    bench.add_argument("--n-tasks", type=int, help="tasks per stream (default 5)")
+    bench.add_argument("--models", nargs="+", choices=["mlp", "cnn", "transformer"])
+    bench.add_argument(
+        "--optimizers",
+        nargs="+",
+        choices=OPTIMIZERS,
+        metavar="OPT",
+        help=f"subset of {', '.join(OPTIMIZERS)}",
+    )
+    bench.add_argument("--lrs", nargs="+", type=float, help="SGD/Adam learning-rate grid")
+    bench.add_argument("--ewc-strengths", nargs="+", type=float, help="EWC lambda grid")
+    bench.add_argument("--si-strengths", nargs="+", type=float, help="SI c grid")
+    bench.add_argument("--seeds", nargs="+", type=int, help="seeds (e.g. 0 1 2)")
+    budget = bench.add_argument_group("budget (defaults from the suite)")
+    budget.add_argument("--train-per-task", type=int, help="training examples per task")
+    budget.add_argument("--val-per-task", type=int, help="validation examples per task")
+    budget.add_argument("--test-per-task", type=int, help="test examples per task")
+    budget.add_argument("--epochs", type=int, help="epochs per task")
+    budget.add_argument("--steps", type=int, help="optimizer steps per task (overrides epochs)")
+    budget.add_argument("--batch-size", type=int)
+    bench.add_argument("--data-dir", help="MNIST data directory (default $METAOPT_DATA_DIR)")
+    bench.add_argument("--out", default="metaopt-bench", help="output folder (default %(default)s)")
+    bench.add_argument(
+        "--merge-into",
+        metavar="JSON",
+        help="results file to update: its rows are kept and rows of this run replace those "
+        "with the same (stream, model, setting, seed); default OUT/results.json (fresh)",
+    )
+    bench.add_argument(
+        "--resume", action="store_true", help="skip runs already in the results file"
+    )
+    bench.add_argument("--plot", action="store_true", help="save PNG plots into OUT")
+    bench.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.set_defaults(func=bench_command)
+
+    download = subparsers.add_parser(
+        "download", help="download MNIST / Fashion-MNIST IDX files (checksum-verified)"
+    )
+    download.add_argument("dataset", choices=["mnist", "fashion-mnist"])
+    download.add_argument("--data-dir", help="destination root (default $METAOPT_DATA_DIR)")
+    download.add_argument("--base-url", help="mirror URL (default: canonical source)")
+    download.add_argument("--force", action="store_true", help="download even if present")
+    download.set_defaults(func=download_command)
+
+
+def _budget(args: argparse.Namespace) -> Budget:
+    base: Budget = SUITES[args.suite]["budget"]
+    return Budget(
+        n_train=args.train_per_task if args.train_per_task is not None else base.n_train,
+        n_val=args.val_per_task if args.val_per_task is not None else base.n_val,
+        n_test=args.test_per_task if args.test_per_task is not None else base.n_test,
+        epochs=args.epochs if args.epochs is not None else base.epochs,
+        steps=args.steps if args.steps is not None else base.steps,
+        batch_size=args.batch_size if args.batch_size is not None else base.batch_size,
+    )
+
+
+def _meta(args: argparse.Namespace, argv_used: list[str]) -> dict[str, Any]:
+    import numpy
+
+    return {
+        "command": "metaopt " + shlex.join(argv_used),
+        "suite": args.suite,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {
+            "metaopt": __version__,
+            "torch": torch.__version__,
+            "numpy": numpy.__version__,
+            "python": platform.python_version(),
+        },
+        "machine": f"{platform.machine()} {platform.system()}, torch threads {args.threads}",
+    }
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """Run ``metaopt bench``; returns the exit status."""
+    torch.set_num_threads(max(1, args.threads))
+    suite = suite_from_preset(
+        args.suite,
+        streams=args.streams,
+        models=args.models,
+        optimizers=args.optimizers,
+        lrs=args.lrs,
+        ewc_strengths=args.ewc_strengths,
+        si_strengths=args.si_strengths,
+        seeds=args.seeds,
+        n_tasks=args.n_tasks,
+        budget=_budget(args),
+    )
+    out = Path(args.out)
+    results_path = Path(args.merge_into) if args.merge_into else out / "results.json"
+    existing = load_results(results_path) if (args.merge_into or args.resume) else {"rows": []}
+    rows: list[dict[str, Any]] = list(existing["rows"])
+    skip = {row_key(r) for r in rows} if args.resume else set()
+    meta = {**existing.get("meta", {}), **_meta(args, getattr(args, "argv", sys.argv[1:]))}
+    meta["budget"] = vars(suite.budget)
+
+    from tqdm import tqdm
+
+    total = n_runs(suite) - sum(
+        1
+        for key in skip
+        if key[0] in {s.name for s in suite.streams}
+        and key[1] in suite.models
+        and key[2] in {s.label for s in suite.settings}
+        and key[3] in suite.seeds
+    )
+    print(
+        f"metaopt bench --suite {args.suite}: {len(suite.streams)} streams x "
+        f"{len(suite.models)} models x {len(suite.settings)} settings x {len(suite.seeds)} "
+        f"seeds = {total} runs; results -> {results_path}",
+        flush=True,
+    )
+    bar = tqdm(total=total, disable=args.no_progress, unit="run", dynamic_ncols=True)
+    for row in run_suite(suite, args.data_dir, skip=skip, on_start=bar.set_description_str):
+        rows = merge_rows(rows, [row])
+        save_results(results_path, meta, rows)
+        bar.update(1)
+    bar.close()
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "runs.csv", rows)
+    write_csv(out / "summary.csv", summary_rows(rows, "tuned") + summary_rows(rows, "shared"))
+    for mode, title in (
+        ("tuned", "TUNED PER BENCHMARK (best validation ACC per stream x model)"),
+        ("shared", "SHARED SETTING (best mean validation ACC over the whole suite)"),
+    ):
+        print(f"\n{title}; test metrics in %, mean ± std over seeds")
+        print(format_table(rows, mode))
+    print(
+        "\nACC: final mean accuracy; BWT: backward transfer; FWT: forward transfer; Forget: "
+        "forgetting; LA: mean accuracy of each task right after training it."
+    )
+    if args.plot:
+        written = plot_results(rows, out, "tuned")
+        print(f"\n{len(written)} plots written to {out}/")
+    print(f"\nresults: {results_path}, {out / 'runs.csv'}, {out / 'summary.csv'}")
+    return 0
+
+
+def download_command(args: argparse.Namespace) -> int:
+    """Run ``metaopt download``; returns the exit status."""
+    from metaopt.continual.download import download_dataset
+
+    paths = download_dataset(args.dataset, args.data_dir, base_url=args.base_url, force=args.force)
+    for path in paths:
+        print(path)
+    return 0

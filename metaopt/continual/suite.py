@@ -1,0 +1,382 @@
+"""Benchmark suites: which streams, models and optimizer settings to run, and running them.
+
+A *row* is the result of one run, keyed by ``(stream, model, setting, seed)``; rows are
+plain dicts (JSON-ready) so that one optimizer can be re-run later and merged into an
+existing results file without redoing the others.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from metaopt.continual.baselines import EWC, SI
+from metaopt.continual.data import DATASETS, load_dataset
+from metaopt.continual.models import build_model
+from metaopt.continual.runner import run_stream
+from metaopt.continual.streams import (
+    SCENARIOS,
+    Task,
+    n_outputs,
+    permuted_stream,
+    rotated_stream,
+    split_stream,
+    subsample,
+    with_validation,
+)
+
+__all__ = [
+    "OPTIMIZERS",
+    "SUITES",
+    "Budget",
+    "Setting",
+    "StreamSpec",
+    "SuiteSpec",
+    "build_stream",
+    "learned_available",
+    "make_optimizer",
+    "n_runs",
+    "optimizer_grid",
+    "parse_stream",
+    "row_key",
+    "run_suite",
+    "suite_from_preset",
+]
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("sgd", "adam", "ewc", "si", "learned")
+"""Optimizer names: plain SGD, Adam, EWC and SI (over Adam), the pretrained learned optimizer."""
+
+KINDS = ("split", "permuted", "rotated")
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """A stream by name: ``<kind>-<dataset>[-<scenario>]``, e.g. ``split-mnist-domain``.
+
+    Attributes:
+        kind: ``"split"``, ``"permuted"`` or ``"rotated"``.
+        dataset: one of :data:`metaopt.continual.data.DATASETS`.
+        scenario: for split streams, ``"task"``, ``"domain"`` or ``"class"``.
+        n_tasks: number of tasks.
+    """
+
+    kind: str
+    dataset: str
+    scenario: str | None = None
+    n_tasks: int = 5
+
+    @property
+    def name(self) -> str:
+        """The canonical name, ``<kind>-<dataset>[-<scenario>]``."""
+        parts = [self.kind, self.dataset] + ([self.scenario] if self.scenario else [])
+        return "-".join(parts)
+
+
+def parse_stream(name: str, n_tasks: int | None = None) -> StreamSpec:
+    """Parse ``<kind>-<dataset>[-<scenario>]`` (split streams need a scenario).
+
+    ``n_tasks`` defaults to 5.
+    """
+    kind, _, rest = name.partition("-")
+    scenario = None
+    for candidate in SCENARIOS:
+        if rest.endswith(f"-{candidate}"):
+            rest, scenario = rest[: -len(candidate) - 1], candidate
+    if kind not in KINDS or rest not in DATASETS:
+        raise ValueError(
+            f"unknown stream {name!r}: expected <kind>-<dataset>[-<scenario>] with kind in "
+            f"{KINDS}, dataset in {DATASETS}, scenario in {SCENARIOS}"
+        )
+    if (kind == "split") != (scenario is not None):
+        raise ValueError(f"stream {name!r}: split streams (only) need a scenario {SCENARIOS}")
+    return StreamSpec(kind, rest, scenario, n_tasks or 5)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Per-task training budget and data sizes.
+
+    Attributes:
+        n_train: training examples kept per task (``None``: all).
+        n_val: validation examples held out from each task's training examples.
+        n_test: test examples kept per task (``None``: all).
+        epochs: passes over each task's training examples.
+        steps: exact optimizer steps per task (overrides ``epochs``).
+        batch_size: minibatch size.
+    """
+
+    n_train: int | None = 1000
+    n_val: int = 100
+    n_test: int | None = 500
+    epochs: int = 1
+    steps: int | None = None
+    batch_size: int = 32
+
+
+def build_stream(
+    spec: StreamSpec, budget: Budget, seed: int, data_dir: str | None = None
+) -> list[Task]:
+    """Build a stream for one seed: load data, build tasks, subsample, hold out validation.
+
+    Permutations, angles and subsamples depend on ``seed``; split class order is the
+    standard sorted one (``0:1, 2:3, ...``).
+    """
+    x_train, y_train = load_dataset(spec.dataset, data_dir, "train")
+    x_test, y_test = load_dataset(spec.dataset, data_dir, "test")
+    gen = torch.Generator().manual_seed(seed)
+    name = spec.name
+    if spec.kind == "split":
+        stream = split_stream(
+            x_train,
+            y_train,
+            x_test,
+            y_test,
+            n_tasks=spec.n_tasks,
+            scenario=spec.scenario or "task",
+            name=name,
+        )
+    else:
+        # Subsample before transforming: permuting/rotating all 60,000 images is wasted work.
+        n_keep_train = None if budget.n_train is None else budget.n_train + budget.n_val
+        (only,) = subsample(
+            [Task("all", x_train, y_train, x_test, y_test, 10, 0)],
+            n_keep_train and n_keep_train * spec.n_tasks,
+            budget.n_test and budget.n_test * spec.n_tasks,
+            seed=gen,
+        )
+        builder = permuted_stream if spec.kind == "permuted" else rotated_stream
+        stream = builder(
+            only.x_train,
+            only.y_train,
+            only.x_test,
+            only.y_test,
+            n_tasks=spec.n_tasks,
+            seed=gen,
+            name=name,
+        )
+    n_keep = None if budget.n_train is None else budget.n_train + budget.n_val
+    stream = subsample(stream, n_keep, budget.n_test, seed=gen)
+    fraction = budget.n_val / max(len(t.y_train) for t in stream)
+    return with_validation(stream, min(0.5, fraction), n_max=budget.n_val, seed=gen)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One optimizer with fixed hyper-parameters, e.g. ``Setting("adam", {"lr": 1e-3})``."""
+
+    optimizer: str
+    hyper: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """Short unique label, e.g. ``"adam lr=0.001"`` or ``"learned"``."""
+        items = " ".join(f"{k}={v:g}" for k, v in sorted(self.hyper.items()))
+        return f"{self.optimizer} {items}".strip()
+
+
+def learned_available() -> bool:
+    """Whether :class:`metaopt.optim.LearnedOptimizer` and its default checkpoint load."""
+    try:
+        from metaopt.learned import load_pretrained
+        from metaopt.optim import LearnedOptimizer  # noqa: F401
+
+        load_pretrained("default")
+    except (ImportError, FileNotFoundError, OSError, RuntimeError) as exc:
+        logger.debug("learned optimizer unavailable: %s", exc)
+        return False
+    return True
+
+
+def make_optimizer(setting: Setting) -> Callable[..., torch.optim.Optimizer]:
+    """An optimizer factory ``(params) -> optimizer`` for a setting.
+
+    ``ewc`` and ``si`` run over Adam with ``lr`` and penalty ``strength``; ``learned`` is
+    ``LearnedOptimizer.from_pretrained("default")`` with its default hyper-parameters
+    unless the setting gives some.
+    """
+    hyper = dict(setting.hyper)
+    name = setting.optimizer
+    if name == "sgd":
+        return functools.partial(torch.optim.SGD, **hyper)
+    if name == "adam":
+        return functools.partial(torch.optim.Adam, **hyper)
+    if name == "ewc":
+        return functools.partial(EWC, **hyper)
+    if name == "si":
+        return functools.partial(SI, **hyper)
+    if name == "learned":
+        from metaopt.optim import LearnedOptimizer
+
+        return functools.partial(LearnedOptimizer.from_pretrained, "default", **hyper)
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+
+
+def optimizer_grid(
+    optimizers: Sequence[str],
+    lrs: Sequence[float],
+    ewc_strengths: Sequence[float],
+    si_strengths: Sequence[float],
+    regularizer_lr: float = 1e-3,
+) -> list[Setting]:
+    """All settings swept: SGD and Adam over ``lrs``, EWC / SI over their strengths (Adam
+    at ``regularizer_lr``), the learned optimizer once at its defaults."""
+    settings = []
+    for name in optimizers:
+        if name in ("sgd", "adam"):
+            settings += [Setting(name, {"lr": lr}) for lr in lrs]
+        elif name in ("ewc", "si"):
+            strengths = ewc_strengths if name == "ewc" else si_strengths
+            settings += [Setting(name, {"lr": regularizer_lr, "strength": s}) for s in strengths]
+        elif name == "learned":
+            settings.append(Setting("learned"))
+        else:
+            raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+    return settings
+
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    """A full benchmark: streams x models x optimizer settings x seeds under one budget."""
+
+    streams: tuple[StreamSpec, ...]
+    models: tuple[str, ...]
+    settings: tuple[Setting, ...]
+    seeds: tuple[int, ...]
+    budget: Budget
+
+
+_LRS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+
+SUITES: dict[str, dict[str, Any]] = {
+    "quick": {
+        "streams": ("split-digits-domain", "split-digits-task"),
+        "models": ("mlp",),
+        "optimizers": ("sgd", "adam", "ewc", "si", "learned"),
+        "lrs": (1e-1, 1e-2, 1e-3),
+        "ewc_strengths": (1e2, 1e4),
+        "si_strengths": (1e0, 1e2),
+        "seeds": (0, 1),
+        "budget": Budget(n_train=None, n_val=40, n_test=None, epochs=3, batch_size=32),
+    },
+    "paper": {
+        "streams": (
+            "split-mnist-domain",
+            "split-mnist-task",
+            "permuted-mnist",
+            "split-fashion-mnist-domain",
+        ),
+        "models": ("mlp", "cnn", "transformer"),
+        "optimizers": ("sgd", "adam", "ewc", "si", "learned"),
+        "lrs": _LRS,
+        "ewc_strengths": (1e2, 1e4, 1e6),
+        "si_strengths": (1e0, 1e2, 1e4),
+        "seeds": (0, 1, 2),
+        "budget": Budget(n_train=1000, n_val=100, n_test=250, epochs=1, batch_size=32),
+    },
+}
+"""Presets for ``metaopt bench --suite``; see docs/continual.md for their budgets."""
+
+
+def row_key(row: dict[str, Any]) -> tuple[str, str, str, int]:
+    """The identity of a result row: ``(stream, model, setting label, seed)``."""
+    return (row["stream"], row["model"], row["setting"], int(row["seed"]))
+
+
+def _round(values: torch.Tensor) -> list[list[float]]:
+    """A vector or matrix as nested lists of floats rounded to 5 decimals (rows)."""
+    return [[round(float(v), 5) for v in row] for row in values.reshape(-1, values.shape[-1])]
+
+
+def run_suite(
+    suite: SuiteSpec,
+    data_dir: str | None = None,
+    *,
+    skip: set[tuple[str, str, str, int]] | frozenset = frozenset(),
+    on_start: Callable[[str], None] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Run every (stream, model, setting, seed) not in ``skip``; yield one row per run.
+
+    Rows hold the test and validation accuracy matrices (``R``, ``b``, ``R_val``,
+    ``b_val``; accuracies in ``[0, 1]``), their metrics, the wall time in seconds and the
+    budget. ``on_start(description)`` is called before each run (progress display).
+    """
+    for spec in suite.streams:
+        for seed in suite.seeds:
+            todo = [
+                (model, setting)
+                for model in suite.models
+                for setting in suite.settings
+                if (spec.name, model, setting.label, seed) not in skip
+            ]
+            if not todo:
+                continue
+            stream = build_stream(spec, suite.budget, seed, data_dir)
+            shape = tuple(stream[0].x_train.shape[1:])
+            for model, setting in todo:
+                if on_start is not None:
+                    on_start(f"{spec.name} {model} {setting.label} seed={seed}")
+                result = run_stream(
+                    functools.partial(build_model, model, shape, n_outputs(stream)),
+                    make_optimizer(setting),
+                    stream,
+                    epochs=suite.budget.epochs,
+                    steps=suite.budget.steps,
+                    batch_size=suite.budget.batch_size,
+                    seed=seed,
+                )
+                yield {
+                    "stream": spec.name,
+                    "model": model,
+                    "optimizer": setting.optimizer,
+                    "setting": setting.label,
+                    "hyper": setting.hyper,
+                    "seed": seed,
+                    "test": result.metrics(),
+                    "val": result.val_metrics(),
+                    "R": _round(result.R),
+                    "b": _round(result.b)[0],
+                    "R_val": None if result.R_val is None else _round(result.R_val),
+                    "b_val": None if result.b_val is None else _round(result.b_val)[0],
+                    "train_loss": [round(v, 5) for v in result.train_loss],
+                    "seconds": round(result.seconds, 3),
+                    "n_tasks": len(stream),
+                    "budget": asdict(suite.budget),
+                }
+
+
+def suite_from_preset(name: str, **overrides: Any) -> SuiteSpec:
+    """A :class:`SuiteSpec` from a preset of :data:`SUITES` with optional overrides
+    (``streams``, ``models``, ``optimizers``, ``lrs``, ``ewc_strengths``, ``si_strengths``,
+    ``seeds``, ``budget``, ``n_tasks``); ``learned`` is dropped when unavailable."""
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; expected one of {sorted(SUITES)}")
+    cfg = {**SUITES[name], **{k: v for k, v in overrides.items() if v is not None}}
+    optimizers = tuple(cfg["optimizers"])
+    if "learned" in optimizers and not learned_available():
+        logger.warning(
+            "learned optimizer not available (no metaopt.optim.LearnedOptimizer or no "
+            "'default' checkpoint): running without it"
+        )
+        optimizers = tuple(o for o in optimizers if o != "learned")
+    return SuiteSpec(
+        streams=tuple(parse_stream(s, cfg.get("n_tasks")) for s in cfg["streams"]),
+        models=tuple(cfg["models"]),
+        settings=tuple(
+            optimizer_grid(optimizers, cfg["lrs"], cfg["ewc_strengths"], cfg["si_strengths"])
+        ),
+        seeds=tuple(cfg["seeds"]),
+        budget=cfg["budget"],
+    )
+
+
+def n_runs(suite: SuiteSpec) -> int:
+    """Number of runs in a suite."""
+    return math.prod((len(suite.streams), len(suite.models), len(suite.settings), len(suite.seeds)))
