@@ -1,0 +1,42 @@
+"""Meta-learning: meta-gradient estimators, the continual meta-objective, the meta-trainer.
+
+Every estimator shares one interface::
+
+    result = estimator(meta_params, problem)     # -> MetaGradient(loss, grads)
+
+* :class:`Unrolled` — (truncated) backpropagation through K inner steps;
+* :class:`Implicit` / :func:`implicit_root` — implicit function theorem with conjugate
+  gradient on Hessian-vector products;
+* :class:`ES` / :class:`PES` — antithetic and persistent evolution strategies, no graph.
+"""
+
+from metaopt.meta.es import ES, PES
+from metaopt.meta.functional import PureModel, detach_tree
+from metaopt.meta.implicit import Implicit, ImplicitProblem, conjugate_gradient, implicit_root
+from metaopt.meta.problem import (
+    Estimator,
+    InnerProblem,
+    MetaGradient,
+    RuleFactory,
+    SupervisedProblem,
+)
+from metaopt.meta.unroll import InnerCarry, Unrolled, inner_step
+
+__all__ = [
+    "ES",
+    "PES",
+    "Estimator",
+    "Implicit",
+    "ImplicitProblem",
+    "InnerCarry",
+    "InnerProblem",
+    "MetaGradient",
+    "PureModel",
+    "RuleFactory",
+    "SupervisedProblem",
+    "Unrolled",
+    "conjugate_gradient",
+    "detach_tree",
+    "implicit_root",
+    "inner_step",
+]

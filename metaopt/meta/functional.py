@@ -1,0 +1,76 @@
+"""Pure views of an ``nn.Module`` for inner loops: parameters and buffers as explicit trees.
+
+Meta-gradient estimators differentiate through a sequence of inner updates, so the model
+must be a pure function of its parameters. :class:`PureModel` wraps a module with
+:func:`torch.func.functional_call` and returns the *new* buffers of each call, so modules
+whose forward pass mutates buffers (batch-norm running statistics in train mode) stay pure:
+the caller's buffer tensors are never written to.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from metaopt.tree import Params
+
+__all__ = ["PureModel", "detach_tree"]
+
+
+def detach_tree(tree: Any) -> Any:
+    """Every tensor leaf of ``tree`` detached (no graph kept); other leaves unchanged."""
+    return torch.utils._pytree.tree_map(
+        lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree
+    )
+
+
+class PureModel:
+    """A module as a pure function ``(params, buffers, *args) -> (output, new_buffers)``.
+
+    Args:
+        module: any ``nn.Module``. Its own parameters and buffers are only read to build
+            the initial trees; :meth:`__call__` never modifies them.
+
+    Example:
+        >>> pure = PureModel(model)
+        >>> params, buffers = pure.init()
+        >>> logits, buffers = pure(params, buffers, x)
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"PureModel expects an nn.Module, got {type(module).__name__}")
+        self.module = module
+
+    def init(self, dtype: torch.dtype | None = None) -> tuple[Params, Params]:
+        """Detached copies of the module's parameters and buffers.
+
+        Args:
+            dtype: cast floating-point tensors to this dtype (e.g. ``torch.float64``).
+
+        Returns:
+            ``(params, buffers)``: ``dict[name, Tensor]`` each; params require grad.
+        """
+
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            t = t.detach().clone()
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+        params = {k: copy(p).requires_grad_(True) for k, p in self.module.named_parameters()}
+        buffers = {k: copy(b) for k, b in self.module.named_buffers()}
+        return params, buffers
+
+    def __call__(self, params: Params, buffers: Params, *args: Any, **kwargs: Any):
+        """Run the module with ``params`` and ``buffers``; returns ``(output, new_buffers)``.
+
+        Buffers are cloned before the call, so in-place updates made by the forward pass
+        (batch-norm running mean/var and ``num_batches_tracked``) land in the returned
+        ``new_buffers`` and not in ``buffers``. The module's train/eval mode decides
+        whether batch-norm uses batch statistics, as with an ordinary call.
+        """
+        new_buffers = {k: b.clone() for k, b in buffers.items()}
+        out = functional_call(self.module, {**params, **new_buffers}, args, kwargs, strict=True)
+        return out, new_buffers

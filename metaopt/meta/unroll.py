@@ -1,0 +1,128 @@
+"""Truncated backpropagation through the inner loop (the unrolled meta-gradient).
+
+The inner loop runs ``problem.num_steps`` updates of the rule built from the
+meta-parameters. With ``truncation=K`` the trajectory is cut into windows of ``K`` steps:
+each window's meta-loss is backpropagated through that window only, then the inner
+parameters, buffers and rule state are detached. Memory is therefore O(K), not
+O(num_steps), and the estimate is the usual truncated-BPTT one (exact when
+``truncation`` is ``None`` or ``>= num_steps``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from metaopt.meta.functional import detach_tree
+from metaopt.meta.problem import InnerProblem, MetaGradient, RuleFactory
+from metaopt.rules.base import State, UpdateRule, apply_updates
+from metaopt.tree import Params
+
+__all__ = ["InnerCarry", "Unrolled", "inner_step", "leaf_meta_params"]
+
+
+@dataclass
+class InnerCarry:
+    """Everything the inner loop carries from one step to the next."""
+
+    params: Params
+    buffers: Params
+    state: State
+
+
+def leaf_meta_params(meta_params: Params) -> Params:
+    """Detached copies of ``meta_params`` that require grad (the leaves to differentiate)."""
+    if not meta_params:
+        raise ValueError("meta_params is empty: nothing to differentiate")
+    return {k: v.detach().requires_grad_(True) for k, v in meta_params.items()}
+
+
+def inner_step(
+    rule: UpdateRule,
+    problem: InnerProblem,
+    carry: InnerCarry,
+    step: int,
+    create_graph: bool,
+) -> tuple[InnerCarry, torch.Tensor]:
+    """One inner update; returns the new carry and the inner loss (0-d) at ``step``.
+
+    With ``create_graph`` the update stays differentiable (second-order terms kept);
+    otherwise the new parameters are detached leaves and no graph outlives the step.
+    """
+    params = carry.params
+    with torch.enable_grad():
+        if not create_graph:
+            params = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+        loss, buffers = problem.inner_loss(params, carry.buffers, step)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+    grads = dict(zip(params, grads, strict=True))
+    state = problem.prepare_state(carry.state, step, loss.detach())
+    if create_graph:
+        updates, state = rule.update(grads, state, params)
+        new_params = apply_updates(params, updates)
+    else:
+        with torch.no_grad():
+            detached = detach_tree(params)
+            updates, state = rule.update(grads, state, detached)
+            new_params = apply_updates(detached, updates)
+        buffers = detach_tree(buffers)
+    return InnerCarry(new_params, buffers, state), loss.detach()
+
+
+class Unrolled:
+    """Meta-gradient by (truncated) backpropagation through the inner updates.
+
+    Args:
+        rule_fn: ``meta_params -> UpdateRule``.
+        truncation: window length K in inner steps; ``None`` backpropagates through the
+            whole trajectory.
+
+    Calling ``Unrolled(rule_fn, K)(meta_params, problem)`` returns
+    :class:`MetaGradient`: the summed meta-loss and its (truncated) gradient, summed
+    over windows.
+    """
+
+    def __init__(self, rule_fn: RuleFactory, truncation: int | None = None) -> None:
+        if truncation is not None and truncation < 1:
+            raise ValueError(f"truncation must be >= 1 or None, got {truncation}")
+        self.rule_fn = rule_fn
+        self.truncation = truncation
+
+    def __call__(self, meta_params: Params, problem: InnerProblem) -> MetaGradient:
+        mp = leaf_meta_params(meta_params)
+        rule = self.rule_fn(mp)
+        params, buffers = problem.init(mp)
+        carry = InnerCarry(params, buffers, rule.init(params))
+        total_grads = {k: torch.zeros_like(v) for k, v in mp.items()}
+        total_loss = torch.zeros((), dtype=torch.float64)
+        window = self.truncation or problem.num_steps
+        window_loss: Any = None
+        for step in range(problem.num_steps):
+            if step % window == 0 and step > 0:  # the previous window's graph is freed
+                rule = self.rule_fn(mp)
+            carry, _ = inner_step(rule, problem, carry, step, create_graph=True)
+            contribution = problem.meta_loss(carry.params, carry.buffers, step)
+            if contribution is not None:
+                window_loss = contribution if window_loss is None else window_loss + contribution
+            if (step + 1) % window == 0 or step == problem.num_steps - 1:
+                if window_loss is not None:
+                    total_loss += window_loss.detach().double()
+                    self._accumulate(window_loss, mp, total_grads)
+                window_loss = None
+                carry = InnerCarry(
+                    {k: p.detach().requires_grad_(True) for k, p in carry.params.items()},
+                    detach_tree(carry.buffers),
+                    detach_tree(carry.state),
+                )
+        return MetaGradient(total_loss.to(next(iter(mp.values())).dtype), total_grads)
+
+    @staticmethod
+    def _accumulate(loss: torch.Tensor, mp: Params, total: Params) -> None:
+        if not loss.requires_grad:
+            return
+        grads = torch.autograd.grad(loss, list(mp.values()), allow_unused=True)
+        for (k, _), g in zip(mp.items(), grads, strict=True):
+            if g is not None:
+                total[k] += g
