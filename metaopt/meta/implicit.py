@@ -7,7 +7,8 @@ When the inner parameters ``theta*`` minimise ``L_in(theta, phi)`` (so
 
 and the meta-gradient of ``L_out(theta*(phi), phi)`` is
 
-    dL_out/dphi = dL_out/dphi|_direct - (d^2 L_in / d phi d theta) v,   (H + lambda I) v = dL_out/dtheta.
+    dL_out/dphi = dL_out/dphi|_direct - (d^2 L_in / d phi d theta) v,
+    (H + lambda I) v = dL_out/dtheta.
 
 ``v`` comes from conjugate gradient on Hessian-vector products computed with
 :mod:`torch.func` (forward-over-reverse), never forming ``H``. ``lambda`` (``damping``)

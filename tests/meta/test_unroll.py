@@ -5,10 +5,10 @@ from __future__ import annotations
 import higher
 import pytest
 import torch
-from tests.meta.meta_helpers import classification_problem, tiny_mlp, toy_meta_params, toy_rule
 
 import metaopt
 from metaopt.meta import PureModel, SupervisedProblem, Unrolled
+from tests.meta.meta_helpers import classification_problem, tiny_mlp, toy_meta_params, toy_rule
 
 RULES = {
     "sgd_momentum": (
@@ -120,5 +120,5 @@ def test_bad_input_is_rejected():
         Unrolled(RULES["toy"][0], truncation=0)
     with pytest.raises(ValueError, match="empty"):
         Unrolled(RULES["toy"][0])({}, classification_problem())
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         PureModel(lambda x: x)
