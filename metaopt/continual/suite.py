@@ -308,8 +308,9 @@ def run_suite(
     ``b_val``; accuracies in ``[0, 1]``), their metrics, the wall time in seconds and the
     budget. ``on_start(description)`` is called before each run (progress display).
     """
-    for spec in suite.streams:
-        for seed in suite.seeds:
+    # Seed-major order: an interrupted suite still covers every stream and model.
+    for seed in suite.seeds:
+        for spec in suite.streams:
             todo = [
                 (model, setting)
                 for model in suite.models
