@@ -1,0 +1,138 @@
+"""make_meta_step: the per-step reverse accumulation equals backprop through the unroll;
+compiled == eager; compile time does not grow with the unroll length."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from torch.func import grad
+
+import metaopt
+from metaopt.compile import loss_and_buffers, make_meta_step, module_state
+from tests.compile.compile_models import batches, build
+
+
+def adam_factory(meta):
+    """Adam whose learning rate and beta1 are meta-parameters (eps_root keeps the
+    second derivative finite)."""
+    return metaopt.rules.adam(lr=meta["lr"], betas=(meta["b1"], 0.999), eps_root=1e-8)
+
+
+def sgd_factory(meta):
+    return metaopt.rules.sgd(lr=meta["lr"], momentum=meta["momentum"])
+
+
+def problem(kind, k, dtype=torch.float32, seed=0):
+    model = build(kind, seed).to(dtype)
+    data = [(x.to(dtype), y) for x, y in batches(kind, k + 1, seed)]
+    params, buffers = module_state(model)
+    return model, params, buffers, data[:k], data[k]
+
+
+def unrolled_meta_grad(model, factory, meta, params, buffers, train, val):
+    """Reference: torch.func.grad through the whole Python unroll (eager)."""
+
+    def meta_loss(m):
+        p, b, s = params, buffers, factory(m).init(params)
+        for batch in train:
+            g, b = grad(lambda q, b=b, batch=batch: loss_and_buffers(
+                model, F.cross_entropy, q, b, batch), has_aux=True)(p)
+            u, s = factory(m).update(g, s, p)
+            p = metaopt.apply_updates(p, u)
+        return loss_and_buffers(model, F.cross_entropy, p, b, val)[0]
+
+    return grad(meta_loss)(meta)
+
+
+@pytest.mark.parametrize(
+    ("kind", "factory", "meta"),
+    [
+        ("mlp", adam_factory, {"lr": 0.01, "b1": 0.9}),
+        ("mlp", sgd_factory, {"lr": 0.1, "momentum": 0.5}),
+        ("cnn", adam_factory, {"lr": 0.01, "b1": 0.8}),
+    ],
+)
+def test_eager_meta_step_equals_backprop_through_unroll(kind, factory, meta):
+    meta = {k: torch.tensor(v, dtype=torch.float64) for k, v in meta.items()}
+    model, params, buffers, train, val = problem(kind, 4, torch.float64)
+    step = make_meta_step(model, F.cross_entropy, factory, compile=False)
+    out = step(meta, params, buffers, factory(meta).init(params), train, val)
+    ref = unrolled_meta_grad(model, factory, meta, params, buffers, train, val)
+    for name in meta:
+        torch.testing.assert_close(out.meta_grads[name], ref[name], atol=1e-10, rtol=1e-8)
+        assert out.meta_grads[name].abs() > 1e-6  # a real dependence, not 0 == 0
+    assert out.inner_losses.shape == (4,)
+    assert out.meta_loss.dim() == 0
+
+
+def test_meta_step_matches_finite_differences():
+    meta = {"lr": torch.tensor(0.05, dtype=torch.float64),
+            "momentum": torch.tensor(0.5, dtype=torch.float64)}
+    model, params, buffers, train, val = problem("mlp", 3, torch.float64)
+    step = make_meta_step(model, F.cross_entropy, sgd_factory, compile=False)
+
+    def loss_at(m):
+        return step(m, params, buffers, sgd_factory(m).init(params), train, val).meta_loss
+
+    g = step(meta, params, buffers, sgd_factory(meta).init(params), train, val).meta_grads
+    h = 1e-6
+    for name in meta:
+        up = {**meta, name: meta[name] + h}
+        down = {**meta, name: meta[name] - h}
+        fd = (loss_at(up) - loss_at(down)) / (2 * h)
+        torch.testing.assert_close(g[name], fd, atol=1e-7, rtol=1e-5)
+
+
+def test_matches_metaopt_meta_unrolled():
+    """Same number as the autograd estimator of metaopt.meta on the same problem."""
+    meta_pkg = pytest.importorskip("metaopt.meta")
+    meta = {"lr": torch.tensor(0.01, dtype=torch.float64),
+            "b1": torch.tensor(0.9, dtype=torch.float64)}
+    model, params, buffers, train, val = problem("mlp", 3, torch.float64)
+    ours = make_meta_step(model, F.cross_entropy, adam_factory, compile=False)(
+        meta, params, buffers, adam_factory(meta).init(params), train, val)
+    theirs = meta_pkg.Unrolled(adam_factory)(meta, meta_pkg.SupervisedProblem(model, train, val))
+    torch.testing.assert_close(ours.meta_loss, theirs.loss, atol=1e-12, rtol=1e-10)
+    for name in meta:
+        torch.testing.assert_close(ours.meta_grads[name], theirs.grads[name], atol=1e-10,
+                                   rtol=1e-8)
+
+
+def test_bad_inputs():
+    model, params, buffers, train, val = problem("mlp", 2)
+    step = make_meta_step(model, F.cross_entropy, sgd_factory, compile=False)
+    meta = {"lr": torch.tensor(0.1), "momentum": torch.tensor(0.5)}
+    state = sgd_factory(meta).init(params)
+    with pytest.raises(ValueError, match="at least one batch"):
+        step(meta, params, buffers, state, [], val)
+    with pytest.raises(TypeError, match="floating-point"):
+        step({**meta, "lr": torch.tensor(1)}, params, buffers, state, train, val)
+    with pytest.raises(TypeError, match="meta_params -> UpdateRule"):
+        make_meta_step(model, F.cross_entropy, metaopt.rules.sgd(lr=0.1))
+
+
+@pytest.mark.slow
+def test_compiled_meta_step_matches_eager_and_does_not_recompile_for_longer_unrolls():
+    meta = {"lr": torch.tensor(0.01), "b1": torch.tensor(0.9)}
+    model, params, buffers, train, val = problem("mlp", 6)
+    compiled = make_meta_step(model, F.cross_entropy, adam_factory)
+    eager = make_meta_step(model, F.cross_entropy, adam_factory, compile=False)
+    state = adam_factory(meta).init(params)
+    graphs_before = counters["stats"]["unique_graphs"]
+    short = compiled(meta, params, buffers, state, train[:2], val)
+    graphs_after_first = counters["stats"]["unique_graphs"]
+    long = compiled(meta, params, buffers, state, train, val)
+    assert counters["stats"]["unique_graphs"] == graphs_after_first  # K=6 reuses K=2's graphs
+    assert graphs_after_first - graphs_before <= 3  # inner step, its vjp, validation grad
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    for out, k in ((short, 2), (long, 6)):
+        ref = eager(meta, params, buffers, state, train[:k], val)
+        torch.testing.assert_close(out.meta_loss, ref.meta_loss, atol=1e-5, rtol=1e-5)
+        for name in meta:  # second-order terms: float32 rounding is amplified a little
+            torch.testing.assert_close(out.meta_grads[name], ref.meta_grads[name], atol=1e-4,
+                                       rtol=1e-4)
+        for name in params:
+            torch.testing.assert_close(out.params[name], ref.params[name], atol=1e-5,
+                                       rtol=1e-5)
