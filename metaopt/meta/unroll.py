@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from metaopt.meta.functional import detach_tree
 from metaopt.meta.problem import InnerProblem, MetaGradient, RuleFactory
@@ -82,6 +83,9 @@ class Unrolled:
     Calling ``Unrolled(rule_fn, K)(meta_params, problem)`` returns
     :class:`MetaGradient`: the summed meta-loss and its (truncated) gradient, summed
     over windows.
+
+    Attention inside the inner model runs on PyTorch's math kernel during the unroll
+    (the fused CPU/flash kernels have no double backward).
     """
 
     def __init__(self, rule_fn: RuleFactory, truncation: int | None = None) -> None:
@@ -91,6 +95,10 @@ class Unrolled:
         self.truncation = truncation
 
     def __call__(self, meta_params: Params, problem: InnerProblem) -> MetaGradient:
+        with sdpa_kernel(SDPBackend.MATH):
+            return self._run(meta_params, problem)
+
+    def _run(self, meta_params: Params, problem: InnerProblem) -> MetaGradient:
         mp = leaf_meta_params(meta_params)
         rule = self.rule_fn(mp)
         params, buffers = problem.init(mp)
