@@ -30,6 +30,7 @@ __all__ = [
     "TOKEN_STAT_FEATURES",
     "Layout",
     "layout_of",
+    "param_reference",
     "sample_index",
     "static_descriptor",
     "task_features",
@@ -71,7 +72,7 @@ N_STATIC_FEATURES = len(STATIC_FEATURES)
 N_TOKEN_FEATURES = len(TOKEN_STAT_FEATURES) + N_STATIC_FEATURES
 N_TASK_FEATURES = len(TASK_FEATURES)
 
-_TINY = 1e-12
+_TINY = 1e-30
 _LOG_CLAMP = 30.0
 
 
@@ -181,7 +182,22 @@ def static_descriptor(name: str, shape: torch.Size, depth: float) -> torch.Tenso
 
 
 def _safe_log(x: torch.Tensor) -> torch.Tensor:
-    return torch.log(x + _TINY).clamp(-_LOG_CLAMP, _LOG_CLAMP)
+    return torch.log(x.clamp_min(_TINY)).clamp(-_LOG_CLAMP, _LOG_CLAMP)
+
+
+def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a / b`` with ``b`` floored at a tiny positive number (exactly scale-invariant
+    above the floor, unlike ``a / (b + tiny)``)."""
+    return a / b.clamp_min(_TINY)
+
+
+def param_reference(
+    param: torch.Tensor, anchor: torch.Tensor, lr: torch.Tensor | float
+) -> torch.Tensor:
+    """Per-token parameter scale ``[T]`` from samples ``[T, S]``: the RMS of the current
+    and the anchor values, floored at ``1e-3 * lr`` (parameters that are exactly zero)."""
+    rms = ((param * param).mean(1) + (anchor * anchor).mean(1)).mul(0.5).sqrt()
+    return rms + 1e-3 * abs(lr) + _TINY
 
 
 def token_statistics(
@@ -207,19 +223,18 @@ def token_statistics(
     v_hat = exp_avg_sq / bias_correction2
     direction = m_hat / (v_hat.sqrt() + eps)
     abs_dir = direction.abs().mean(1)
-    coherence = direction.mean(1) / (abs_dir + _TINY)
+    coherence = _ratio(direction.mean(1), abs_dir)
     g2 = (grad * grad).mean(1)
     m2 = (exp_avg * exp_avg).mean(1)
-    corr = (grad * exp_avg).mean(1) / ((g2 * m2).sqrt() + _TINY)
-    rms_g = g2.sqrt()
-    grad_over_rms = _safe_log(rms_g) - _safe_log(v_hat.mean(1).sqrt())
-    rms_w = (param * param).mean(1).sqrt()
+    corr = _ratio((grad * exp_avg).mean(1), (g2 * m2).sqrt())
+    log_rms_g = 0.5 * _safe_log(g2)
+    grad_over_rms = log_rms_g - 0.5 * _safe_log(v_hat.mean(1))
+    ref = param_reference(param, anchor, lr)
     drift = param - anchor
-    rel_step = _safe_log(lr * (direction * direction).mean(1).sqrt()) - _safe_log(rms_w)
-    rel_drift = _safe_log((drift * drift).mean(1).sqrt()) - _safe_log(rms_w)
+    rel_step = _safe_log(abs(lr) * (direction * direction).mean(1).sqrt()) - _safe_log(ref)
+    rel_drift = 0.5 * _safe_log((drift * drift).mean(1)) - _safe_log(ref)
     mean_imp = importance.mean(1)
-    rel_imp = torch.log1p(mean_imp / (mean_imp.mean() + _TINY))
-    log_rms_g = _safe_log(rms_g)
+    rel_imp = torch.log1p(_ratio(mean_imp, mean_imp.mean()))
     rel_grad = log_rms_g - log_rms_g.mean()
     return torch.stack(
         [

@@ -30,6 +30,7 @@ from torch.func import functional_call
 from metaopt.learned.features import (
     Layout,
     layout_of,
+    param_reference,
     sample_index,
     task_features,
     token_statistics,
@@ -45,7 +46,7 @@ __all__ = ["DepthFn", "learned_rule"]
 DepthFn = Callable[[str, torch.Tensor], float]
 """``(key, param) -> depth in [0, 1]``: where a parameter sits in its model."""
 
-_TINY = 1e-12
+_TINY = 1e-30
 
 
 def _check_options(
@@ -271,8 +272,8 @@ def _learned_step(
         gate = gate * keep
     # coefficient arithmetic in the widest dtype around (float64 params stay exact)
     work = torch.promote_types(wide, net_dtype)
-    rms_w = ((w_s * w_s).mean(1).sqrt() + _TINY).to(work)
-    inv_imp = (1.0 / (i_s.mean() + _TINY)).to(work)
+    rms_w = param_reference(w_s, a_s, lr).to(work)
+    inv_imp = (1.0 / i_s.mean().clamp_min(_TINY)).to(work)
     bc1_w = bc1.to(work).repeat_interleave(counts)
     bc2_sqrt = bc2.to(work).repeat_interleave(counts).sqrt()
     coef = TokenCoefficients(*(c.to(work) for c in coef))
@@ -281,7 +282,7 @@ def _learned_step(
         [
             torch.exp(coef.log_scale) * bc2_sqrt / bc1_w,  # x m
             coef.grad * bc2_sqrt,  # x g
-            coef.param / rms_w,  # x w
+            coef.param / rms_w,  # x w  (rms_w: see features.param_reference)
             coef.drift / rms_w,  # x (w - anchor)
             coef.gate_lambda * inv_imp,  # x importance, in the gate's denominator
             -lr * gate,  # x everything above

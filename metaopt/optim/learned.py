@@ -76,6 +76,9 @@ class LearnedOptimizer(FunctionalOptimizer):
             "aux_dtype": aux_dtype,
             "importance": importance,
         }
+        learned_rule(  # validates the options now, before any parameter is touched
+            self.net, lr, betas=betas, eps=eps, topk_fraction=topk_fraction, **self._options
+        )
         self._depth: dict[torch.Tensor, float] = {}
         self._task_index = 0
         self._loss: torch.Tensor | None = None

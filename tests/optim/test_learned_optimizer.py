@@ -1,0 +1,282 @@
+"""LearnedOptimizer as a torch.optim drop-in: Adam at init, task boundaries, state_dict,
+param groups, frozen and tied parameters, dtypes, schedulers, GradScaler, DDP."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from collections import defaultdict
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import metaopt
+from metaopt import LearnedOptimizer
+from metaopt.learned import LearnedRuleNet
+from tests.learned.helpers import perturbed_net
+from tests.models import KINDS, build
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: thread hand-off would dominate
+    yield
+    torch.set_num_threads(before)
+
+
+def _loss(model, x, y):
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _train(model, opt, x, y, steps, scheduler=None):
+    for _ in range(steps):
+        opt.zero_grad()
+        _loss(model, x, y).backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def _assert_params_close(a: nn.Module, b: nn.Module, atol: float) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=atol, msg=f"parameter {name}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fresh_net_equals_torch_adam_over_50_steps_float64(kind):
+    model, x, y = build(kind, 4, seed=1, dtype=torch.float64)
+    twin = copy.deepcopy(model)
+    ours = LearnedOptimizer(model.parameters(), lr=1e-2, net=LearnedRuleNet())
+    ref = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    _train(model, ours, x, y, 50)
+    _train(twin, ref, x, y, 50)
+    _assert_params_close(model, twin, atol=1e-6)
+    p = next(model.parameters())
+    torch.testing.assert_close(
+        ours.state[p][".exp_avg"], ref.state[next(twin.parameters())]["exp_avg"]
+    )
+
+
+def test_param_groups_and_scheduler_match_adam_at_init():
+    model, x, y = build("mlp", 4, seed=2, dtype=torch.float64)
+    twin = copy.deepcopy(model)
+
+    def groups(m):
+        params = list(m.parameters())
+        return [{"params": params[:2], "lr": 1e-2}, {"params": params[2:], "lr": 3e-3}]
+
+    ours = LearnedOptimizer(groups(model), net=LearnedRuleNet())
+    ref = torch.optim.Adam(groups(twin))
+    sched = [torch.optim.lr_scheduler.StepLR(o, step_size=5, gamma=0.5) for o in (ours, ref)]
+    _train(model, ours, x, y, 20, sched[0])
+    _train(twin, ref, x, y, 20, sched[1])
+    _assert_params_close(model, twin, atol=1e-10)
+    assert ours.param_groups[1]["lr"] == pytest.approx(3e-3 * 0.5**4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_dtypes_preserved_and_finite_with_active_net(dtype):
+    model, x, y = build("cnn", 3, seed=3, dtype=dtype)
+    before = copy.deepcopy(model)
+    opt = LearnedOptimizer(model.parameters(), lr=1e-2, net=perturbed_net())
+    for _ in range(2):
+        _train(model, opt, x, y, 4)
+        opt.new_task()
+    assert opt.task_index == 2
+    for (name, p), q in zip(model.named_parameters(), before.parameters(), strict=True):
+        assert p.dtype == dtype and torch.isfinite(p).all(), name
+        state = opt.state[p]
+        assert state[".exp_avg"].dtype == dtype and state[".anchor"].dtype == torch.bfloat16
+        assert float(state[".task_index"]) == 2.0
+        assert not torch.equal(p, q), name
+
+
+def test_new_task_snapshots_anchor_and_folds_importance():
+    model, x, y = build("mlp", 4, seed=4, dtype=torch.float32)
+    opt = LearnedOptimizer(model.parameters(), lr=1e-2, net=perturbed_net())
+    _train(model, opt, x, y, 5)
+    opt.new_task()
+    for p in model.parameters():
+        state = opt.state[p]
+        assert torch.equal(state[".anchor"], p.detach().to(torch.bfloat16))
+        assert float(state[".importance"].float().abs().sum()) > 0
+        assert float(state[".task_step"]) == 0.0 and float(state[".step"]) == 5.0
+
+
+def test_state_dict_round_trip_including_task_boundary(tmp_path):
+    model, x, y = build("transformer", 4, seed=5, dtype=torch.float32)
+    net = perturbed_net()
+    opt = LearnedOptimizer(model.parameters(), lr=1e-2, net=net)
+    _train(model, opt, x, y, 4)
+    opt.new_task()
+    _train(model, opt, x, y, 2)
+    opt.new_task()
+    path = tmp_path / "opt.pt"
+    torch.save(opt.state_dict(), path)
+    twin = copy.deepcopy(model)
+    restored = LearnedOptimizer(twin.parameters(), lr=1e-2, net=net)
+    restored.load_state_dict(torch.load(path, weights_only=True))
+    assert restored.task_index == 2
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        for key, value in opt.state[p].items():
+            assert restored.state[q][key].dtype == value.dtype, key
+            assert torch.equal(restored.state[q][key], value), key
+    _train(model, opt, x, y, 3)
+    _train(twin, restored, x, y, 3)
+    _assert_params_close(model, twin, atol=0)
+
+
+def test_load_state_dict_rejects_a_mismatch_and_changes_nothing():
+    model, x, y = build("mlp", 4, seed=6)
+    opt = LearnedOptimizer(model.parameters(), lr=1e-2, net=LearnedRuleNet())
+    _train(model, opt, x, y, 1)
+    other, _, _ = build("mlp", 5, seed=6)
+    other_opt = LearnedOptimizer(other.parameters(), lr=1e-2, net=LearnedRuleNet())
+    _train(other, other_opt, *build("mlp", 5, seed=6)[1:], 1)
+    before = {k: v.clone() for k, v in opt.state[next(model.parameters())].items()}
+    with pytest.raises(ValueError, match="does not fit parameter"):
+        opt.load_state_dict(other_opt.state_dict())
+    after = opt.state[next(model.parameters())]
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_emptied_state_and_edited_param_groups_between_tasks():
+    model, x, y = build("mlp", 4, seed=7, dtype=torch.float32)
+    head = nn.Linear(3, 3)
+    opt = LearnedOptimizer(model.parameters(), lr=1e-2, net=perturbed_net())
+    _train(model, opt, x, y, 3)
+    opt.new_task()
+    opt.state = defaultdict(dict)  # what Avalanche's reset_optimizer does
+    opt.add_param_group({"params": list(head.parameters()), "lr": 1e-3})
+    for _ in range(3):
+        opt.zero_grad()
+        (_loss(model, x, y) + head(model(x)).pow(2).mean()).backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in [*model.parameters(), *head.parameters()])
+    assert float(opt.state[head.weight][".step"]) == 3.0
+    assert float(opt.state[head.weight][".task_index"]) == 1.0  # the optimizer's task index
+    depths = [float(opt.state[p][".descriptor"][6]) for p in [*model.parameters(), head.bias]]
+    assert depths == sorted(depths) and depths[-1] == 1.0
+
+
+def test_frozen_and_tied_parameters():
+    torch.manual_seed(8)
+    emb = nn.Embedding(10, 6)
+    out = nn.Linear(6, 10, bias=False)
+    out.weight = emb.weight  # tied
+    frozen = nn.Linear(6, 6)
+    frozen.requires_grad_(False)
+    modules = nn.ModuleList([emb, frozen, out])
+    before = copy.deepcopy(modules)
+    opt = LearnedOptimizer(modules.parameters(), lr=1e-2, net=perturbed_net())
+    tokens = torch.randint(0, 10, (16,))
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(out(frozen(emb(tokens))), tokens).backward()
+        opt.step()
+    assert len(opt.param_groups[0]["params"]) == 3  # the tied weight appears once
+    assert torch.equal(frozen.weight, before[1].weight) and not opt.state.get(frozen.weight)
+    assert not torch.equal(emb.weight, before[0].weight) and out.weight is emb.weight
+    assert float(opt.state[emb.weight][".step"]) == 3.0
+
+
+def test_grad_scaler_matches_adam_at_init_and_skips_inf_steps():
+    model, x, y = build("mlp", 4, seed=9, dtype=torch.float32)
+    twin = copy.deepcopy(model)
+    results = []
+    for m, opt in (
+        (model, LearnedOptimizer(model.parameters(), lr=1e-2, net=LearnedRuleNet())),
+        (twin, torch.optim.Adam(twin.parameters(), lr=1e-2)),
+    ):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        for step in range(6):
+            opt.zero_grad()
+            loss = _loss(m, x, y) * (float("inf") if step == 2 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        results.append(scaler.get_scale())
+    assert results[0] == results[1] < 2.0**10  # the inf step was skipped by both
+    _assert_params_close(model, twin, atol=1e-6)
+
+
+def test_closure_loss_feeds_the_task_token():
+    model, x, y = build("mlp", 4, seed=10, dtype=torch.float32)
+    opt = LearnedOptimizer(model.parameters(), lr=1e-2, net=perturbed_net())
+    losses = []
+    for _ in range(3):
+
+        def closure():
+            opt.zero_grad()
+            loss = _loss(model, x, y)
+            loss.backward()
+            return loss
+
+        losses.append(float(opt.step(closure).detach()))
+    stats = opt.state[next(model.parameters())][".loss_stats"]
+    assert float(stats[2]) == pytest.approx(losses[0]) and float(stats[3]) == 3.0
+
+
+def test_from_pretrained_default_and_bad_options():
+    model, x, y = build("mlp", 4, seed=11, dtype=torch.float32)
+    opt = LearnedOptimizer.from_pretrained("default", model.parameters(), lr=1e-3)
+    assert "description" in opt.net.metadata
+    _train(model, opt, x, y, 2)
+    assert isinstance(LearnedOptimizer(model.parameters()).net, LearnedRuleNet)
+    with pytest.raises(ValueError, match="learning rate"):
+        LearnedOptimizer(model.parameters(), lr=-1.0, net=LearnedRuleNet())
+    with pytest.raises(ValueError, match="importance"):
+        LearnedOptimizer(model.parameters(), net=LearnedRuleNet(), importance="bogus")
+    with pytest.raises(TypeError, match="LearnedRuleNet"):
+        LearnedOptimizer(model.parameters(), net=nn.Linear(2, 2))
+    assert isinstance(opt, metaopt.FunctionalOptimizer)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, x, y = build("mlp", 4, seed=12, dtype=torch.float32)
+        ddp = DistributedDataParallel(model)
+        opt = LearnedOptimizer(ddp.parameters(), lr=1e-2, net=perturbed_net())
+        shard = slice(rank * 6, (rank + 1) * 6)
+        for step in range(4):
+            if step == 2:
+                opt.new_task()
+            opt.zero_grad()
+            _loss(ddp, x[shard], y[shard]).backward()
+            opt.step()
+        torch.save([p.detach() for p in model.parameters()], f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_inside_distributed_data_parallel(tmp_path):
+    out = str(tmp_path / "params")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    model, x, y = build("mlp", 4, seed=12, dtype=torch.float32)
+    opt = LearnedOptimizer(model.parameters(), lr=1e-2, net=perturbed_net())
+    for step in range(4):  # single process, full batch: the same averaged gradients
+        if step == 2:
+            opt.new_task()
+        opt.zero_grad()
+        (0.5 * (_loss(model, x[:6], y[:6]) + _loss(model, x[6:], y[6:]))).backward()
+        opt.step()
+    for a, b, p in zip(ranks[0], ranks[1], model.parameters(), strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, p.detach(), rtol=1e-5, atol=1e-6)
