@@ -1,0 +1,195 @@
+"""The continual meta-objective: learn fast, and do not forget earlier tasks.
+
+A :class:`ContinualProblem` is one sample of a short task sequence ``1..T`` (2-3 tasks
+drawn from a continual stream). The inner trajectory trains a model with the rule for
+``K_t`` steps on task ``t``, then marks a task boundary (:func:`metaopt.learned.new_task`,
+for rules that hold learned state) and moves on; every inner loss is fed to the rule with
+:func:`metaopt.learned.observe_loss`. The meta-loss is
+
+.. math::
+
+    L_{meta} = \\frac{1}{T} \\sum_{t=1}^{T} \\Big[ \\frac{1}{t} \\sum_{j \\le t}
+               \\tilde\\ell_j(\\theta_{end(t)}) \\;+\\; \\lambda_{speed}
+               \\operatorname{mean}_{k \\in S_t} \\tilde\\ell_t(\\theta_k) \\Big]
+
+* **retention and learning**: at the end of each task ``t``, the loss on the current task
+  AND every earlier task of the sequence, measured on examples held out from the
+  inner-loop batches. A rule that forgets task ``j`` while learning ``t > j`` pays for it.
+* **learning speed** (weight ``lambda_speed``): the current task's held-out loss at the
+  points ``S_t`` along the task (every ``speed_every`` steps), i.e. the area under the
+  learning curve, so a rule cannot win by not learning.
+* ``\\tilde\\ell_j = \\ell_j / \\log(n_{classes,j})``: cross-entropy normalised so that
+  chance level is 1 whatever the number of classes.
+
+Every random choice (batches, held-out examples) is fixed when the problem is built, so
+repeated evaluations (ES pairs, finite differences, resumed runs) see the same data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metaopt.continual.streams import Task
+from metaopt.learned.tasks import learned_leaves, new_task, observe_loss
+from metaopt.meta.functional import PureModel
+from metaopt.meta.problem import InnerProblem
+from metaopt.meta.unroll import InnerCarry, inner_step
+from metaopt.rules.base import State, UpdateRule
+from metaopt.tree import Params
+
+__all__ = ["ContinualProblem", "evaluate_rule"]
+
+
+def _has_learned_state(state: State) -> bool:
+    return any(learned_leaves(leaf) for leaf in state.values())
+
+
+class ContinualProblem(InnerProblem):
+    """One task-sequence sample for meta-training (see the module docstring).
+
+    Args:
+        model: the inner model (its current weights are the starting point); its output
+            has at least ``max(task.logit_offset + task.n_classes)`` logits.
+        tasks: the sequence, in order (``metaopt.continual.streams.Task``). Inner batches
+            come from ``x_train``; held-out losses from ``x_test``, which for
+            meta-training holds examples split off the TRAINING images.
+        steps_per_task: inner steps on each task (one number or one per task).
+        batch_size: inner mini-batch size.
+        meta_batch_size: held-out examples per task for the meta-loss.
+        speed_weight: ``lambda_speed``.
+        speed_every: spacing of the learning-speed points in steps (default: a quarter
+            of the task's steps).
+        seed: draws the batches and held-out examples.
+    """
+
+    description: str = ""
+    """Human-readable summary (set by :class:`~metaopt.meta.tasks.TaskFamily`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tasks: Sequence[Task],
+        steps_per_task: int | Sequence[int] = 20,
+        batch_size: int = 32,
+        meta_batch_size: int = 128,
+        speed_weight: float = 0.25,
+        speed_every: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not tasks:
+            raise ValueError("ContinualProblem needs at least one task")
+        steps = [steps_per_task] * len(tasks) if isinstance(steps_per_task, int) else steps_per_task
+        steps = [int(s) for s in steps]
+        if len(steps) != len(tasks) or min(steps) < 1:
+            raise ValueError(f"steps_per_task must be >= 1 for each of the {len(tasks)} tasks")
+        if speed_weight < 0:
+            raise ValueError(f"speed_weight must be >= 0, got {speed_weight}")
+        self.model = PureModel(model)
+        self.tasks = list(tasks)
+        self.steps = steps
+        self.starts = [sum(steps[:t]) for t in range(len(tasks))]
+        self.num_steps = sum(steps)
+        self.speed_weight = speed_weight
+        gen = torch.Generator().manual_seed(seed)
+        self._batches = [
+            torch.randint(0, len(task.y_train), (s, batch_size), generator=gen)
+            for task, s in zip(self.tasks, steps, strict=True)
+        ]
+        self._meta = [
+            torch.randperm(len(task.y_test), generator=gen)[:meta_batch_size]
+            for task in self.tasks
+        ]
+        self._speed_points = [
+            {k - 1 for k in range(s, 0, -(speed_every or max(1, s // 4)))} for s in steps
+        ]
+
+    def task_of(self, step: int) -> tuple[int, int]:
+        """``(task index, step within the task)`` of inner step ``step``."""
+        for t in reversed(range(len(self.tasks))):
+            if step >= self.starts[t]:
+                return t, step - self.starts[t]
+        raise ValueError(f"step {step} < 0")
+
+    def init(self, meta_params: Params) -> tuple[Params, Params]:
+        return self.model.init()
+
+    def _loss(self, params: Params, buffers: Params, task: Task, x, y):
+        out, buffers = self.model(params, buffers, x)
+        return F.cross_entropy(task.logits(out), y), buffers
+
+    def inner_loss(self, params: Params, buffers: Params, step: int) -> tuple[torch.Tensor, Params]:
+        t, k = self.task_of(step)
+        task, index = self.tasks[t], self._batches[t][k]
+        return self._loss(params, buffers, task, task.x_train[index], task.y_train[index])
+
+    def held_out_loss(self, params: Params, buffers: Params, t: int) -> torch.Tensor:
+        """Normalised held-out loss of task ``t`` (0-d)."""
+        task, index = self.tasks[t], self._meta[t]
+        loss, _ = self._loss(params, buffers, task, task.x_test[index], task.y_test[index])
+        return loss / math.log(max(task.n_classes, 2))
+
+    def held_out_accuracy(self, params: Params, buffers: Params, t: int) -> float:
+        """Accuracy (fraction) of task ``t`` on its held-out examples."""
+        task, index = self.tasks[t], self._meta[t]
+        with torch.no_grad():
+            out, _ = self.model(params, buffers, task.x_test[index])
+        return float((task.logits(out).argmax(1) == task.y_test[index]).float().mean())
+
+    def meta_loss(self, params: Params, buffers: Params, step: int) -> torch.Tensor | None:
+        t, k = self.task_of(step)
+        n = len(self.tasks)
+        total: Any = None
+        if k == self.steps[t] - 1:
+            retention = torch.stack([self.held_out_loss(params, buffers, j) for j in range(t + 1)])
+            total = retention.mean() / n
+        if self.speed_weight and k in self._speed_points[t]:
+            speed = self.held_out_loss(params, buffers, t) * (
+                self.speed_weight / (n * len(self._speed_points[t]))
+            )
+            total = speed if total is None else total + speed
+        return total
+
+    def prepare_state(self, state: State, step: int, loss: torch.Tensor) -> State:
+        if not _has_learned_state(state):
+            return state
+        t, k = self.task_of(step)
+        if k == 0 and t > 0:
+            state = new_task(state)
+        return observe_loss(state, loss)
+
+
+def evaluate_rule(rule: UpdateRule, problem: ContinualProblem) -> dict[str, float]:
+    """Run the whole sequence with ``rule`` (no meta-graph) and measure it.
+
+    Returns:
+        ``{"meta_loss", "acc", "bwt_loss"}``: the meta-loss of the trajectory, the mean
+        held-out accuracy over all tasks at the end (like ACC), and the mean increase of
+        the normalised held-out loss of earlier tasks between the end of their own
+        training and the end of the sequence (forgetting, in loss units).
+    """
+    params, buffers = problem.init({})
+    params = {k: p.detach() for k, p in params.items()}
+    carry = InnerCarry(params, buffers, rule.init(params))
+    meta_loss = 0.0
+    learned_at: list[float] = []
+    for step in range(problem.num_steps):
+        carry, _ = inner_step(rule, problem, carry, step, create_graph=False)
+        with torch.no_grad():
+            contribution = problem.meta_loss(carry.params, carry.buffers, step)
+            t, k = problem.task_of(step)
+            if k == problem.steps[t] - 1:
+                learned_at.append(float(problem.held_out_loss(carry.params, carry.buffers, t)))
+        if contribution is not None:
+            meta_loss += float(contribution)
+    n = len(problem.tasks)
+    with torch.no_grad():
+        final = [float(problem.held_out_loss(carry.params, carry.buffers, j)) for j in range(n)]
+    acc = sum(problem.held_out_accuracy(carry.params, carry.buffers, j) for j in range(n)) / n
+    forgetting = sum(final[j] - learned_at[j] for j in range(n - 1)) / max(n - 1, 1)
+    return {"meta_loss": meta_loss, "acc": acc, "bwt_loss": forgetting}

@@ -1,0 +1,171 @@
+"""Task families for meta-training: random short continual sequences from TRAINING images.
+
+A :class:`TaskFamily` draws :class:`~metaopt.meta.objective.ContinualProblem` samples:
+a dataset (scikit-learn digits, MNIST), a model (MLP, CNN, transformer), a stream kind
+(split with a random class subset and label map, permuted, rotated), a sequence length,
+a step budget per task and a batch size, each at random from the family's ranges.
+
+Only training images are ever used: digits' fixed ``"train"`` split and MNIST's 60,000
+training images. Fashion-MNIST is never used, so results on it are out-of-distribution.
+Each pool is partitioned once (fixed seed) into a meta-training part (80%) and a
+meta-validation part (20%): validation sequences use images the meta-training never saw.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from metaopt.continual.data import load_digits_tensors, load_mnist
+from metaopt.continual.models import build_model
+from metaopt.continual.streams import n_outputs, stream_from_tensors
+from metaopt.meta.objective import ContinualProblem
+
+__all__ = ["DATASETS", "KINDS", "MODELS", "FamilyConfig", "TaskFamily"]
+
+logger = logging.getLogger(__name__)
+
+DATASETS = ("digits", "mnist")
+MODELS = ("mlp", "cnn", "transformer")
+KINDS = ("split", "permuted", "rotated")
+
+_SMALL_MODELS: dict[str, dict[str, Any]] = {
+    "mlp": {"hidden": (32,)},
+    "cnn": {"channels": (4, 8)},
+    "transformer": {"dim": 16, "depth": 1, "heads": 2},
+}
+
+
+@dataclass
+class FamilyConfig:
+    """Ranges the family samples from (inclusive integer ranges as ``(low, high)``).
+
+    Attributes:
+        datasets, models, kinds: choices (see :data:`DATASETS`, :data:`MODELS`, :data:`KINDS`).
+        n_tasks: tasks per sequence.
+        steps_per_task: inner steps per task.
+        batch_size: inner batch sizes to choose from.
+        examples: training images drawn per sequence (before the held-out split).
+        mnist_size: MNIST images are average-pooled to this side (14: 2x2 pooling).
+        meta_batch_size: held-out examples per task for the meta-loss.
+        speed_weight: weight of the learning-speed term.
+        model_sizes: keyword arguments of each model (small by default).
+    """
+
+    datasets: tuple[str, ...] = ("digits",)
+    models: tuple[str, ...] = MODELS
+    kinds: tuple[str, ...] = KINDS
+    n_tasks: tuple[int, int] = (2, 3)
+    steps_per_task: tuple[int, int] = (10, 20)
+    batch_size: tuple[int, ...] = (16, 32)
+    examples: int = 600
+    mnist_size: int = 14
+    meta_batch_size: int = 64
+    speed_weight: float = 0.25
+    model_sizes: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(_SMALL_MODELS))
+
+    def __post_init__(self) -> None:
+        for name, chosen, allowed in (
+            ("datasets", self.datasets, DATASETS),
+            ("models", self.models, MODELS),
+            ("kinds", self.kinds, KINDS),
+        ):
+            bad = [c for c in chosen if c not in allowed]
+            if not chosen or bad:
+                raise ValueError(f"{name} must be a non-empty subset of {allowed}, got {chosen}")
+        for name in ("n_tasks", "steps_per_task"):
+            low, high = getattr(self, name)
+            if not 1 <= low <= high:
+                raise ValueError(f"{name} must be (low, high) with 1 <= low <= high")
+        if self.examples < 20:
+            raise ValueError(f"examples must be >= 20, got {self.examples}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (for checkpoint metadata)."""
+        return asdict(self)
+
+
+def _load_pool(name: str, data_dir: str | None, mnist_size: int):
+    if name == "digits":
+        return load_digits_tensors(split="train")
+    x, y = load_mnist("mnist", data_dir, split="train")
+    if mnist_size != x.shape[-1]:
+        x = F.adaptive_avg_pool2d(x, mnist_size)
+    return x, y
+
+
+def _choice(options, gen: torch.Generator):
+    return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+
+def _randint(low: int, high: int, gen: torch.Generator) -> int:
+    return int(torch.randint(low, high + 1, (1,), generator=gen))
+
+
+class TaskFamily:
+    """Random continual task sequences for meta-training or meta-validation.
+
+    Args:
+        config: the ranges (:class:`FamilyConfig`).
+        part: ``"train"`` or ``"val"``: which part of each image pool to draw from.
+        data_dir: MNIST folder (default ``$METAOPT_DATA_DIR``); only read if the config
+            includes ``"mnist"``.
+    """
+
+    def __init__(
+        self, config: FamilyConfig | None = None, part: str = "train", data_dir: str | None = None
+    ) -> None:
+        if part not in ("train", "val"):
+            raise ValueError(f"part must be 'train' or 'val', got {part!r}")
+        self.config = config or FamilyConfig()
+        self.part = part
+        self.pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name in self.config.datasets:
+            x, y = _load_pool(name, data_dir, self.config.mnist_size)
+            order = torch.randperm(len(y), generator=torch.Generator().manual_seed(1234))
+            cut = int(0.8 * len(y))
+            index = order[:cut] if part == "train" else order[cut:]
+            self.pools[name] = (x[index], y[index])
+            logger.info("task family %s/%s: %d images", name, part, len(index))
+
+    def sample(self, gen: torch.Generator) -> ContinualProblem:
+        """One random task sequence; all randomness comes from ``gen``."""
+        cfg = self.config
+        dataset = _choice(cfg.datasets, gen)
+        model_name = _choice(cfg.models, gen)
+        kind = _choice(cfg.kinds, gen)
+        n_tasks = _randint(*cfg.n_tasks, gen)
+        steps = [_randint(*cfg.steps_per_task, gen) for _ in range(n_tasks)]
+        batch_size = _choice(cfg.batch_size, gen)
+        seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
+        x, y = self.pools[dataset]
+        options: dict[str, Any] = {"n_tasks": n_tasks}
+        if kind == "split":
+            classes = torch.randperm(10, generator=gen)[: 2 * n_tasks]
+            keep = torch.isin(y, classes)
+            x, y = x[keep], y[keep]
+            options.update(scenario="domain", classes=classes.tolist())
+        index = torch.randperm(len(y), generator=gen)[: cfg.examples]
+        stream = stream_from_tensors(
+            x[index], y[index], kind=kind, test_fraction=0.25, seed=seed, **options
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_model(
+                model_name, tuple(x.shape[1:]), n_outputs(stream), **cfg.model_sizes[model_name]
+            )
+        problem = ContinualProblem(
+            model,
+            stream,
+            steps,
+            batch_size,
+            meta_batch_size=cfg.meta_batch_size,
+            speed_weight=cfg.speed_weight,
+            seed=seed,
+        )
+        problem.description = f"{dataset}/{kind}/{model_name}/T{n_tasks}/K{sum(steps)}"
+        return problem

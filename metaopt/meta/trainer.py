@@ -1,0 +1,427 @@
+"""The meta-trainer: meta-train the learned rule on random continual task sequences.
+
+Each meta-step draws ``tasks_per_step`` sequences from a :class:`TaskFamily`, estimates
+the meta-gradient of the continual meta-objective (:mod:`metaopt.meta.objective`) with the
+chosen estimator (truncated unrolling by default, or ES / PES), averages it (across
+``torch.distributed`` ranks too), clips its global norm and takes an Adam step on the
+:class:`~metaopt.learned.LearnedRuleNet` parameters. Every ``val_every`` steps the rule is
+evaluated on fixed held-out sequences (images the meta-training never draws); the best
+validation state is kept.
+
+Checkpoints (``<out>/checkpoint.pt``) hold everything needed to continue exactly: step,
+net weights, meta-optimiser state, RNG states (task sampler, torch), history and
+best state. They are written atomically (temporary file + ``os.replace``), so a run
+killed at any moment (even ``kill -9``) resumes from the last complete checkpoint and
+continues as if never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from metaopt.learned import LearnedRuleNet, learned_rule, save_checkpoint
+from metaopt.meta.distributed import DistributedContext, all_reduce_mean, shard
+from metaopt.meta.es import ES, PES
+from metaopt.meta.objective import ContinualProblem, evaluate_rule
+from metaopt.meta.problem import MetaGradient
+from metaopt.meta.tasks import FamilyConfig, TaskFamily
+from metaopt.meta.unroll import Unrolled
+from metaopt.rules import adam
+from metaopt.tree import Params
+
+__all__ = ["CHECKPOINT_FORMAT", "MetaTrainer", "TrainConfig", "plot_history"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "metaopt.meta.trainer/1"
+ESTIMATORS = ("unrolled", "es", "pes")
+
+
+@dataclass
+class TrainConfig:
+    """Meta-training settings (all plain data, stored in checkpoints).
+
+    Attributes:
+        steps: meta-steps to reach.
+        tasks_per_step: task sequences per meta-gradient (split across ranks).
+        meta_lr: Adam learning rate of the meta-optimiser.
+        clip: global-norm clip of the meta-gradient.
+        inner_lr: the learned rule's ``lr`` in the inner loops (its default at use).
+        estimator: ``"unrolled"``, ``"es"`` or ``"pes"``.
+        truncation: unroll / PES window in inner steps (``None``: whole sequence).
+        sigma, es_pairs: ES / PES perturbation scale and antithetic pairs.
+        val_every: validate every this many meta-steps (and at step 0 and the end).
+        val_tasks: number of fixed held-out validation sequences.
+        ckpt_every: checkpoint every this many meta-steps (and at the end).
+        seed: seeds the task sampler, the ES noise and the net initialisation.
+        net: keyword arguments of :class:`LearnedRuleNet`.
+        rule_options: extra keyword arguments of :func:`metaopt.learned.learned_rule`.
+        family: the task family ranges (:class:`FamilyConfig` as a dict).
+    """
+
+    steps: int = 200
+    tasks_per_step: int = 2
+    meta_lr: float = 1e-3
+    clip: float = 1.0
+    inner_lr: float = 1e-3
+    estimator: str = "unrolled"
+    truncation: int | None = 20
+    sigma: float = 0.01
+    es_pairs: int = 4
+    val_every: int = 20
+    val_tasks: int = 8
+    ckpt_every: int = 10
+    seed: int = 0
+    net: dict[str, Any] = field(default_factory=dict)
+    rule_options: dict[str, Any] = field(default_factory=dict)
+    family: dict[str, Any] = field(default_factory=lambda: FamilyConfig().to_dict())
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        for name in ("steps", "tasks_per_step", "val_every", "val_tasks", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.meta_lr > 0 or not self.clip > 0 or not self.inner_lr > 0:
+            raise ValueError("meta_lr, clip and inner_lr must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (tuples become lists)."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are rejected."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
+        return cls(**data)
+
+
+def _family_config(data: dict[str, Any]) -> FamilyConfig:
+    tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    if "model_sizes" in tuples:
+        tuples["model_sizes"] = {
+            name: {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
+            for name, kw in tuples["model_sizes"].items()
+        }
+    return FamilyConfig(**tuples)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class MetaTrainer:
+    """Meta-trains a :class:`LearnedRuleNet` (Python API of ``metaopt meta-train``).
+
+    Args:
+        config: the settings.
+        out_dir: where ``checkpoint.pt``, ``history.json`` and ``curves.png`` go.
+        ctx: distributed context (default: single process).
+        data_dir: MNIST folder (only read when the family uses MNIST).
+        progress: show a tqdm progress bar (main rank only).
+
+    Example:
+        >>> trainer = MetaTrainer(TrainConfig(steps=100), "runs/a")
+        >>> trainer.resume()            # no-op when there is no checkpoint yet
+        >>> trainer.train()
+        >>> trainer.export("default.pt", {"description": "..."})
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        out_dir: str | Path,
+        ctx: DistributedContext | None = None,
+        data_dir: str | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.ctx = ctx or DistributedContext()
+        self.progress = progress
+        family_config = _family_config(config.family)
+        self.family = TaskFamily(family_config, "train", data_dir)
+        self.val_family = TaskFamily(family_config, "val", data_dir)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.net = LearnedRuleNet(**config.net)
+        self.meta_optimizer = torch.optim.Adam(self.net.parameters(), lr=config.meta_lr)
+        self.sampler = torch.Generator().manual_seed(config.seed)
+        self.noise = torch.Generator()  # reseeded per task sample (see meta_gradient)
+        self.estimator = self._make_estimator()
+        val_gen = torch.Generator().manual_seed(10_000 + config.seed)
+        self.val_problems = [self.val_family.sample(val_gen) for _ in range(config.val_tasks)]
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {}
+        self.baseline: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ pieces
+    def rule_fn(self, meta_params: Params):
+        """The learned rule with ``meta_params`` in place of the net's parameters."""
+        return learned_rule(
+            self.net, self.config.inner_lr, meta_params=meta_params, **self.config.rule_options
+        )
+
+    def _make_estimator(self) -> Callable[[Params, ContinualProblem], MetaGradient]:
+        cfg = self.config
+        if cfg.estimator == "unrolled":
+            return Unrolled(self.rule_fn, cfg.truncation)
+        if cfg.estimator == "es":
+            return ES(self.rule_fn, cfg.sigma, cfg.es_pairs, self.noise)
+        return PES(self.rule_fn, cfg.truncation or 10, cfg.sigma, cfg.es_pairs, self.noise)
+
+    def meta_params(self) -> Params:
+        """The current meta-parameters ``{name: tensor}`` (the net's parameters)."""
+        return dict(self.net.named_parameters())
+
+    def meta_gradient(
+        self, problems: list[ContinualProblem], noise_seeds: list[int] | None = None
+    ) -> tuple[torch.Tensor, Params]:
+        """Mean meta-loss and meta-gradient over ``problems`` (this rank computes its
+        share; the result is the all-reduced mean over every rank).
+
+        ``noise_seeds[i]`` seeds the ES/PES noise of problem ``i``, so the result does not
+        depend on how the problems are split across ranks.
+        """
+        mp = self.meta_params()
+        sums = {k: torch.zeros_like(v) for k, v in mp.items()}
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        seeds = noise_seeds or list(range(len(problems)))
+        for problem, seed in shard(list(zip(problems, seeds, strict=True)), self.ctx):
+            self.noise.manual_seed(seed)
+            result = self.estimator(mp, problem)
+            for k, g in result.grads.items():
+                sums[k] += g
+            loss_sum += float(result.loss)
+        grads, loss = all_reduce_mean(sums, loss_sum, len(problems), self.ctx)
+        return loss, grads
+
+    def train_step(self) -> dict[str, float]:
+        """One meta-step; returns its record (meta-loss, gradient norm, skipped)."""
+        problems = [self.family.sample(self.sampler) for _ in range(self.config.tasks_per_step)]
+        seeds = torch.randint(2**62, (len(problems),), generator=self.sampler).tolist()
+        loss, grads = self.meta_gradient(problems, seeds)
+        finite = all(bool(torch.isfinite(g).all()) for g in grads.values())
+        record = {"step": self.step + 1, "meta_loss": float(loss), "skipped": not finite}
+        if finite:
+            for name, p in self.net.named_parameters():
+                p.grad = grads[name].to(p.dtype)
+            norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.clip)
+            self.meta_optimizer.step()
+            self.meta_optimizer.zero_grad(set_to_none=True)
+            record["grad_norm"] = float(norm)
+        else:
+            logger.warning("meta-step %d: non-finite meta-gradient, update skipped", self.step + 1)
+        self.step += 1
+        return record
+
+    def validate(self, rule=None) -> dict[str, float]:
+        """Mean ``evaluate_rule`` metrics over the validation sequences (all ranks)."""
+        rule = rule or learned_rule(self.net, self.config.inner_lr, **self.config.rule_options)
+        keys = ("meta_loss", "acc", "bwt_loss")
+        sums = {k: torch.zeros(1, dtype=torch.float64) for k in keys}
+        with torch.no_grad():
+            for problem in shard(self.val_problems, self.ctx):
+                metrics = evaluate_rule(rule, problem)
+                for k in keys:
+                    sums[k] += metrics[k]
+        means, _ = all_reduce_mean(sums, torch.zeros(()), len(self.val_problems), self.ctx)
+        return {k: float(v) for k, v in means.items()}
+
+    # ------------------------------------------------------------------ loop
+    def train(self, steps: int | None = None) -> dict[str, Any]:
+        """Meta-train until ``steps`` (default ``config.steps``) meta-steps are done.
+
+        Returns:
+            The best validation record (``{"step", "meta_loss", "acc", ...}``).
+        """
+        target = self.config.steps if steps is None else steps
+        if not self.baseline:
+            self.baseline = {"adam": self.validate(adam(self.config.inner_lr))}
+        if not self.history:
+            self._record_validation()
+        bar = tqdm(
+            total=target,
+            initial=self.step,
+            desc="meta-train",
+            disable=not (self.progress and self.ctx.is_main),
+        )
+        while self.step < target:
+            record = self.train_step()
+            self.history.append(record)
+            bar.update(1)
+            bar.set_postfix(meta_loss=f"{record['meta_loss']:.4f}")
+            logger.debug("meta-step %(step)d: meta-loss %(meta_loss).5f", record)
+            if self.step % self.config.val_every == 0 or self.step == target:
+                self._record_validation()
+            if self.step % self.config.ckpt_every == 0 or self.step == target:
+                self.save()
+        bar.close()
+        return self.best
+
+    def _record_validation(self) -> None:
+        val = self.validate()
+        record = {"step": self.step, **{f"val_{k}": v for k, v in val.items()}}
+        self.history.append(record)
+        logger.info(
+            "step %d: validation meta-loss %.4f, acc %.3f (Adam: %.4f, %.3f)",
+            self.step,
+            val["meta_loss"],
+            val["acc"],
+            self.baseline["adam"]["meta_loss"],
+            self.baseline["adam"]["acc"],
+        )
+        if not self.best or val["meta_loss"] < self.best["meta_loss"]:
+            state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+            self.best = {"step": self.step, **val, "state": state}
+
+    # ------------------------------------------------------------------ persistence
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / "checkpoint.pt"
+
+    def save(self) -> Path | None:
+        """Write the checkpoint, ``history.json`` and ``curves.png`` atomically (main rank)."""
+        if not self.ctx.is_main:
+            return None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "config": self.config.to_dict(),
+            "net": self.net.state_dict(),
+            "meta_optimizer": self.meta_optimizer.state_dict(),
+            "rng": {
+                "sampler": self.sampler.get_state(),
+                "torch": torch.get_rng_state(),
+            },
+            "history": self.history,
+            "best": self.best,
+            "baseline": self.baseline,
+        }
+        _atomic_save(payload, self.checkpoint_path)
+        history_tmp = self.out_dir / ".history.json.tmp"
+        history_tmp.write_text(
+            json.dumps({"baseline": self.baseline, "history": self.history}, indent=1)
+        )
+        os.replace(history_tmp, self.out_dir / "history.json")
+        plot_history(self.history, self.baseline, self.out_dir / "curves.png")
+        return self.checkpoint_path
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Load ``path`` (default ``<out>/checkpoint.pt``) if it exists.
+
+        Returns:
+            True when a checkpoint was loaded.
+
+        Raises:
+            ValueError: the checkpoint is not a meta-trainer checkpoint or was written
+                with another configuration (nothing is changed then).
+        """
+        path = Path(path) if path is not None else self.checkpoint_path
+        if not path.is_file():
+            return False
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+        saved = dict(payload["config"])
+        mine = self.config.to_dict()
+        saved.pop("steps", None)
+        mine.pop("steps", None)
+        if saved != mine:
+            diff = sorted(k for k in mine if saved.get(k) != mine[k])
+            raise ValueError(f"{path} was written with another configuration (differs in {diff})")
+        self.net.load_state_dict(payload["net"])
+        self.meta_optimizer.load_state_dict(payload["meta_optimizer"])
+        self.sampler.set_state(payload["rng"]["sampler"])
+        torch.set_rng_state(payload["rng"]["torch"])
+        self.step = int(payload["step"])
+        self.history = list(payload["history"])
+        self.best = dict(payload["best"])
+        self.baseline = dict(payload["baseline"])
+        logger.info("resumed from %s at meta-step %d", path, self.step)
+        return True
+
+    def export(self, path: str | Path, metadata: dict[str, Any], best: bool = True) -> Path:
+        """Save the best-validation (or current) net with
+        :func:`metaopt.learned.save_checkpoint`; ``metadata`` is completed with the
+        training facts (steps, validation numbers, family, config)."""
+        net = LearnedRuleNet(**self.config.net)
+        state = self.best.get("state") if best and self.best else self.net.state_dict()
+        net.load_state_dict(state)
+        facts = {
+            "meta_trained": True,
+            "meta_steps": self.step,
+            "best_step": self.best.get("step"),
+            "val_meta_loss": self.best.get("meta_loss"),
+            "val_acc": self.best.get("acc"),
+            "adam_val_meta_loss": self.baseline.get("adam", {}).get("meta_loss"),
+            "adam_val_acc": self.baseline.get("adam", {}).get("acc"),
+            "train_config": self.config.to_dict(),
+        }
+        return save_checkpoint(net, path, {**facts, **metadata})
+
+
+def plot_history(
+    history: list[dict[str, Any]], baseline: dict[str, Any], path: str | Path
+) -> Path:
+    """Plot meta-training curves (train meta-loss, validation meta-loss and accuracy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["meta_loss"]) for r in history if "meta_loss" in r]
+    val = [r for r in history if "val_meta_loss" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    if train:
+        steps, losses = zip(*train, strict=True)
+        axes[0].plot(steps, losses, alpha=0.35, label="train (per step)")
+        window = max(1, len(losses) // 20)
+        if window > 1:
+            smooth = [
+                sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) :
+                                                                         i + 1])
+                for i in range(len(losses))
+            ]
+            axes[0].plot(steps, smooth, label=f"train (mean of {window})")
+    if val:
+        axes[0].plot([r["step"] for r in val], [r["val_meta_loss"] for r in val], "o-",
+                     label="validation")
+        axes[1].plot([r["step"] for r in val], [r["val_acc"] for r in val], "o-",
+                     label="learned rule")
+    adam_val = baseline.get("adam")
+    if adam_val:
+        axes[0].axhline(adam_val["meta_loss"], color="k", ls="--", label="Adam (validation)")
+        axes[1].axhline(adam_val["acc"], color="k", ls="--", label="Adam")
+    axes[0].set(xlabel="meta-step", ylabel="meta-loss", title="continual meta-objective")
+    axes[1].set(xlabel="meta-step", ylabel="held-out accuracy (end of sequence)",
+                title="validation sequences")
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

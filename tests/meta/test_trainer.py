@@ -1,0 +1,141 @@
+"""Meta-trainer: training records, checkpoints, identical resume (also after kill -9)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from metaopt.learned import load_checkpoint
+from metaopt.meta.tasks import FamilyConfig
+from metaopt.meta.trainer import MetaTrainer, TrainConfig
+
+ESTIMATOR = "es"
+
+TINY_FAMILY = FamilyConfig(
+    models=("mlp",), kinds=("split",), n_tasks=(2, 2), steps_per_task=(3, 3), examples=100,
+    batch_size=(8,), meta_batch_size=16,
+)
+CLI_ARGS = [
+    "--models", "mlp", "--kinds", "split", "--n-tasks", "2", "2", "--steps-per-task", "3", "3",
+    "--examples", "100", "--val-tasks", "1", "--val-every", "2", "--ckpt-every", "1",
+    "--estimator", ESTIMATOR, "--es-pairs", "1", "--no-progress",
+]
+
+
+def tiny_config(**kw) -> TrainConfig:
+    base = dict(steps=4, estimator=ESTIMATOR, es_pairs=1, val_every=2, val_tasks=1,
+                ckpt_every=1, family=TINY_FAMILY.to_dict())
+    return TrainConfig(**{**base, **kw})
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    trainer = MetaTrainer(tiny_config(), out, progress=False)
+    trainer.train()
+    return trainer
+
+
+def test_training_records_checkpoint_and_plot(uninterrupted):
+    trainer = uninterrupted
+    train_records = [r for r in trainer.history if "meta_loss" in r]
+    val_records = [r for r in trainer.history if "val_meta_loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4]
+    assert [r["step"] for r in val_records] == [0, 2, 4]
+    assert not any(r["skipped"] for r in train_records)
+    init = MetaTrainer(tiny_config(), trainer.out_dir / "unused", progress=False).net
+    assert not states_equal(init.state_dict(), trainer.net.state_dict())  # it learned something
+    # step 0 is the Adam-identity initialisation: same validation numbers as Adam
+    assert val_records[0]["val_meta_loss"] == pytest.approx(trainer.baseline["adam"]["meta_loss"],
+                                                            rel=1e-5)
+    assert (trainer.out_dir / "checkpoint.pt").is_file()
+    assert (trainer.out_dir / "curves.png").stat().st_size > 1000
+    assert not list(trainer.out_dir.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_resume_continues_identically(uninterrupted, tmp_path):
+    first = MetaTrainer(tiny_config(), tmp_path, progress=False)
+    first.train(steps=2)
+    second = MetaTrainer(tiny_config(), tmp_path, progress=False)
+    assert second.resume()
+    assert second.step == 2
+    second.train()
+    assert states_equal(second.net.state_dict(), uninterrupted.net.state_dict())
+    assert second.history == uninterrupted.history
+
+
+def test_export_writes_a_learned_checkpoint_with_metadata(uninterrupted, tmp_path):
+    path = uninterrupted.export(tmp_path / "rule.pt", {"command": "test"})
+    net, meta = load_checkpoint(path)
+    assert meta["command"] == "test" and meta["meta_steps"] == 4
+    assert meta["best_step"] == uninterrupted.best["step"]
+    assert states_equal(net.state_dict(), uninterrupted.best["state"])
+
+
+def test_resume_refuses_another_configuration(uninterrupted):
+    other = MetaTrainer(tiny_config(meta_lr=0.5), uninterrupted.out_dir / "x", progress=False)
+    before = {k: v.clone() for k, v in other.net.state_dict().items()}
+    with pytest.raises(ValueError, match="meta_lr"):
+        other.resume(uninterrupted.checkpoint_path)
+    assert states_equal(before, other.net.state_dict()) and other.step == 0
+
+
+@pytest.mark.parametrize("bad", [{"estimator": "sgd"}, {"steps": 0}, {"clip": 0.0}])
+def test_bad_config(bad):
+    with pytest.raises(ValueError):
+        tiny_config(**bad)
+
+
+def _cli(out: Path, steps: int) -> list[str]:
+    return [sys.executable, "-m", "metaopt.cli", "meta-train", "--out", str(out),
+            "--steps", str(steps), *CLI_ARGS]
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(torch.load(path, weights_only=True)["step"])
+    except (FileNotFoundError, RuntimeError, EOFError, KeyError):
+        return -1
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_continues_identically(tmp_path):
+    """Three CLI processes (~30 s on 2 cores): one uninterrupted, one killed with SIGKILL
+    after its 3rd checkpoint and then resumed; the results must be identical."""
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    steps = 6
+    full = subprocess.Popen(_cli(tmp_path / "full", steps), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    killed = subprocess.Popen(_cli(tmp_path / "killed", steps), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while _step_of(checkpoint) < 3 and time.monotonic() < deadline and killed.poll() is None:
+        time.sleep(0.02)
+    assert killed.poll() is None, "the run finished before it could be killed"
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    at_kill = _step_of(checkpoint)
+    assert 3 <= at_kill < steps
+    resumed = subprocess.run(_cli(tmp_path / "killed", steps), env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert full.wait(timeout=300) == 0, full.stderr.read()
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(checkpoint, weights_only=True)
+    assert a["step"] == b["step"] == steps
+    assert states_equal(a["net"], b["net"])
+    assert a["history"] == b["history"]
+    assert states_equal(a["meta_optimizer"]["state"][0], b["meta_optimizer"]["state"][0])
