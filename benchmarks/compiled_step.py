@@ -1,0 +1,229 @@
+"""Speed of one training step: torch.optim.Adam vs metaopt's functional step, eager and
+compiled; and the compile/run time of the compiled unrolled meta-gradient step.
+
+Every number is measured in this process; ratios are medians over repeats.
+
+    python benchmarks/compiled_step.py --quick          # small models, a few minutes on CPU
+    python benchmarks/compiled_step.py --device cuda    # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import grad
+
+import metaopt
+from metaopt.compile import loss_and_buffers, make_meta_step, make_step, tensor_hyper
+
+
+class PatchTransformer(nn.Module):
+    """ViT-style classifier: 7x7 patches of a 28x28 image, encoder layers, mean pool."""
+
+    def __init__(self, d_model: int, layers: int, n_out: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Linear(49, d_model)
+        self.pos = nn.Parameter(torch.zeros(16, d_model))
+        layer = nn.TransformerEncoderLayer(
+            d_model, 4, dim_feedforward=2 * d_model, dropout=0.0, batch_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches = x.unfold(2, 7, 7).unfold(3, 7, 7).reshape(x.shape[0], 16, 49)
+        return self.head(self.encoder(self.embed(patches) + self.pos).mean(dim=1))
+
+
+def build(kind: str, quick: bool) -> nn.Module:
+    width = 64 if quick else 256
+    if kind == "mlp":
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+            nn.Linear(width, 10),
+        )
+    if kind == "cnn":
+        c = 8 if quick else 32
+        return nn.Sequential(
+            nn.Conv2d(1, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c, 2 * c, 3, padding=1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * c, 10),
+        )
+    if kind == "transformer":
+        return PatchTransformer(32 if quick else 64, 1 if quick else 2)
+    raise ValueError(kind)
+
+
+def median_time(fn: Callable[[], None], steps: int, repeats: int) -> float:
+    """Median over ``repeats`` of the mean seconds per call over ``steps`` calls."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench_model(kind: str, args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per step of each method (and the compile time) for one model."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    batch = (
+        torch.rand(args.batch, 1, 28, 28, device=device),
+        torch.randint(0, 10, (args.batch,), device=device),
+    )
+    results: dict[str, float] = {}
+    for name, kwargs in (
+        ("torch Adam for-loop", {"foreach": False}),
+        ("torch Adam foreach", {"foreach": True}),
+        ("torch Adam fused", {"fused": True}),
+    ):
+        model = build(kind, args.quick).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, **kwargs)
+
+        def torch_step(model=model, opt=opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(batch[0]), batch[1]).backward()
+            opt.step()
+
+        for _ in range(args.warmup):
+            torch_step()
+        results[name] = median_time(torch_step, args.steps, args.repeats)
+
+    model = build(kind, args.quick).to(device)
+    rule, _ = tensor_hyper(metaopt.rules.adam, lr=1e-3)
+    for name, compile in (("functional eager", False), ("functional compiled", True)):
+        step = make_step(model, F.cross_entropy, rule, compile=compile)
+        carry = list(step.init(model))
+        start = time.perf_counter()
+        carry[:3] = step(*carry, batch)[:3]
+        sync()
+        if compile:
+            results["compile time (s)"] = time.perf_counter() - start
+
+        def functional_step(step=step, carry=carry) -> None:
+            carry[:3] = step(*carry, batch)[:3]
+
+        for _ in range(args.warmup):
+            functional_step()
+        results[name] = median_time(functional_step, args.steps, args.repeats)
+    return results
+
+
+def bench_meta(args: argparse.Namespace) -> dict[str, float]:
+    """Compile and run time of the unrolled meta-gradient step (MLP, Adam's lr and beta1)."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)).to(device)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    k_steps = args.meta_k
+    data = [
+        (torch.randn(32, 64, device=device), torch.randint(0, 10, (32,), device=device))
+        for _ in range(k_steps + 1)
+    ]
+    train, val = data[:-1], data[-1]
+    meta = {"lr": torch.tensor(1e-2, device=device), "b1": torch.tensor(0.9, device=device)}
+
+    def factory(m):
+        return metaopt.rules.adam(lr=m["lr"], betas=(m["b1"], 0.999), eps_root=1e-8)
+
+    state = factory(meta).init(params)
+
+    def unrolled_loss(m):
+        p, s = params, factory(m).init(params)
+        for b in train:
+            g = grad(lambda q, b=b: loss_and_buffers(model, F.cross_entropy, q, {}, b)[0])(p)
+            u, s = factory(m).update(g, s, p)
+            p = metaopt.apply_updates(p, u)
+        return loss_and_buffers(model, F.cross_entropy, p, {}, val)[0]
+
+    results: dict[str, float] = {}
+    unrolled = grad(unrolled_loss)
+    unrolled(meta)
+    results["eager full unroll (torch.func.grad)"] = median_time(
+        lambda: unrolled(meta), 1, args.repeats
+    )
+    for name, compile in (("per-step vjp eager", False), ("per-step vjp compiled", True)):
+        meta_step = make_meta_step(model, F.cross_entropy, factory, compile=compile)
+        start = time.perf_counter()
+        meta_step(meta, params, {}, state, train, val)
+        sync()
+        if compile:
+            results["compile time (s)"] = time.perf_counter() - start
+        results[name] = median_time(
+            lambda ms=meta_step: ms(meta, params, {}, state, train, val), 1, args.repeats
+        )
+    if args.full_unroll_compile:
+        compiled_unroll = torch.compile(unrolled, fullgraph=True)
+        start = time.perf_counter()
+        compiled_unroll(meta)
+        sync()
+        results["full unroll compile time (s)"] = time.perf_counter() - start
+        results["full unroll compiled"] = median_time(
+            lambda: compiled_unroll(meta), 1, args.repeats
+        )
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small models, fewer repeats")
+    parser.add_argument("--models", default="mlp,cnn,transformer")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (64; quick: 32)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per repeat")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (median)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--meta-k", type=int, default=10, help="inner steps of the meta step")
+    parser.add_argument("--no-meta", action="store_true", help="skip the meta-step benchmark")
+    parser.add_argument(
+        "--full-unroll-compile", action="store_true",
+        help="also torch.compile the whole K-step unroll (slow: minutes on CPU)",
+    )
+    args = parser.parse_args(argv)
+    args.batch = args.batch or (32 if args.quick else 64)
+    args.steps = args.steps or (10 if args.quick else 30)
+    args.repeats = args.repeats or (5 if args.quick else 7)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+          f"batch {args.batch}, {args.steps} steps x {args.repeats} repeats (medians)")
+    for kind in args.models.split(","):
+        r = bench_model(kind, args)
+        fastest = min(("torch Adam for-loop", "torch Adam foreach", "torch Adam fused"),
+                      key=r.__getitem__)
+        print(f"\n{kind}: compile time {r.pop('compile time (s)'):.1f} s")
+        for name, seconds in r.items():
+            print(f"  {name:<22} {1e3 * seconds:8.3f} ms/step   "
+                  f"x{seconds / r['functional eager']:.2f} of functional eager   "
+                  f"x{seconds / r[fastest]:.2f} of {fastest}")
+    if not args.no_meta:
+        r = bench_meta(args)
+        base = r["eager full unroll (torch.func.grad)"]
+        print(f"\nmeta-gradient step, MLP 64-64-10, K={args.meta_k} inner Adam steps: "
+              f"compile time {r.pop('compile time (s)'):.1f} s")
+        full = r.pop("full unroll compile time (s)", None)
+        if full is not None:
+            print(f"  compile time of the whole unroll: {full:.1f} s")
+        for name, seconds in r.items():
+            print(f"  {name:<36} {1e3 * seconds:8.2f} ms   x{seconds / base:.2f} of eager unroll")
+
+
+if __name__ == "__main__":
+    main()
