@@ -1,0 +1,79 @@
+"""``metaopt`` command line: bench on digits with a tiny budget, merge/resume, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from metaopt.cli import main
+
+TINY = [
+    "bench",
+    "--streams",
+    "split-digits-task",
+    "--n-tasks",
+    "2",
+    "--models",
+    "mlp",
+    "--seeds",
+    "0",
+    "--train-per-task",
+    "40",
+    "--val-per-task",
+    "10",
+    "--test-per-task",
+    "30",
+    "--epochs",
+    "1",
+    "--no-progress",
+]
+
+
+def test_bench_tiny_writes_results_and_merges(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    argv = [*TINY, "--optimizers", "sgd", "adam", "--lrs", "0.1", "0.01", "--out", str(out)]
+    assert main([*argv, "--plot"]) == 0
+    printed = capsys.readouterr().out
+    assert "= 4 runs" in printed and "TUNED PER BENCHMARK" in printed and "SHARED" in printed
+    data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["command"].startswith("metaopt bench")
+    assert {"torch", "metaopt", "numpy", "python"} <= set(data["meta"]["versions"])
+    rows = data["rows"]
+    assert sorted(r["setting"] for r in rows) == [
+        "adam lr=0.01",
+        "adam lr=0.1",
+        "sgd lr=0.01",
+        "sgd lr=0.1",
+    ]
+    for row in rows:
+        assert len(row["R"]) == 2 and len(row["R"][0]) == 2 and len(row["b"]) == 2
+        assert row["val"] is not None and 0.0 <= row["test"]["acc"] <= 1.0
+    assert (out / "runs.csv").is_file() and (out / "summary.csv").is_file()
+    assert (out / "split-digits-task_mlp_matrix.png").stat().st_size > 1000
+    assert (out / "split-digits-task_mlp_curves.png").is_file()
+
+    # add one optimizer to the existing results without redoing the others
+    before = {r["setting"]: r for r in rows}
+    merged_argv = [*TINY, "--optimizers", "si", "--si-strengths", "10", "--out", str(out)]
+    assert main([*merged_argv, "--merge-into", str(out / "results.json")]) == 0
+    merged = json.loads((out / "results.json").read_text())["rows"]
+    assert len(merged) == 5
+    assert all(r == before[r["setting"]] for r in merged if r["setting"] in before)
+    # resume: everything already there, nothing runs again
+    assert main([*argv, "--resume"]) == 0
+    assert "= 0 runs" in capsys.readouterr().out
+
+
+def test_errors_exit_cleanly(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.delenv("METAOPT_DATA_DIR", raising=False)
+    argv = ["bench", "--streams", "split-mnist-task", "--seeds", "0", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--no-progress", "--optimizers", "sgd", "--lrs", "0.1"])
+    assert exc.value.code == 1
+    assert "METAOPT_DATA_DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--streams", "split-mnist"])  # split streams need a scenario
+    assert "need a scenario" in capsys.readouterr().err
+    assert main([]) == 2
