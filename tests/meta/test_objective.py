@@ -1,0 +1,123 @@
+"""The continual meta-objective and the task families."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import metaopt
+from metaopt.continual import data as continual_data
+from metaopt.learned import LearnedRuleNet, learned_rule
+from metaopt.learned.tasks import learned_leaves
+from metaopt.meta import Unrolled
+from metaopt.meta import tasks as meta_tasks
+from metaopt.meta.objective import ContinualProblem, evaluate_rule
+from metaopt.meta.tasks import FamilyConfig, TaskFamily
+
+SMALL = FamilyConfig(models=("mlp",), n_tasks=(3, 3), steps_per_task=(4, 6), examples=120)
+
+
+@pytest.fixture(scope="module")
+def family():
+    return TaskFamily(SMALL)
+
+
+def test_meta_loss_counts_current_and_earlier_tasks(family):
+    """With a rule that does not move the weights, every held-out loss is constant, so the
+    meta-loss must equal (1/T) sum_t mean_{j<=t} l_j exactly (no speed term)."""
+    problem = family.sample(torch.Generator().manual_seed(3))
+    problem.speed_weight = 0.0
+    n = len(problem.tasks)
+    params, buffers = problem.init({})
+    losses = [float(problem.held_out_loss(params, buffers, j).detach()) for j in range(n)]
+    expected = sum(sum(losses[: t + 1]) / (t + 1) for t in range(n)) / n
+    metrics = evaluate_rule(metaopt.rules.sgd(lr=0.0), problem)
+    assert metrics["meta_loss"] == pytest.approx(expected, rel=1e-6)
+    assert metrics["bwt_loss"] == pytest.approx(0.0, abs=1e-7)
+    # normalisation: chance-level logits give 1
+    task = problem.tasks[0]
+    assert float(torch.nn.functional.cross_entropy(torch.zeros(4, task.n_classes),
+                                                   torch.zeros(4, dtype=torch.long))
+                 / math.log(task.n_classes)) == pytest.approx(1.0)
+
+
+def test_speed_term_adds_points_along_each_task(family):
+    problem = family.sample(torch.Generator().manual_seed(4))
+    contributions = [
+        (step, problem.meta_loss(*problem.init({}), step)) for step in range(problem.num_steps)
+    ]
+    with_loss = [step for step, c in contributions if c is not None]
+    ends = [start + k - 1 for start, k in zip(problem.starts, problem.steps, strict=True)]
+    assert set(ends) <= set(with_loss)
+    assert len(with_loss) > len(ends)  # intermediate learning-speed points
+
+
+def test_task_boundaries_reach_the_learned_state(family):
+    problem = family.sample(torch.Generator().manual_seed(5))
+    params, _ = problem.init({})
+    rule = learned_rule(LearnedRuleNet())
+    state = rule.init(params)
+    loss = torch.tensor(2.0)
+    same = problem.prepare_state(state, 1, loss)
+    after = problem.prepare_state(state, problem.starts[1], loss)
+    leaf = learned_leaves(next(iter(after.values())))[0]
+    assert float(leaf.task_index) == 1.0 and leaf.pending.numel() == 1
+    assert float(learned_leaves(next(iter(same.values())))[0].task_index) == 0.0
+    adam_state = metaopt.rules.adam().init(params)
+    assert problem.prepare_state(adam_state, problem.starts[1], loss) is adam_state
+
+
+def test_adam_identity_initialisation_scores_like_adam(family):
+    problem = family.sample(torch.Generator().manual_seed(6))
+    learned = evaluate_rule(learned_rule(LearnedRuleNet(), 1e-3), problem)
+    adam = evaluate_rule(metaopt.rules.adam(1e-3), problem)
+    assert learned["meta_loss"] == pytest.approx(adam["meta_loss"], rel=1e-5)
+    assert learned["acc"] == pytest.approx(adam["acc"])
+
+
+def test_unrolled_meta_gradient_through_a_sequence_with_boundaries(family):
+    """Meta-gradient w.r.t. Adam's lr through a 3-task sequence: finite and equal to a
+    central difference (float32, so a loose tolerance)."""
+    problem = family.sample(torch.Generator().manual_seed(7))
+    rule_fn = lambda mp: metaopt.rules.adam(lr=mp["lr"], eps_root=1e-12)  # noqa: E731
+    mp = {"lr": torch.tensor(0.01)}
+    grad = Unrolled(rule_fn)(mp, problem).grads["lr"]
+    h = 1e-5  # the loss is strongly curved in Adam's lr: a small step
+    plus = Unrolled(rule_fn)({"lr": torch.tensor(0.01 + h)}, problem).loss
+    minus = Unrolled(rule_fn)({"lr": torch.tensor(0.01 - h)}, problem).loss
+    assert float(grad) == pytest.approx(float(plus - minus) / (2 * h), rel=0.05)
+
+
+def test_family_uses_training_images_only_and_is_reproducible(monkeypatch, data_dir):
+    calls = []
+    real = continual_data.load_mnist
+
+    def spy(name, data_dir=None, split="train"):
+        calls.append((name, split))
+        return real(name, data_dir, split)
+
+    monkeypatch.setattr(meta_tasks, "load_mnist", spy)
+    config = FamilyConfig(datasets=("digits", "mnist"), models=("cnn", "transformer"),
+                          examples=100)
+    fam = TaskFamily(config, data_dir=str(data_dir))
+    val = TaskFamily(config, part="val", data_dir=str(data_dir))
+    assert set(calls) == {("mnist", "train")}
+    assert fam.pools["mnist"][0].shape[1:] == (1, 14, 14)
+    assert len(fam.pools["mnist"][1]) + len(val.pools["mnist"][1]) == 60000
+    a = fam.sample(torch.Generator().manual_seed(1))
+    b = fam.sample(torch.Generator().manual_seed(1))
+    assert a.description == b.description
+    assert torch.equal(a.tasks[0].x_train, b.tasks[0].x_train)
+
+
+def test_family_rejects_unknown_choices():
+    with pytest.raises(ValueError, match="datasets"):
+        FamilyConfig(datasets=("fashion-mnist",))
+    with pytest.raises(ValueError, match="steps_per_task"):
+        FamilyConfig(steps_per_task=(5, 2))
+    with pytest.raises(ValueError, match="part"):
+        TaskFamily(SMALL, part="test")
+    with pytest.raises(ValueError, match="steps_per_task"):
+        ContinualProblem(torch.nn.Linear(2, 2), [object()], steps_per_task=[0])
