@@ -115,6 +115,16 @@ class FunctionalOptimizer(torch.optim.Optimizer):
             raise TypeError(f"missing hyper-parameter(s) {sorted(missing)} for the rule factory")
         return defaults
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (as ``torch.optim``); its hyper-parameters are validated by building
+        its rule, and an invalid group is not added."""
+        super().add_param_group(param_group)
+        try:
+            self.rule_for(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()
+            raise
+
     # ------------------------------------------------------------------ rules and keys
     def rule_for(self, group: dict[str, Any]) -> UpdateRule:
         """The :class:`UpdateRule` for a parameter group, built from its current values."""
@@ -245,7 +255,8 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         state = {k: self._leaf_state(rule, k, p) for k, p in zip(keys, params, strict=True)}
         grads = {k: p.grad for k, p in zip(keys, params, strict=True)}
         updates, new_state = rule.update(grads, state, dict(zip(keys, params, strict=True)))
-        torch._foreach_add_(params, [updates[k].to(p.dtype) for k, p in zip(keys, params)])
+        deltas = [updates[k].to(p.dtype) for k, p in zip(keys, params, strict=True)]
+        torch._foreach_add_(params, deltas)
         for k, p in zip(keys, params, strict=True):
             self._store(p, new_state[k])
 

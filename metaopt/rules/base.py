@@ -27,8 +27,8 @@ Schedule = Callable[[torch.Tensor], Scalar]
 """A function of the step count (0-d tensor, starting at 0) returning a scalar."""
 
 __all__ = [
-    "Schedule",
     "Scalar",
+    "Schedule",
     "State",
     "UpdateRule",
     "apply_updates",
