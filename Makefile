@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export METAOPT_DATA_DIR ?= $(abspath ../shared/data)
+export NO_MKDOCS_2_WARNING = 1
 
 .PHONY: install demo test test-fast lint docs
 
