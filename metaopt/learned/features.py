@@ -1,11 +1,11 @@
 """Features of the learned rule: tensor layout into tokens, static shape descriptors, token
 statistics from a fixed subsample, and the task token.
 
-Every parameter tensor is viewed as a matrix ``[R, C]`` (``R * C = numel``) whose rows are
-grouped into *row blocks*; each block is one attention token and never covers more than
-``max_block`` elements (rows are chosen as the smallest divisor of ``numel`` that makes a
-row fit; a prime ``numel`` gives rows of one element). Token statistics are computed from
-``sample_size`` evenly spaced elements of each block, so building tokens costs
+Every parameter tensor is viewed as ``[n_tokens, length]``: equal contiguous blocks of its
+flattened elements (whole rows of the tensor where possible), one attention token each,
+never longer than ``max_block`` (see :func:`layout_of`). Per-token coefficients then
+broadcast over the rows of that view. Token statistics are computed from ``sample_size``
+evenly spaced elements of each block, so building tokens costs
 ``O(tokens x sample_size)``, not ``O(numel)``.
 
 All dynamic features are ratios or logarithms of ratios, so they do not change when the
@@ -31,7 +31,7 @@ __all__ = [
     "Layout",
     "layout_of",
     "param_reference",
-    "sample_index",
+    "sample_columns",
     "static_descriptor",
     "task_features",
     "token_statistics",
@@ -77,70 +77,59 @@ _LOG_CLAMP = 30.0
 
 
 class Layout(NamedTuple):
-    """How one parameter tensor is cut into tokens.
+    """How one parameter tensor is cut into tokens: its flattened elements viewed as
+    ``[n_tokens, length]``, one token per row of that view (equal, contiguous blocks)."""
 
-    ``rows x cols`` is the matrix view of the flattened tensor; consecutive blocks of
-    ``rows_per_token`` rows form the ``n_tokens`` tokens (the last may be shorter).
-    """
-
-    rows: int
-    cols: int
-    rows_per_token: int
     n_tokens: int
+    length: int
 
 
-def _smallest_divisor_at_least(n: int, low: int) -> int:
-    """The smallest divisor of ``n`` that is ``>= low`` (``n`` itself at worst)."""
-    best = n
-    for d in range(1, math.isqrt(n) + 1):
-        if n % d == 0:
-            for candidate in (d, n // d):
-                if low <= candidate < best:
-                    best = candidate
-    return best
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)})
 
 
 @functools.lru_cache(maxsize=4096)
 def layout_of(numel: int, max_block: int, leading: int = 1) -> Layout:
     """The token layout of a tensor with ``numel`` elements (cached).
 
+    The number of tokens is the smallest divisor of ``numel`` that keeps every token at
+    most ``max_block`` long, preferring whole rows of the tensor (a divisor or a multiple
+    of ``leading``, the first dimension) when that at most doubles the number of tokens.
+    A length with no divisor that keeps tokens at least ``max_block // 64`` long (a huge
+    prime-sized vector) gets one token.
+
     Args:
         numel: number of elements (>= 0).
         max_block: largest number of elements one token may summarise (>= 1).
-        leading: the tensor's first dimension; its rows (e.g. output units) are used as
-            the matrix rows when one of them fits in a block.
+        leading: the tensor's first dimension (its rows, e.g. output units).
     """
     if max_block < 1:
         raise ValueError(f"max_block must be >= 1, got {max_block}")
     if numel <= max_block:
-        return Layout(1, max(numel, 1), 1, 1)
-    if leading > 1 and numel % leading == 0 and numel // leading <= max_block:
-        rows = leading
-    else:
-        rows = _smallest_divisor_at_least(numel, math.ceil(numel / max_block))
-    cols = numel // rows
-    rows_per_token = max(1, max_block // cols)
-    return Layout(rows, cols, rows_per_token, math.ceil(rows / rows_per_token))
+        return Layout(1, max(numel, 1))
+    low = math.ceil(numel / max_block)
+    candidates = [d for d in _divisors(numel) if d >= low and numel // d >= max_block // 64]
+    if not candidates:
+        return Layout(1, numel)
+    aligned = [
+        d
+        for d in candidates
+        if d <= 2 * candidates[0] and (leading % d == 0 or d % max(leading, 1) == 0)
+    ]
+    n_tokens = (aligned or candidates)[0]
+    return Layout(n_tokens, numel // n_tokens)
 
 
 @functools.lru_cache(maxsize=4096)
-def _sample_index_cpu(layout: Layout, sample_size: int) -> torch.Tensor:
-    starts, lengths = [], []
-    for t in range(layout.n_tokens):
-        first = t * layout.rows_per_token
-        last = min(first + layout.rows_per_token, layout.rows)
-        starts.append(first * layout.cols)
-        lengths.append((last - first) * layout.cols)
-    start = torch.tensor(starts, dtype=torch.long)[:, None]
-    length = torch.tensor(lengths, dtype=torch.long)[:, None]
-    offset = torch.arange(sample_size, dtype=torch.long)[None, :] * length // sample_size
-    return (start + offset).reshape(-1)
+def _sample_columns_cpu(length: int, sample_size: int) -> torch.Tensor:
+    return torch.arange(sample_size, dtype=torch.long) * length // sample_size
 
 
-def sample_index(layout: Layout, sample_size: int, device: torch.device) -> torch.Tensor:
-    """Flat indices ``[n_tokens * sample_size]`` of evenly spaced elements of each token
-    (repeating elements when a token is shorter than ``sample_size``)."""
-    index = _sample_index_cpu(layout, sample_size)
+def sample_columns(layout: Layout, sample_size: int, device: torch.device) -> torch.Tensor:
+    """``[sample_size]`` evenly spaced positions inside a token (the same for every token of
+    the tensor; repeated when a token is shorter than ``sample_size``)."""
+    index = _sample_columns_cpu(layout.length, sample_size)
     return index if index.device == device else index.to(device)
 
 

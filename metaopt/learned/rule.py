@@ -31,7 +31,7 @@ from metaopt.learned.features import (
     Layout,
     layout_of,
     param_reference,
-    sample_index,
+    sample_columns,
     task_features,
     token_statistics,
 )
@@ -94,6 +94,7 @@ def learned_rule(
     importance: str = "path",
     topk_fraction: float | None = None,
     depth: DepthFn | Mapping[str, float] | None = None,
+    inplace_state: bool = False,
 ) -> UpdateRule:
     """The attention-based learned rule as a pure :class:`~metaopt.rules.UpdateRule`.
 
@@ -113,6 +114,10 @@ def learned_rule(
             gates move in each update (hard selection); the others get gate 0.
         depth: each parameter's depth in [0, 1] (a ``{key: depth}`` mapping or a
             ``(key, param) -> depth`` function); default: position in ``init``'s tree.
+        inplace_state: with autograd off, update Adam's moment buffers of the given state
+            in place (as ``torch.optim.Adam`` does) instead of returning new ones. Saves two
+            allocations per tensor; only for callers that own the state and discard the old
+            one (``LearnedOptimizer``). Ignored when autograd is on.
 
     Returns:
         ``UpdateRule`` whose ``update(grads, state, params)`` requires ``params``.
@@ -171,6 +176,7 @@ def learned_rule(
             sample_size=sample_size,
             topk_fraction=topk_fraction,
             net_dtype=_net_dtype(net, meta_params),
+            inplace_state=inplace_state,
         )
         return rebuild(grads, updates), dict(zip(keys, new_leaves, strict=True))
 
@@ -182,8 +188,72 @@ def _net_dtype(net: LearnedRuleNet, meta_params: Mapping[str, torch.Tensor] | No
     return next(iter(source)).dtype
 
 
-def _gather(x: torch.Tensor, index: torch.Tensor, n_tokens: int, dtype: torch.dtype):
-    return x.reshape(-1).index_select(0, index).view(n_tokens, -1).to(dtype)
+def _samples(
+    buffers: list[torch.Tensor], columns: list[torch.Tensor], dtype: torch.dtype
+) -> torch.Tensor:
+    """``[T, S]``: the sampled columns of every tensor's ``[n_tokens, length]`` view."""
+    return torch.cat(
+        [x.index_select(1, c).to(dtype) for x, c in zip(buffers, columns, strict=True)]
+    )
+
+
+def _elementwise(
+    g: list[torch.Tensor],
+    w: list[torch.Tensor],
+    m: list[torch.Tensor],
+    v: list[torch.Tensor],
+    anchor: list[torch.Tensor],
+    imp: list[torch.Tensor],
+    c: list[list[torch.Tensor]],
+) -> list[torch.Tensor]:
+    """The per-element update, out of place (differentiable). ``m, v`` are the updated
+    moments, ``c`` the seven per-token coefficient lists ``[n_tokens, 1]`` (see
+    ``_learned_step``); every tensor is a ``[n_tokens, length]`` view."""
+    c_m, c_g, c_w, c_d, c_lam, c_rho, c_eps = c
+    anchor = [a.to(x.dtype) for a, x in zip(anchor, w, strict=True)]
+    imp = [i.to(x.dtype) for i, x in zip(imp, w, strict=True)]
+    denom = torch._foreach_add(torch._foreach_sqrt(v), c_eps)
+    direction = torch._foreach_addcmul(torch._foreach_mul(m, c_m), g, c_g)
+    direction = torch._foreach_div(direction, denom)
+    drift = torch._foreach_sub(w, anchor)
+    direction = torch._foreach_addcmul(direction, w, c_w)
+    direction = torch._foreach_addcmul(direction, drift, c_d)
+    direction = torch._foreach_div(
+        direction, torch._foreach_add(torch._foreach_mul(imp, c_lam), 1.0)
+    )
+    return torch._foreach_addcmul(direction, torch._foreach_mul(drift, imp), c_rho)
+
+
+def _elementwise_no_grad(
+    g: list[torch.Tensor],
+    w: list[torch.Tensor],
+    m: list[torch.Tensor],
+    v: list[torch.Tensor],
+    anchor: list[torch.Tensor],
+    imp: list[torch.Tensor],
+    c: list[list[torch.Tensor]],
+) -> list[torch.Tensor]:
+    """The same arithmetic as :func:`_elementwise` with autograd off: in place on three
+    fresh buffers per tensor (allocating large tensors costs more than a pass over them)."""
+    c_m, c_g, c_w, c_d, c_lam, c_rho, c_eps = c
+    out = torch._foreach_mul(m, c_m)
+    torch._foreach_addcmul_(out, g, c_g)
+    scratch = torch._foreach_sqrt(v)
+    torch._foreach_add_(scratch, c_eps)
+    torch._foreach_div_(out, scratch)
+    torch._foreach_addcmul_(out, w, c_w)
+    drift = [torch.empty_like(x) for x in w]
+    torch._foreach_copy_(drift, anchor)  # converts from the auxiliary dtype
+    torch._foreach_sub_(drift, w)  # anchor - w
+    torch._foreach_neg_(drift)  # w - anchor
+    torch._foreach_addcmul_(out, drift, c_d)
+    torch._foreach_copy_(scratch, imp)
+    torch._foreach_mul_(drift, scratch)  # imp * (w - anchor), for the pull-back
+    torch._foreach_mul_(scratch, c_lam)
+    torch._foreach_add_(scratch, 1.0)
+    torch._foreach_div_(out, scratch)
+    torch._foreach_addcmul_(out, drift, c_rho)
+    return out
 
 
 def _learned_step(
@@ -200,44 +270,46 @@ def _learned_step(
     sample_size: int,
     topk_fraction: float | None,
     net_dtype: torch.dtype,
+    inplace_state: bool,
 ) -> tuple[list[torch.Tensor], list[LearnedState]]:
     """The arithmetic of one update over lists of tensors (see the module docstring)."""
     device = grads[0].device
     layouts: list[Layout] = [
         layout_of(g.numel(), max_block, g.shape[0] if g.ndim else 1) for g in grads
     ]
-    views = [(lay.rows, lay.cols) for lay in layouts]
+    views = [tuple(lay) for lay in layouts]
+    counts = [lay.n_tokens for lay in layouts]
     g_v = [g.reshape(shape) for g, shape in zip(grads, views, strict=True)]
     w_v = [p.reshape(shape) for p, shape in zip(params, views, strict=True)]
     m_old = [s.exp_avg.reshape(shape) for s, shape in zip(leaves, views, strict=True)]
     v_old = [s.exp_avg_sq.reshape(shape) for s, shape in zip(leaves, views, strict=True)]
     anchor = [s.anchor.reshape(shape) for s, shape in zip(leaves, views, strict=True)]
     imp = [s.importance.reshape(shape) for s, shape in zip(leaves, views, strict=True)]
+    no_grad = not torch.is_grad_enabled()
 
     # 1. Adam's moments (torch.optim.Adam's foreach formulas)
-    m_new = torch._foreach_lerp(m_old, g_v, 1.0 - b1)
-    v_new = torch._foreach_addcmul(torch._foreach_mul(v_old, b2), g_v, g_v, value=1.0 - b2)
+    in_place = no_grad and inplace_state
+    if in_place:
+        torch._foreach_lerp_(m_old, g_v, 1.0 - b1)
+        torch._foreach_mul_(v_old, b2)
+        torch._foreach_addcmul_(v_old, g_v, g_v, value=1.0 - b2)
+        m_new, v_new = m_old, v_old
+    else:
+        m_new = torch._foreach_lerp(m_old, g_v, 1.0 - b1)
+        v_new = torch._foreach_addcmul(torch._foreach_mul(v_old, b2), g_v, g_v, value=1.0 - b2)
 
-    # 2. tokens: statistics of a fixed subsample of each row block
+    # 2. tokens: statistics of a fixed subsample of each block
     steps = torch.stack([s.step for s in leaves]) + 1.0
     wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    steps_w = steps.to(wide)
-    bc1 = 1.0 - b1**steps_w  # [n]
-    bc2 = 1.0 - b2**steps_w
-    counts = torch.tensor([lay.n_tokens for lay in layouts], device=device)
-    samples = []
-    for buffers in (g_v, m_new, v_new, w_v, anchor, imp):
-        samples.append(
-            torch.cat(
-                [
-                    _gather(x, sample_index(lay, sample_size, device), lay.n_tokens, net_dtype)
-                    for x, lay in zip(buffers, layouts, strict=True)
-                ]
-            )
-        )
-    g_s, m_s, v_s, w_s, a_s, i_s = samples
-    bc1_t = bc1.to(net_dtype).repeat_interleave(counts)[:, None]
-    bc2_t = bc2.to(net_dtype).repeat_interleave(counts)[:, None]
+    bc1 = 1.0 - b1 ** steps.to(wide)  # [n tensors]
+    bc2 = 1.0 - b2 ** steps.to(wide)
+    repeats = torch.tensor(counts, device=device)
+    columns = [sample_columns(lay, sample_size, device) for lay in layouts]
+    g_s, m_s, v_s, w_s, a_s, i_s = (
+        _samples(buffers, columns, net_dtype) for buffers in (g_v, m_new, v_new, w_v, anchor, imp)
+    )
+    bc1_t = bc1.to(net_dtype).repeat_interleave(repeats)[:, None]
+    bc2_t = bc2.to(net_dtype).repeat_interleave(repeats)[:, None]
     stats = token_statistics(
         g_s,
         m_s,
@@ -251,10 +323,7 @@ def _learned_step(
         eps=eps,
     )
     static = torch.cat(
-        [
-            s.descriptor.to(net_dtype).expand(n, -1)
-            for s, n in zip(leaves, counts.tolist(), strict=True)
-        ]
+        [s.descriptor.to(net_dtype).expand(n, -1) for s, n in zip(leaves, counts, strict=True)]
     )
     tokens = torch.cat([stats, static], dim=1)
     task = task_features(
@@ -274,52 +343,36 @@ def _learned_step(
     work = torch.promote_types(wide, net_dtype)
     rms_w = param_reference(w_s, a_s, lr).to(work)
     inv_imp = (1.0 / i_s.mean().clamp_min(_TINY)).to(work)
-    bc1_w = bc1.to(work).repeat_interleave(counts)
-    bc2_sqrt = bc2.to(work).repeat_interleave(counts).sqrt()
+    bc1_w = bc1.to(work).repeat_interleave(repeats)
+    bc2_sqrt = bc2.to(work).repeat_interleave(repeats).sqrt()
     coef = TokenCoefficients(*(c.to(work) for c in coef))
-    gate = gate.to(work)
-    columns = torch.stack(
+    out_scale = -lr * gate.to(work)  # multiplies the whole gated direction
+    table = torch.stack(
         [
-            torch.exp(coef.log_scale) * bc2_sqrt / bc1_w,  # x m
-            coef.grad * bc2_sqrt,  # x g
-            coef.param / rms_w,  # x w  (rms_w: see features.param_reference)
-            coef.drift / rms_w,  # x (w - anchor)
+            out_scale * torch.exp(coef.log_scale) * bc2_sqrt / bc1_w,  # x m
+            out_scale * coef.grad * bc2_sqrt,  # x g
+            out_scale * coef.param / rms_w,  # x w  (rms_w: see features.param_reference)
+            out_scale * coef.drift / rms_w,  # x (w - anchor)
             coef.gate_lambda * inv_imp,  # x importance, in the gate's denominator
-            -lr * gate,  # x everything above
             -coef.rho * inv_imp,  # x importance x (w - anchor)
             eps * bc2_sqrt,  # + sqrt(v)
         ],
         dim=1,
-    )  # [T, 8]
+    )  # [T, 7]
 
-    # 4. element-wise update with per-row coefficients
-    per_tensor = torch.split(columns, counts.tolist())
-    rows = []
-    for cols_t, lay, g in zip(per_tensor, layouts, grads, strict=True):
-        if lay.n_tokens > 1:
-            owner = torch.arange(lay.rows, device=device) // lay.rows_per_token
-            cols_t = cols_t.index_select(0, owner)
-        rows.append(cols_t.to(g.dtype).unsqueeze(-1))  # [R or 1, 8, 1]
-    c_m, c_g, c_w, c_d, c_lam, c_out, c_rho, c_eps = (
-        [r[:, j] for r in rows] for j in range(columns.shape[1])
-    )
-    denom = torch._foreach_add(torch._foreach_sqrt(v_new), c_eps)
-    direction = torch._foreach_addcmul(torch._foreach_mul(m_new, c_m), g_v, c_g)
-    direction = torch._foreach_div(direction, denom)
-    drift = torch._foreach_sub(w_v, anchor)
-    direction = torch._foreach_addcmul(direction, w_v, c_w)
-    direction = torch._foreach_addcmul(direction, drift, c_d)
-    gate_den = torch._foreach_add(torch._foreach_mul(imp, c_lam), 1.0)
-    out = torch._foreach_mul(torch._foreach_div(direction, gate_den), c_out)
-    out = torch._foreach_addcmul(out, torch._foreach_mul(imp, drift), c_rho)
+    # 4. element-wise update; per-token coefficients broadcast over each token's row
+    per_tensor = [t.to(g.dtype) for t, g in zip(torch.split(table, counts), grads, strict=True)]
+    coefficients = [[t[:, j : j + 1] for t in per_tensor] for j in range(table.shape[1])]
+    elementwise = _elementwise_no_grad if no_grad else _elementwise
+    out = elementwise(g_v, w_v, m_new, v_new, anchor, imp, coefficients)
 
     updates = [u.reshape(g.shape) for u, g in zip(out, grads, strict=True)]
     new_leaves = [
         s._replace(
             step=step,
             task_step=s.task_step + 1.0,
-            exp_avg=m.reshape(s.exp_avg.shape),
-            exp_avg_sq=v.reshape(s.exp_avg_sq.shape),
+            exp_avg=s.exp_avg if in_place else m.reshape(s.exp_avg.shape),
+            exp_avg_sq=s.exp_avg_sq if in_place else v.reshape(s.exp_avg_sq.shape),
         )
         for s, step, m, v in zip(leaves, steps.unbind(0), m_new, v_new, strict=True)
     ]

@@ -120,6 +120,7 @@ class LearnedOptimizer(FunctionalOptimizer):
                 eps=eps,
                 topk_fraction=topk_fraction,
                 depth=self._depth_of,
+                inplace_state=True,
                 **self._options,
             )
 

@@ -12,39 +12,43 @@ from metaopt.learned.features import (
     KINDS,
     N_STATIC_FEATURES,
     STATIC_FEATURES,
+    Layout,
     layout_of,
-    sample_index,
+    sample_columns,
     static_descriptor,
 )
 
 
 @given(
     numel=st.integers(1, 300_000),
-    max_block=st.integers(1, 70_000),
+    max_block=st.integers(64, 70_000),
     leading=st.integers(1, 50),
 )
-def test_layout_covers_tensor_with_bounded_tokens(numel, max_block, leading):
+def test_layout_cuts_tensor_into_equal_bounded_tokens(numel, max_block, leading):
     lay = layout_of(numel, max_block, leading)
-    assert lay.rows * lay.cols == numel
-    assert lay.rows_per_token * lay.cols <= max(max_block, lay.cols)
-    assert lay.cols <= max_block or (lay.rows == 1 and numel <= max_block)
-    assert lay.n_tokens == math.ceil(lay.rows / lay.rows_per_token)
-    assert lay.n_tokens * max_block >= numel
+    assert lay.n_tokens * lay.length == numel
+    if lay.n_tokens > 1 or numel <= max_block:
+        assert lay.length <= max_block
+    else:  # only when no divisor keeps tokens at least max_block // 64 long
+        assert not any(
+            numel % d == 0 and max_block // 64 <= numel // d <= max_block
+            for d in range(2, numel + 1)
+        )
 
 
-def test_layout_prefers_the_tensors_own_rows():
-    assert layout_of(1000 * 300, 65536, 1000) == (1000, 300, 218, 5)
-    assert layout_of(500, 65536, 10).n_tokens == 1
+def test_layout_prefers_whole_rows_and_few_tokens():
+    assert layout_of(1000 * 300, 65536, 1000) == (5, 60000)  # 200 rows per token
+    assert layout_of(535 * 784, 65536, 535) == (7, 59920)  # rows would need 107 tokens
+    assert layout_of(500, 65536, 10) == (1, 500)
+    assert layout_of(65537, 65536) == (1, 65537)  # prime: one token
 
 
-@given(numel=st.integers(1, 5000), max_block=st.integers(1, 600), sample=st.integers(1, 64))
-def test_sample_index_stays_inside_each_token(numel, max_block, sample):
-    lay = layout_of(numel, max_block)
-    index = sample_index(lay, sample, torch.device("cpu")).view(lay.n_tokens, sample)
-    span = lay.rows_per_token * lay.cols
-    token_of = index // span
-    assert torch.equal(token_of, torch.arange(lay.n_tokens)[:, None].expand_as(token_of))
-    assert int(index.max()) < numel and int(index.min()) >= 0
+@given(length=st.integers(1, 5000), sample=st.integers(1, 64))
+def test_sample_columns_are_evenly_spaced_inside_a_token(length, sample):
+    index = sample_columns(Layout(3, length), sample, torch.device("cpu"))
+    assert index.shape == (sample,)
+    assert int(index.min()) == 0 and int(index.max()) < length
+    assert bool((index[1:] >= index[:-1]).all())
 
 
 def test_static_descriptor_recognises_kinds_and_shapes():

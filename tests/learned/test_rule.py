@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch.func import functional_call
 
@@ -203,3 +204,25 @@ def test_meta_params_flow_through_functional_call():
         tokens = torch.randn(3, net.token_embed.in_features)
         task = torch.randn(net.task_embed.in_features)
         torch.testing.assert_close(functional_call(net, meta, (tokens, task)), net(tokens, task))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_no_grad_fast_path_equals_differentiable_path(dtype):
+    net = perturbed_net()
+    params = mlp_params(dtype)
+    pure = learned_rule(net, lr=1e-2, max_block=16)  # several tokens per tensor
+    fast = learned_rule(net, lr=1e-2, max_block=16, inplace_state=True)
+    state = new_task(pure.init(params), {k: v + 0.05 for k, v in params.items()})
+    grads = _grads(params, 3)
+    with torch.enable_grad():
+        expected, expected_state = pure.update(grads, state, params)
+    with torch.no_grad():
+        copied = {
+            k: s._replace(exp_avg=s.exp_avg.clone(), exp_avg_sq=s.exp_avg_sq.clone())
+            for k, s in state.items()
+        }
+        got, got_state = fast.update(grads, copied, params)
+    for k in params:
+        torch.testing.assert_close(got[k], expected[k].detach())
+        torch.testing.assert_close(got_state[k].exp_avg, expected_state[k].exp_avg.detach())
+        assert got_state[k].exp_avg is copied[k].exp_avg  # updated in place

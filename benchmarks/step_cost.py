@@ -1,0 +1,261 @@
+"""Cost of one optimizer step: LearnedOptimizer vs torch.optim.Adam (fused, foreach) and SGD,
+optimizer-state bytes as a multiple of Adam's, and a cost replica of the reference method
+(one attention token per 3x3 kernel of a 100 -> 100 conv layer).
+
+Only ``optimizer.step()`` is timed (gradients are fixed random tensors), round-robin over
+the optimizers within each repeat; the numbers are medians over repeats, measured in this
+process::
+
+    python benchmarks/step_cost.py --quick            # ~100k and 1M params, no replica
+    python benchmarks/step_cost.py --repeats 5        # 100k, 1M, 10M and the replica
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from metaopt import LearnedOptimizer
+from metaopt.learned import learned_rule, load_pretrained
+
+SIZES = {"100k": 100_000, "1M": 1_000_000, "10M": 10_000_000}
+
+
+def mlp(target: int) -> nn.Module:
+    """784 -> h -> h -> h -> 10 with ~``target`` parameters."""
+    h = int((-(784 + 13) + math.sqrt((784 + 13) ** 2 + 8 * target)) / 4)
+    return nn.Sequential(
+        nn.Linear(784, h),
+        nn.ReLU(),
+        nn.Linear(h, h),
+        nn.ReLU(),
+        nn.Linear(h, h),
+        nn.ReLU(),
+        nn.Linear(h, 10),
+    )
+
+
+def cnn(target: int) -> nn.Module:
+    """Four 3x3 convolutions with batchnorm, width c, and a linear head."""
+    c = int(math.sqrt(target / 27))
+    layers: list[nn.Module] = [nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()]
+    for _ in range(3):
+        layers += [nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)]
+    return nn.Sequential(*layers)
+
+
+def transformer(target: int) -> nn.Module:
+    """nn.TransformerEncoder, 4 layers, 4 heads, feed-forward 4d, with a token embedding."""
+    d = max(8, int(math.sqrt(target / 4 / 12.6)) // 4 * 4)
+    layer = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True)
+    return nn.ModuleDict(
+        {
+            "embed": nn.Embedding(256, d),
+            "encoder": nn.TransformerEncoder(layer, 4, enable_nested_tensor=False),
+        }
+    )
+
+
+MODELS: dict[str, Callable[[int], nn.Module]] = {"mlp": mlp, "cnn": cnn, "transformer": transformer}
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(
+        v.numel() * v.element_size()
+        for state in opt.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor)
+    )
+
+
+def make_optimizers(params: list[torch.Tensor]) -> dict[str, torch.optim.Optimizer]:
+    net = load_pretrained("default")
+    return {
+        "SGD": torch.optim.SGD(params, lr=1e-3),
+        "Adam foreach": torch.optim.Adam(params, lr=1e-3, foreach=True),
+        "Adam fused": torch.optim.Adam(params, lr=1e-3, fused=True),
+        "learned": LearnedOptimizer(params, lr=1e-3, net=net),
+    }
+
+
+def time_steps(
+    opts: dict[str, torch.optim.Optimizer], steps: int, repeats: int, warmup: int
+) -> dict[str, float]:
+    """Median seconds per ``step()`` for each optimizer, round-robin within repeats."""
+    for opt in opts.values():
+        for _ in range(warmup):
+            opt.step()
+    samples: dict[str, list[float]] = {name: [] for name in opts}
+    for _ in range(repeats):
+        for name, opt in opts.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                opt.step()
+            samples[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def bench_model(kind: str, size: str, steps: int, repeats: int, warmup: int) -> dict[str, object]:
+    torch.manual_seed(0)
+    model = MODELS[kind](SIZES[size])
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-2
+    opts = make_optimizers(params)
+    times = time_steps(opts, steps, repeats, warmup)
+    learned = opts["learned"]
+    tokens = sum(learned_tokens(p.numel(), p.shape[0] if p.ndim else 1) for p in params)
+    return {
+        "model": kind,
+        "params": sum(p.numel() for p in params),
+        "tensors": len(params),
+        "tokens": tokens,
+        **{f"{name} ms": 1e3 * t for name, t in times.items()},
+        "learned/fused": times["learned"] / times["Adam fused"],
+        "learned/foreach": times["learned"] / times["Adam foreach"],
+        "state/Adam": state_bytes(learned) / state_bytes(opts["Adam fused"]),
+    }
+
+
+def learned_tokens(numel: int, leading: int, max_block: int = 65536) -> int:
+    from metaopt.learned.features import layout_of
+
+    return layout_of(numel, max_block, leading).n_tokens
+
+
+class ReferenceReplica(nn.Module):
+    """Cost replica of the reference network: one token per 3x3 kernel (9 weights + 1
+    importance score), an embedding MLP to d_model 16, a 2-layer nn.TransformerEncoder
+    (4 heads, feed-forward 64) with full attention over all kernel tokens, and a linear
+    head to 9 deltas. Only its cost matters; it is not trained here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 16))
+        layer = nn.TransformerEncoderLayer(16, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 9)
+
+    def forward(self, kernels: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+        tokens = torch.cat([kernels.reshape(-1, 9), importance.reshape(-1, 1)], dim=1)
+        return self.head(self.encoder(self.embed(tokens)[None]))[0].reshape(kernels.shape)
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def bench_reference(repeats: int) -> list[tuple[str, float, float]]:
+    """Seconds per call and peak-RSS growth (GiB) on the reference's 90,000-weight layer:
+    the replica's forward+backward, and the learned rule's step and meta-gradient."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(100, 100, 3, bias=False)
+    weight = conv.weight
+    weight.grad = torch.randn_like(weight) * 1e-2
+    rows = []
+
+    def measure(label: str, fn: Callable[[], None], n: int) -> None:
+        before = peak_rss_gib()
+        fn()  # warm-up (and the first measurement of peak memory)
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        rows.append((label, statistics.median(times), peak_rss_gib() - before))
+
+    opt = LearnedOptimizer([weight], lr=1e-3, net=load_pretrained("default"))
+    measure("learned step (LearnedOptimizer.step)", opt.step, max(3, repeats))
+
+    net = load_pretrained("default")
+    meta = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
+    rule = learned_rule(net, 1e-3, meta_params=meta)
+    params = {"w": weight.detach()}
+    state = rule.init(params)
+
+    def meta_grad() -> None:
+        updates, _ = rule.update({"w": weight.grad}, state, params)
+        updates["w"].sum().backward()
+
+    measure("learned rule forward+backward to its net", meta_grad, max(3, repeats))
+    replica = ReferenceReplica()
+    importance = torch.rand_like(weight)
+
+    def reference() -> None:
+        replica.zero_grad()
+        replica(weight.detach(), importance).sum().backward()
+
+    measure("reference replica forward+backward (10,000 tokens)", reference, repeats)
+    return rows
+
+
+def print_table(rows: list[dict[str, object]]) -> None:
+    columns = list(rows[0])
+    cells = [[_fmt(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print(" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    print("-|-".join("-" * w for w in widths))
+    for r in cells:
+        print(" | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--reference-repeats",
+        type=int,
+        default=1,
+        help="timed calls of the reference replica (0: skip it)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="100k and 1M parameters, 3 repeats, no reference replica",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes = [s for s in args.sizes if s != "10M"]
+        args.repeats, args.steps, args.reference_repeats = 3, 3, 0
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s); medians of {args.repeats} "
+        f"repeats x {args.steps} steps"
+    )
+    rows = [
+        bench_model(kind, size, args.steps, args.repeats, args.warmup)
+        for size in args.sizes
+        for kind in args.models
+    ]
+    print_table(rows)
+    if args.reference_repeats > 0:
+        print("\nThe reference method's layer: Conv2d(100, 100, 3), 90,000 weights")
+        print_table(
+            [
+                {"what": label, "seconds per call": t, "peak RSS growth GiB": mem}
+                for label, t, mem in bench_reference(args.reference_repeats)
+            ]
+        )
+
+
+if __name__ == "__main__":
+    main()
