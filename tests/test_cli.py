@@ -51,6 +51,7 @@ def test_bench_tiny_writes_results_and_merges(tmp_path: Path, capsys) -> None:
         assert len(row["R"]) == 2 and len(row["R"][0]) == 2 and len(row["b"]) == 2
         assert row["val"] is not None and 0.0 <= row["test"]["acc"] <= 1.0
     assert (out / "runs.csv").is_file() and (out / "summary.csv").is_file()
+    assert "| split-digits-task | mlp | sgd |" in (out / "summary.md").read_text()
     assert (out / "split-digits-task_mlp_matrix.png").stat().st_size > 1000
     assert (out / "split-digits-task_mlp_curves.png").is_file()
 

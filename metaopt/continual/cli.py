@@ -16,6 +16,7 @@ import torch
 from metaopt._version import __version__
 from metaopt.continual.data import DATASETS
 from metaopt.continual.report import (
+    format_markdown,
     format_table,
     load_results,
     merge_rows,
@@ -135,6 +136,17 @@ def _meta(args: argparse.Namespace, argv_used: list[str]) -> dict[str, Any]:
     }
 
 
+def _checkpoint_info() -> dict[str, str]:
+    """Path and SHA-256 of the learned optimizer's ``default`` checkpoint (provenance)."""
+    import hashlib
+
+    import metaopt.learned
+
+    path = Path(metaopt.learned.__file__).parent / "checkpoints" / "default.pt"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+    return {"path": "metaopt/learned/checkpoints/default.pt", "sha256": digest}
+
+
 def bench_command(args: argparse.Namespace) -> int:
     """Run ``metaopt bench``; returns the exit status."""
     torch.set_num_threads(max(1, args.threads))
@@ -157,6 +169,8 @@ def bench_command(args: argparse.Namespace) -> int:
     skip = {row_key(r) for r in rows} if args.resume else set()
     meta = {**existing.get("meta", {}), **_meta(args, getattr(args, "argv", sys.argv[1:]))}
     meta["budget"] = vars(suite.budget)
+    if any(s.optimizer == "learned" for s in suite.settings):
+        meta["learned_checkpoint"] = _checkpoint_info()
 
     from tqdm import tqdm
 
@@ -190,6 +204,10 @@ def bench_command(args: argparse.Namespace) -> int:
     ):
         print(f"\n{title}; test metrics in %, mean ± std over seeds")
         print(format_table(rows, mode))
+    (out / "summary.md").write_text(
+        "\n\n".join(f"### {mode}\n\n{format_markdown(rows, mode)}" for mode in ("tuned", "shared"))
+        + "\n"
+    )
     print(
         "\nACC: final mean accuracy; BWT: backward transfer; FWT: forward transfer; Forget: "
         "forgetting; LA: mean accuracy of each task right after training it."
@@ -197,7 +215,7 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.plot:
         written = plot_results(rows, out, "tuned")
         print(f"\n{len(written)} plots written to {out}/")
-    print(f"\nresults: {results_path}, {out / 'runs.csv'}, {out / 'summary.csv'}")
+    print(f"\nresults: {results_path}, {out}/runs.csv, summary.csv, summary.md")
     return 0
 
 

@@ -14,6 +14,7 @@ from metaopt.continual.selection import METRICS, summary_rows
 from metaopt.continual.suite import row_key
 
 __all__ = [
+    "format_markdown",
     "format_table",
     "load_results",
     "merge_rows",
@@ -108,6 +109,17 @@ def format_table(rows: Sequence[Row], mode: str = "tuned") -> str:
         if n == 0:
             text.append("-" * len(text[-1]))
     return "\n".join(text)
+
+
+def format_markdown(rows: Sequence[Row], mode: str = "tuned") -> str:
+    """A Markdown table of mean ± std over seeds (in %) per stream x model x optimizer."""
+    header = ["stream", "model", "optimizer", "setting", "seeds"] + [_HEADERS[m] for m in METRICS]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for s in summary_rows(rows, mode):
+        cells = [s["stream"], s["model"], s["optimizer"], f"`{s['setting']}`", str(s["n_seeds"])]
+        cells += [f"{100 * s[f'{m}_mean']:.1f} ± {100 * s[f'{m}_std']:.1f}" for m in METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot_results(
