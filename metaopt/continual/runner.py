@@ -62,7 +62,7 @@ class StreamResult:
         b: test accuracy of the initial model on each task ``[T]``.
         R_val: the same on the validation splits (``None`` if the stream has none).
         b_val: initial accuracy on the validation splits.
-        train_loss: mean training loss on each task ``[T]``.
+        train_loss: mean training loss on each task ``[T]`` (over every closure call).
         seconds: wall-clock time of the run.
     """
 
@@ -179,7 +179,7 @@ def run_stream(
                 optimizer.new_task()
         n = len(task.y_train)
         n_steps = steps if steps is not None else epochs * math.ceil(n / batch_size)
-        total = 0.0
+        losses: list[torch.Tensor] = []
         for index in _batches(n, batch_size, n_steps, data_gen):
             xb, yb = task.x_train[index], task.y_train[index]
 
@@ -187,11 +187,12 @@ def run_stream(
                 optimizer.zero_grad()
                 loss = loss_fn(task.logits(model(xb)), yb)  # noqa: B023 - called at once
                 loss.backward()
+                losses.append(loss.detach())  # noqa: B023 - called at once
                 return loss
 
-            loss = optimizer.step(closure)
-            total += float(loss.detach())
-        train_loss.append(total / n_steps)
+            optimizer.step(closure)
+        total = float(torch.stack(losses).sum()) if losses else 0.0
+        train_loss.append(total / max(1, len(losses)))
         test, val = _evaluate_all(model, stream, eval_batch_size)
         R[i] = torch.tensor(test)
         if val is not None:
