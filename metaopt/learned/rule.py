@@ -95,6 +95,7 @@ def learned_rule(
     topk_fraction: float | None = None,
     depth: DepthFn | Mapping[str, float] | None = None,
     inplace_state: bool = False,
+    workspace: dict[Any, list[torch.Tensor]] | None = None,
 ) -> UpdateRule:
     """The attention-based learned rule as a pure :class:`~metaopt.rules.UpdateRule`.
 
@@ -118,6 +119,11 @@ def learned_rule(
             in place (as ``torch.optim.Adam`` does) instead of returning new ones. Saves two
             allocations per tensor; only for callers that own the state and discard the old
             one (``LearnedOptimizer``). Ignored when autograd is on.
+        workspace: with autograd off, a dict the rule keeps two scratch buffers per tensor
+            in (for the last few distinct parameter lists), reused across calls: saves
+            allocating and first-touching fresh memory, the main eager cost. The returned
+            updates then live in it and are valid until the next call. Ignored when
+            autograd is on.
 
     Returns:
         ``UpdateRule`` whose ``update(grads, state, params)`` requires ``params``.
@@ -177,6 +183,7 @@ def learned_rule(
             topk_fraction=topk_fraction,
             net_dtype=_net_dtype(net, meta_params),
             inplace_state=inplace_state,
+            workspace=workspace,
         )
         return rebuild(grads, updates), dict(zip(keys, new_leaves, strict=True))
 
@@ -224,6 +231,27 @@ def _elementwise(
     return torch._foreach_addcmul(direction, torch._foreach_mul(drift, imp), c_rho)
 
 
+_WORKSPACE_ENTRIES = 4
+"""Most tensor-list signatures a workspace keeps buffers for (least recently used go)."""
+
+
+def _scratch(
+    workspace: dict[Any, list[torch.Tensor]] | None, name: str, like: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Buffers shaped like ``like``: reused from ``workspace`` (keyed by ``name`` and the
+    shapes, dtypes and devices of ``like``), else new."""
+    if workspace is None:
+        return [torch.empty_like(x) for x in like]
+    key = (name, *((x.shape, x.dtype, x.device) for x in like))
+    held = workspace.pop(key, None)
+    if held is None:
+        held = [torch.empty_like(x) for x in like]
+    workspace[key] = held  # most recently used last
+    while len(workspace) > 2 * _WORKSPACE_ENTRIES:
+        workspace.pop(next(iter(workspace)))
+    return held
+
+
 def _elementwise_no_grad(
     g: list[torch.Tensor],
     w: list[torch.Tensor],
@@ -232,27 +260,33 @@ def _elementwise_no_grad(
     anchor: list[torch.Tensor],
     imp: list[torch.Tensor],
     c: list[list[torch.Tensor]],
+    workspace: dict[Any, list[torch.Tensor]] | None,
 ) -> list[torch.Tensor]:
-    """The same arithmetic as :func:`_elementwise` with autograd off: in place on three
-    fresh buffers per tensor (allocating large tensors costs more than a pass over them)."""
+    """The same arithmetic as :func:`_elementwise` with autograd off, in place on two
+    buffers per tensor (from ``workspace`` when given: first-touching fresh memory costs
+    more than several passes over it). The result lives in ``workspace["out"]``."""
     c_m, c_g, c_w, c_d, c_lam, c_rho, c_eps = c
-    out = torch._foreach_mul(m, c_m)
+    out = _scratch(workspace, "out", w)
+    tmp = _scratch(workspace, "tmp", w)
+    torch._foreach_copy_(out, m)
+    torch._foreach_mul_(out, c_m)
     torch._foreach_addcmul_(out, g, c_g)
-    scratch = torch._foreach_sqrt(v)
-    torch._foreach_add_(scratch, c_eps)
-    torch._foreach_div_(out, scratch)
+    torch._foreach_copy_(tmp, v)
+    torch._foreach_sqrt_(tmp)
+    torch._foreach_add_(tmp, c_eps)
+    torch._foreach_div_(out, tmp)  # gate-free direction, Adam's at init
     torch._foreach_addcmul_(out, w, c_w)
-    drift = [torch.empty_like(x) for x in w]
-    torch._foreach_copy_(drift, anchor)  # converts from the auxiliary dtype
-    torch._foreach_sub_(drift, w)  # anchor - w
-    torch._foreach_neg_(drift)  # w - anchor
-    torch._foreach_addcmul_(out, drift, c_d)
-    torch._foreach_copy_(scratch, imp)
-    torch._foreach_mul_(drift, scratch)  # imp * (w - anchor), for the pull-back
-    torch._foreach_mul_(scratch, c_lam)
-    torch._foreach_add_(scratch, 1.0)
-    torch._foreach_div_(out, scratch)
-    torch._foreach_addcmul_(out, drift, c_rho)
+    torch._foreach_copy_(tmp, anchor)  # converts from the auxiliary dtype
+    torch._foreach_sub_(tmp, w)  # anchor - w
+    torch._foreach_addcmul_(out, tmp, torch._foreach_neg(c_d))
+    torch._foreach_copy_(tmp, imp)
+    torch._foreach_mul_(tmp, c_lam)
+    torch._foreach_add_(tmp, 1.0)
+    torch._foreach_div_(out, tmp)  # soft gate 1 / (1 + lambda * importance)
+    torch._foreach_copy_(tmp, anchor)
+    torch._foreach_sub_(tmp, w)
+    torch._foreach_mul_(tmp, imp)  # importance x (anchor - w)
+    torch._foreach_addcmul_(out, tmp, torch._foreach_neg(c_rho))  # pull-back
     return out
 
 
@@ -271,6 +305,7 @@ def _learned_step(
     topk_fraction: float | None,
     net_dtype: torch.dtype,
     inplace_state: bool,
+    workspace: dict[Any, list[torch.Tensor]] | None,
 ) -> tuple[list[torch.Tensor], list[LearnedState]]:
     """The arithmetic of one update over lists of tensors (see the module docstring)."""
     device = grads[0].device
@@ -363,8 +398,10 @@ def _learned_step(
     # 4. element-wise update; per-token coefficients broadcast over each token's row
     per_tensor = [t.to(g.dtype) for t, g in zip(torch.split(table, counts), grads, strict=True)]
     coefficients = [[t[:, j : j + 1] for t in per_tensor] for j in range(table.shape[1])]
-    elementwise = _elementwise_no_grad if no_grad else _elementwise
-    out = elementwise(g_v, w_v, m_new, v_new, anchor, imp, coefficients)
+    if no_grad:
+        out = _elementwise_no_grad(g_v, w_v, m_new, v_new, anchor, imp, coefficients, workspace)
+    else:
+        out = _elementwise(g_v, w_v, m_new, v_new, anchor, imp, coefficients)
 
     updates = [u.reshape(g.shape) for u, g in zip(out, grads, strict=True)]
     new_leaves = [

@@ -42,6 +42,10 @@ class LearnedOptimizer(FunctionalOptimizer):
         topk_fraction: hard selection of the fraction of tokens that move (per group).
         max_block, sample_size, aux_dtype, importance: see
             :func:`metaopt.learned.learned_rule` (fixed for the optimizer).
+        reuse_buffers: keep two scratch buffers per parameter between steps (the
+            ``workspace`` of :func:`~metaopt.learned.learned_rule`): faster eager steps
+            for 2 x the parameters' bytes of resident memory (not optimizer state; not
+            saved). ``False`` allocates them at every step instead.
         check_finite: see :class:`metaopt.FunctionalOptimizer`.
 
     Example:
@@ -64,6 +68,7 @@ class LearnedOptimizer(FunctionalOptimizer):
         sample_size: int = 32,
         aux_dtype: torch.dtype | None = torch.bfloat16,
         importance: str = "path",
+        reuse_buffers: bool = True,
         check_finite: bool = True,
     ) -> None:
         if net is not None and not isinstance(net, LearnedRuleNet):
@@ -79,6 +84,7 @@ class LearnedOptimizer(FunctionalOptimizer):
         learned_rule(  # validates the options now, before any parameter is touched
             self.net, lr, betas=betas, eps=eps, topk_fraction=topk_fraction, **self._options
         )
+        self._workspace: dict[Any, list[torch.Tensor]] | None = {} if reuse_buffers else None
         self._depth: dict[torch.Tensor, float] = {}
         self._task_index = 0
         self._loss: torch.Tensor | None = None
@@ -121,6 +127,7 @@ class LearnedOptimizer(FunctionalOptimizer):
                 topk_fraction=topk_fraction,
                 depth=self._depth_of,
                 inplace_state=True,
+                workspace=self._workspace,
                 **self._options,
             )
 
