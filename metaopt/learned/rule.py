@@ -199,8 +199,8 @@ def _samples(
     buffers: list[torch.Tensor], columns: list[torch.Tensor], dtype: torch.dtype
 ) -> torch.Tensor:
     """``[T, S]``: the sampled columns of every tensor's ``[n_tokens, length]`` view."""
-    return torch.cat(
-        [x.index_select(1, c).to(dtype) for x, c in zip(buffers, columns, strict=True)]
+    return torch.cat([x.index_select(1, c) for x, c in zip(buffers, columns, strict=True)]).to(
+        dtype
     )
 
 
@@ -361,9 +361,10 @@ def _learned_step(
         [s.descriptor.to(net_dtype).expand(n, -1) for s, n in zip(leaves, counts, strict=True)]
     )
     tokens = torch.cat([stats, static], dim=1)
+    task_steps = torch.stack([s.task_step for s in leaves])
     task = task_features(
         torch.stack([s.task_index for s in leaves]).mean().to(net_dtype),
-        torch.stack([s.task_step for s in leaves]).mean().to(net_dtype),
+        task_steps.mean().to(net_dtype),
         torch.stack([s.loss_stats for s in leaves]).mean(0).to(net_dtype),
     )
 
@@ -396,8 +397,13 @@ def _learned_step(
     )  # [T, 7]
 
     # 4. element-wise update; per-token coefficients broadcast over each token's row
-    per_tensor = [t.to(g.dtype) for t, g in zip(torch.split(table, counts), grads, strict=True)]
-    coefficients = [[t[:, j : j + 1] for t in per_tensor] for j in range(table.shape[1])]
+    dtypes = {g.dtype for g in grads}
+    if len(dtypes) == 1:  # one split per coefficient: [n_tokens, 1] views, 7 calls in all
+        columns = table.to(dtypes.pop()).t().unsqueeze(-1)  # [7, T, 1]
+        coefficients = [list(torch.split(col, counts)) for col in columns]
+    else:
+        per_tensor = [t.to(g.dtype) for t, g in zip(torch.split(table, counts), grads, strict=True)]
+        coefficients = [[t[:, j : j + 1] for t in per_tensor] for j in range(table.shape[1])]
     if no_grad:
         out = _elementwise_no_grad(g_v, w_v, m_new, v_new, anchor, imp, coefficients, workspace)
     else:
@@ -407,10 +413,12 @@ def _learned_step(
     new_leaves = [
         s._replace(
             step=step,
-            task_step=s.task_step + 1.0,
+            task_step=task_step,
             exp_avg=s.exp_avg if in_place else m.reshape(s.exp_avg.shape),
             exp_avg_sq=s.exp_avg_sq if in_place else v.reshape(s.exp_avg_sq.shape),
         )
-        for s, step, m, v in zip(leaves, steps.unbind(0), m_new, v_new, strict=True)
+        for s, step, task_step, m, v in zip(
+            leaves, steps.unbind(0), (task_steps + 1.0).unbind(0), m_new, v_new, strict=True
+        )
     ]
     return updates, new_leaves

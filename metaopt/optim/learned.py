@@ -10,6 +10,7 @@ import torch
 from metaopt.learned.checkpoint import load_pretrained
 from metaopt.learned.network import LearnedRuleNet
 from metaopt.learned.rule import learned_rule
+from metaopt.learned.state import LearnedState
 from metaopt.learned.tasks import (
     check_importance,
     learned_leaves,
@@ -21,6 +22,9 @@ from metaopt.optim.functional import FunctionalOptimizer, _flatten_leaf_state
 from metaopt.rules.base import UpdateRule
 
 __all__ = ["LearnedOptimizer"]
+
+_STATE_KEYS = tuple(f".{name}" for name in LearnedState._fields)
+"""How ``optimizer.state[p]`` names a LearnedState's fields (pytree key paths)."""
 
 
 class LearnedOptimizer(FunctionalOptimizer):
@@ -152,7 +156,10 @@ class LearnedOptimizer(FunctionalOptimizer):
         return UpdateRule(rule.init, lambda g, s, p=None: rule.update(g, observe_loss(s, loss), p))
 
     def _leaf_state(self, rule: UpdateRule, key: str, p: torch.Tensor) -> Any:
-        fresh = not self.state[p]
+        flat = self.state[p]
+        if flat and tuple(flat) == _STATE_KEYS:  # fast path: no pytree round trip
+            return LearnedState(*flat.values())
+        fresh = not flat
         leaf = super()._leaf_state(rule, key, p)
         if fresh and self._task_index:
             index = float(self._task_index)
@@ -161,6 +168,12 @@ class LearnedOptimizer(FunctionalOptimizer):
                 lambda k, s: s._replace(task_index=torch.full_like(s.task_index, index)),
             )[key]
         return leaf
+
+    def _store(self, p: torch.Tensor, leaf_state: Any) -> None:
+        if type(leaf_state) is LearnedState:  # fast path, same layout as the pytree one
+            self.state[p] = dict(zip(_STATE_KEYS, leaf_state, strict=True))
+            return
+        super()._store(p, leaf_state)
 
     # ------------------------------------------------------------------ step and tasks
     @torch.no_grad()
