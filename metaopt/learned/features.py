@@ -3,7 +3,7 @@ statistics from a fixed subsample, and the task token.
 
 Every parameter tensor is viewed as ``[n_tokens, length]``: equal contiguous blocks of its
 flattened elements (whole rows of the tensor where possible), one attention token each,
-never longer than ``max_block`` (see :func:`layout_of`). Per-token coefficients then
+of about ``max_block`` elements at most (see :func:`layout_of`). Per-token coefficients then
 broadcast over the rows of that view. Token statistics are computed from ``sample_size``
 evenly spaced elements of each block, so building tokens costs
 ``O(tokens x sample_size)``, not ``O(numel)``.
@@ -93,15 +93,18 @@ def _divisors(n: int) -> list[int]:
 def layout_of(numel: int, max_block: int, leading: int = 1) -> Layout:
     """The token layout of a tensor with ``numel`` elements (cached).
 
-    The number of tokens is the smallest divisor of ``numel`` that keeps every token at
-    most ``max_block`` long, preferring whole rows of the tensor (a divisor or a multiple
-    of ``leading``, the first dimension) when that at most doubles the number of tokens.
-    A length with no divisor that keeps tokens at least ``max_block // 64`` long (a huge
-    prime-sized vector) gets one token.
+    Tokens are equal, so their number ``n`` divides ``numel``. With ``low`` =
+    ``ceil(numel / max_block)``, ``n`` is the smallest divisor ``>= low`` (preferring whole
+    rows of the tensor, a divisor or multiple of ``leading``, when that at most doubles
+    ``n``). When that divisor exceeds ``4 * low`` (sizes such as ``2045 ** 2``), ``n`` is
+    the largest divisor below ``low`` whose tokens stay within ``4 * max_block`` elements,
+    so the attention never sees many more tokens than needed. Only a size with neither
+    (a prime beyond ``4 * max_block``) gets one token.
 
     Args:
         numel: number of elements (>= 0).
-        max_block: largest number of elements one token may summarise (>= 1).
+        max_block: target number of elements per token (>= 1); tokens never exceed
+            ``4 * max_block`` except in the prime case above.
         leading: the tensor's first dimension (its rows, e.g. output units).
     """
     if max_block < 1:
@@ -109,15 +112,18 @@ def layout_of(numel: int, max_block: int, leading: int = 1) -> Layout:
     if numel <= max_block:
         return Layout(1, max(numel, 1))
     low = math.ceil(numel / max_block)
-    candidates = [d for d in _divisors(numel) if d >= low and numel // d >= max_block // 64]
-    if not candidates:
-        return Layout(1, numel)
-    aligned = [
-        d
-        for d in candidates
-        if d <= 2 * candidates[0] and (leading % d == 0 or d % max(leading, 1) == 0)
-    ]
-    n_tokens = (aligned or candidates)[0]
+    divisors = _divisors(numel)
+    first = next(d for d in divisors if d >= low)
+    if first <= 4 * low:
+        aligned = [
+            d
+            for d in divisors
+            if first <= d <= 2 * first and (leading % d == 0 or d % max(leading, 1) == 0)
+        ]
+        n_tokens = (aligned or [first])[0]
+    else:
+        below = [d for d in divisors if d < low and numel // d <= 4 * max_block]
+        n_tokens = below[-1] if below else (first if numel // first >= max_block // 64 else 1)
     return Layout(n_tokens, numel // n_tokens)
 
 

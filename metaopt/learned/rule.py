@@ -105,8 +105,9 @@ def learned_rule(
         meta_params: ``{name: tensor}`` replacing ``net``'s parameters through
             ``torch.func.functional_call`` (gradients then flow to these tensors).
         betas, eps: Adam's moment decay rates and denominator constant.
-        max_block: most elements summarised by one token (larger tensors are split
-            into row blocks).
+        max_block: target size of a token (larger tensors are split into equal blocks
+            of at most about this many elements, see
+            :func:`metaopt.learned.features.layout_of`).
         sample_size: elements sampled per token to compute its statistics.
         aux_dtype: dtype of the anchor and importance buffers (``None``: the parameter's).
         importance: how a finished task's importance is scored, one of

@@ -27,18 +27,17 @@ from metaopt.learned.features import (
 def test_layout_cuts_tensor_into_equal_bounded_tokens(numel, max_block, leading):
     lay = layout_of(numel, max_block, leading)
     assert lay.n_tokens * lay.length == numel
-    if lay.n_tokens > 1 or numel <= max_block:
-        assert lay.length <= max_block
-    else:  # only when no divisor keeps tokens at least max_block // 64 long
-        assert not any(
-            numel % d == 0 and max_block // 64 <= numel // d <= max_block
-            for d in range(2, numel + 1)
-        )
+    low = math.ceil(numel / max_block)
+    if lay.length > 4 * max_block:  # only a size without any suitable divisor
+        assert lay.n_tokens == 1
+        assert not any(numel % d == 0 and numel // d <= 4 * max_block for d in range(2, low))
+    assert lay.n_tokens <= 4 * low or lay.length >= max_block // 64
 
 
 def test_layout_prefers_whole_rows_and_few_tokens():
     assert layout_of(1000 * 300, 65536, 1000) == (5, 60000)  # 200 rows per token
     assert layout_of(535 * 784, 65536, 535) == (7, 59920)  # rows would need 107 tokens
+    assert layout_of(2045 * 2045, 65536, 2045) == (25, 167281)  # not 409 small tokens
     assert layout_of(500, 65536, 10) == (1, 500)
     assert layout_of(65537, 65536) == (1, 65537)  # prime: one token
 
