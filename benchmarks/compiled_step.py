@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 from torch import nn
 from torch.func import grad
@@ -193,6 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--meta-k", type=int, default=10, help="inner steps of the meta step")
     parser.add_argument("--no-meta", action="store_true", help="skip the meta-step benchmark")
     parser.add_argument(
+        "--warm-cache", action="store_true",
+        help="let Inductor reuse its on-disk caches (default: off, compile times are cold)",
+    )
+    parser.add_argument(
         "--full-unroll-compile", action="store_true",
         help="also torch.compile the whole K-step unroll (slow: minutes on CPU)",
     )
@@ -202,8 +207,11 @@ def main(argv: list[str] | None = None) -> None:
     args.repeats = args.repeats or (5 if args.quick else 7)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.warm_cache:
+        torch._inductor.config.force_disable_caches = True
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"batch {args.batch}, {args.steps} steps x {args.repeats} repeats (medians)")
+          f"batch {args.batch}, {args.steps} steps x {args.repeats} repeats (medians), "
+          f"inductor caches {'on' if args.warm_cache else 'off'}")
     for kind in args.models.split(","):
         r = bench_model(kind, args)
         fastest = min(("torch Adam for-loop", "torch Adam foreach", "torch Adam fused"),
