@@ -15,6 +15,7 @@ import shlex
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from metaopt.meta.distributed import init_distributed
 from metaopt.meta.tasks import DATASETS, KINDS, MODELS, FamilyConfig
@@ -109,7 +110,11 @@ def meta_train_command(args: argparse.Namespace) -> int:
     )
     if not args.no_resume and trainer.resume():
         logger.info("continuing at meta-step %d of %d", trainer.step, config.steps)
-    best = trainer.train()
+    try:
+        best = trainer.train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if ctx.is_main:
         print(
             f"meta-step {trainer.step}: best validation meta-loss {best['meta_loss']:.4f} "
