@@ -27,7 +27,7 @@ class TokenCoefficients(NamedTuple):
 
     update = -lr * gate / (1 + gate_lambda * imp) * (exp(log_scale) * m_hat / denom
              + grad * g / denom + param * w / rms(w) + drift * (w - anchor) / rms(w))
-             - rho * imp * (w - anchor)
+             - min(1, rho * imp) * (w - anchor)
 
     with ``imp`` the importance normalised by its mean over all tokens.
     """
@@ -56,6 +56,8 @@ class LearnedRuleNet(nn.Module):
             per step for raw outputs of order 1).
         max_log_scale: bound on ``|log_scale|`` (the learned step-size multiplier stays in
             ``[exp(-max_log_scale), exp(max_log_scale)]``).
+        max_correction: bound on the three correction coefficients (``tanh``-squashed),
+            in units of Adam's direction.
 
     Inputs of :meth:`forward`: ``tokens [T, N_TOKEN_FEATURES]`` and
     ``task [N_TASK_FEATURES]``; output: :class:`TokenCoefficients` of ``[T]`` tensors.
@@ -69,6 +71,7 @@ class LearnedRuleNet(nn.Module):
         d_ff: int = 64,
         rho_scale: float = 1e-2,
         max_log_scale: float = 3.0,
+        max_correction: float = 1.0,
     ) -> None:
         super().__init__()
         if d_model % n_heads:
@@ -80,9 +83,11 @@ class LearnedRuleNet(nn.Module):
             "d_ff": d_ff,
             "rho_scale": rho_scale,
             "max_log_scale": max_log_scale,
+            "max_correction": max_correction,
         }
         self.rho_scale = rho_scale
         self.max_log_scale = max_log_scale
+        self.max_correction = max_correction
         self.token_embed = nn.Linear(N_TOKEN_FEATURES, d_model)
         self.task_embed = nn.Linear(N_TASK_FEATURES, d_model)
         layer = nn.TransformerEncoderLayer(
@@ -105,9 +110,9 @@ class LearnedRuleNet(nn.Module):
         # clamp (not softplus) keeps the identity exact at init and passes gradient at 0
         return TokenCoefficients(
             log_scale=log_scale.clamp(-self.max_log_scale, self.max_log_scale),
-            grad=grad,
-            param=param,
-            drift=drift,
+            grad=self.max_correction * torch.tanh(grad),
+            param=self.max_correction * torch.tanh(param),
+            drift=self.max_correction * torch.tanh(drift),
             gate=(1.0 - gate).clamp(0.0, 1.0),
             gate_lambda=lam.clamp(min=0.0),
             rho=self.rho_scale * rho.clamp(min=0.0),

@@ -12,7 +12,7 @@ One ``update`` call:
 
        u = -lr * gate / (1 + lambda * imp) * (exp(s) * m_hat / (sqrt(v_hat) + eps)
                + a * g / (sqrt(v_hat) + eps) + b * w / rms_w + c * (w - anchor) / rms_w)
-           - rho * imp * (w - anchor)
+           - min(1, rho * imp) * (w - anchor)
 
 With the net's zero-initialised output layer, ``s = a = b = c = lambda = rho = 0`` and
 ``gate = 1``: the update is exactly Adam's.
@@ -229,7 +229,9 @@ def _elementwise(
     direction = torch._foreach_div(
         direction, torch._foreach_add(torch._foreach_mul(imp, c_lam), 1.0)
     )
-    return torch._foreach_addcmul(direction, torch._foreach_mul(drift, imp), c_rho)
+    # pull-back fraction min(1, rho * imp) per element: never overshoots the anchor
+    pull = torch._foreach_clamp_max(torch._foreach_mul(imp, c_rho), 1.0)
+    return torch._foreach_sub(direction, torch._foreach_mul(pull, drift))
 
 
 _WORKSPACE_ENTRIES = 4
@@ -284,10 +286,11 @@ def _elementwise_no_grad(
     torch._foreach_mul_(tmp, c_lam)
     torch._foreach_add_(tmp, 1.0)
     torch._foreach_div_(out, tmp)  # soft gate 1 / (1 + lambda * importance)
-    torch._foreach_copy_(tmp, anchor)
-    torch._foreach_sub_(tmp, w)
-    torch._foreach_mul_(tmp, imp)  # importance x (anchor - w)
-    torch._foreach_addcmul_(out, tmp, torch._foreach_neg(c_rho))  # pull-back
+    torch._foreach_copy_(tmp, imp)
+    torch._foreach_mul_(tmp, c_rho)
+    torch._foreach_clamp_max_(tmp, 1.0)  # pull-back fraction min(1, rho * imp)
+    torch._foreach_addcmul_(out, tmp, w, value=-1.0)
+    torch._foreach_addcmul_(out, tmp, anchor)  # - min(1, rho * imp) * (w - anchor)
     return out
 
 
@@ -391,7 +394,7 @@ def _learned_step(
             out_scale * coef.param / rms_w,  # x w  (rms_w: see features.param_reference)
             out_scale * coef.drift / rms_w,  # x (w - anchor)
             coef.gate_lambda * inv_imp,  # x importance, in the gate's denominator
-            -coef.rho * inv_imp,  # x importance x (w - anchor)
+            coef.rho * inv_imp,  # x importance: pull-back fraction (at most 1)
             eps * bc2_sqrt,  # + sqrt(v)
         ],
         dim=1,

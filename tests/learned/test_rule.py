@@ -226,3 +226,24 @@ def test_no_grad_fast_path_equals_differentiable_path(dtype):
         torch.testing.assert_close(got[k], expected[k].detach())
         torch.testing.assert_close(got_state[k].exp_avg, expected_state[k].exp_avg.detach())
         assert got_state[k].exp_avg is copied[k].exp_avg  # updated in place
+
+
+@pytest.mark.parametrize("grad_enabled", [False, True])
+def test_pull_back_never_overshoots_the_anchor(grad_enabled):
+    net = LearnedRuleNet()
+    with torch.no_grad():
+        net.head.bias[4] = 2.0  # gate 0: only the pull-back moves parameters
+        net.head.bias[6] = 1e8  # rho = 1e6: pull fraction min(1, rho * imp) = 1 if imp > 0
+    params = mlp_params(torch.float32)
+    rule = learned_rule(net, lr=1e-2, aux_dtype=None)
+    anchor, state = _run(learned_rule(LearnedRuleNet(), lr=0.1, aux_dtype=None), params, 5)
+    state = new_task(state, anchor)  # anchor snapshot, importance from the moves so far
+    moved = {k: v + 0.01 * torch.randn_like(v) for k, v in anchor.items()}
+    with torch.set_grad_enabled(grad_enabled):
+        updates, _ = rule.update(_grads(moved, 9), state, moved)
+    for k in params:
+        before = (moved[k] - anchor[k]).abs()
+        after = (moved[k] + updates[k].detach() - anchor[k]).abs()
+        assert bool((after <= before + 1e-6).all())
+        home = state[k].importance > 1e-6 * state[k].importance.max()
+        assert bool(home.any()) and float(after[home].max()) < 1e-6
