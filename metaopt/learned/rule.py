@@ -8,7 +8,7 @@ One ``update`` call:
    descriptor, and a task token from the loss statistics and task counters;
 3. runs :class:`~metaopt.learned.network.LearnedRuleNet` over the tokens to get
    per-token coefficients (:class:`~metaopt.learned.network.TokenCoefficients`);
-4. applies them element-wise with a dozen ``torch._foreach`` ops::
+4. applies them element-wise with about twenty ``torch._foreach`` passes::
 
        u = -lr * gate / (1 + lambda * imp) * (exp(s) * m_hat / (sqrt(v_hat) + eps)
                + a * g / (sqrt(v_hat) + eps) + b * w / rms_w + c * (w - anchor) / rms_w)
@@ -139,9 +139,15 @@ def learned_rule(
         return {key: init_leaf(key, p, depth_of(key, p), aux_dtype) for key, p in items}
 
     def run_net(tokens: torch.Tensor, task: torch.Tensor) -> TokenCoefficients:
+        """The net on its own device; coefficients come back to the parameters' device."""
+        source = meta_params.values() if meta_params is not None else net.parameters()
+        net_device = next(iter(source)).device
+        inputs = (tokens.to(net_device), task.to(net_device))
         if meta_params is None:
-            return net(tokens, task)
-        return functional_call(net, dict(meta_params), (tokens, task))
+            coef = net(*inputs)
+        else:
+            coef = functional_call(net, dict(meta_params), inputs)
+        return TokenCoefficients(*(c.to(tokens.device) for c in coef))
 
     def update(grads: Any, state: State, params: Any | None = None) -> tuple[Any, State]:
         items = named_leaves(grads)
@@ -327,7 +333,11 @@ def _learned_step(
     no_grad = not torch.is_grad_enabled()
 
     # 1. Adam's moments (torch.optim.Adam's foreach formulas)
-    in_place = no_grad and inplace_state
+    in_place = (
+        no_grad
+        and inplace_state
+        and all(s.exp_avg.is_contiguous() and s.exp_avg_sq.is_contiguous() for s in leaves)
+    )
     if in_place:
         torch._foreach_lerp_(m_old, g_v, 1.0 - b1)
         torch._foreach_mul_(v_old, b2)
@@ -403,8 +413,8 @@ def _learned_step(
     # 4. element-wise update; per-token coefficients broadcast over each token's row
     dtypes = {g.dtype for g in grads}
     if len(dtypes) == 1:  # one split per coefficient: [n_tokens, 1] views, 7 calls in all
-        columns = table.to(dtypes.pop()).t().unsqueeze(-1)  # [7, T, 1]
-        coefficients = [list(torch.split(col, counts)) for col in columns]
+        by_coefficient = table.to(dtypes.pop()).t().unsqueeze(-1)  # [7, T, 1]
+        coefficients = [list(torch.split(col, counts)) for col in by_coefficient]
     else:
         per_tensor = [t.to(g.dtype) for t, g in zip(torch.split(table, counts), grads, strict=True)]
         coefficients = [[t[:, j : j + 1] for t in per_tensor] for j in range(table.shape[1])]
