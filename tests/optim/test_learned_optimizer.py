@@ -280,3 +280,70 @@ def test_inside_distributed_data_parallel(tmp_path):
     for a, b, p in zip(ranks[0], ranks[1], model.parameters(), strict=True):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, p.detach(), rtol=1e-5, atol=1e-6)
+
+
+SCHEDULERS = {
+    "cosine": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10),
+    "onecycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=20),
+    "cyclic": lambda o: torch.optim.lr_scheduler.CyclicLR(
+        o, base_lr=1e-3, max_lr=1e-2, step_size_up=4, cycle_momentum=True
+    ),
+    "lambda": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 / (1 + t)),
+    "plateau": lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=0, factor=0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_lr_schedulers_drive_the_rule_like_adam(name):
+    model, x, y = build("mlp", 3, seed=13, dtype=torch.float64)
+    twin = copy.deepcopy(model)
+    runs = []
+    for m, opt in (
+        (model, LearnedOptimizer(model.parameters(), lr=1e-2, net=LearnedRuleNet())),
+        (twin, torch.optim.Adam(twin.parameters(), lr=1e-2)),
+    ):
+        sched = SCHEDULERS[name](opt)
+        for _ in range(20):
+            opt.zero_grad()
+            loss = _loss(m, x, y)
+            loss.backward()
+            opt.step()
+            if name == "plateau":
+                sched.step(float(loss.detach()))
+            else:
+                sched.step()
+        runs.append([dict(g) for g in opt.param_groups])
+    _assert_params_close(model, twin, atol=1e-10)
+    assert runs[0][0]["lr"] == pytest.approx(runs[1][0]["lr"])
+    assert tuple(runs[0][0]["betas"]) == pytest.approx(tuple(runs[1][0]["betas"]))
+
+
+class PatchViT(nn.Module):
+    """ViT-style: 2x2 patches of a 4x4 image, a learned position parameter, one encoder
+    layer, mean pooling."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.patch = nn.Linear(4, d)
+        self.pos = nn.Parameter(torch.zeros(4, d))
+        layer = nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches = x.unfold(1, 2, 2).unfold(2, 2, 2).reshape(x.shape[0], 4, 4)
+        return self.head(self.encoder(self.patch(patches) + self.pos).mean(1))
+
+
+def test_vit_style_model_trains_like_adam_at_init():
+    torch.manual_seed(14)
+    model = PatchViT().double()
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(16, 4, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    ours = LearnedOptimizer(model.named_parameters(), lr=1e-2, net=LearnedRuleNet())
+    ref = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    first = float(_loss(model, x, y))
+    _train(model, ours, x, y, 30)
+    _train(twin, ref, x, y, 30)
+    _assert_params_close(model, twin, atol=1e-6)
+    assert float(_loss(model, x, y)) < 0.5 * first
