@@ -60,3 +60,10 @@ def batches(kind: str, n: int, seed: int = 0, size: int = 8) -> list[tuple[torch
         (torch.randn(*shape, generator=gen), torch.randint(0, 3, (size,), generator=gen))
         for _ in range(n)
     ]
+
+
+def graph_breaks() -> int:
+    """Graph breaks Dynamo has counted in this process so far (compare before/after)."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
