@@ -104,7 +104,8 @@ def learned_rule(
         lr: learning rate (a number or a 0-d tensor), the scale of Adam's step.
         meta_params: ``{name: tensor}`` replacing ``net``'s parameters through
             ``torch.func.functional_call`` (gradients then flow to these tensors).
-        betas, eps: Adam's moment decay rates and denominator constant.
+        betas: Adam's moment decay rates.
+        eps: Adam's denominator constant.
         max_block: target size of a token (larger tensors are split into equal blocks
             of at most about this many elements, see
             :func:`metaopt.learned.features.layout_of`).
@@ -226,7 +227,8 @@ def _elementwise(
     c_m, c_g, c_w, c_d, c_lam, c_rho, c_eps = c
     anchor = [a.to(x.dtype) for a, x in zip(anchor, w, strict=True)]
     imp = [i.to(x.dtype) for i, x in zip(imp, w, strict=True)]
-    denom = torch._foreach_add(torch._foreach_sqrt(v), c_eps)
+    # v floored at a tiny number: same values, finite d sqrt(v)/dv where v == 0 (meta-grads)
+    denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_clamp_min(v, _TINY)), c_eps)
     direction = torch._foreach_addcmul(torch._foreach_mul(m, c_m), g, c_g)
     direction = torch._foreach_div(direction, denom)
     drift = torch._foreach_sub(w, anchor)

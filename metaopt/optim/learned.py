@@ -42,10 +42,14 @@ class LearnedOptimizer(FunctionalOptimizer):
         params: parameters or parameter groups (named parameters are accepted).
         lr: learning rate (per group; schedulers change it).
         net: the rule's network; ``None`` loads the shipped ``"default"`` checkpoint.
-        betas, eps: Adam's constants (per group).
+        betas: Adam's moment decay rates (per group).
+        eps: Adam's denominator constant (per group).
         topk_fraction: hard selection of the fraction of tokens that move (per group).
-        max_block, sample_size, aux_dtype, importance: see
-            :func:`metaopt.learned.learned_rule` (fixed for the optimizer).
+        max_block: target elements per token (see :func:`metaopt.learned.learned_rule`).
+        sample_size: elements sampled per token for its statistics.
+        aux_dtype: dtype of the anchor and importance buffers (``None``: the parameter's).
+        importance: the task-boundary importance score, one of
+            :data:`metaopt.learned.IMPORTANCE_KINDS`.
         reuse_buffers: keep two scratch buffers per parameter between steps (the
             ``workspace`` of :func:`~metaopt.learned.learned_rule`): faster eager steps
             for 2 x the parameters' bytes of resident memory (not optimizer state; not
