@@ -16,7 +16,7 @@ from metaopt.learned import load_checkpoint
 from metaopt.meta.tasks import FamilyConfig
 from metaopt.meta.trainer import MetaTrainer, TrainConfig
 
-ESTIMATOR = "es"
+ESTIMATOR = "unrolled"
 
 TINY_FAMILY = FamilyConfig(
     models=("mlp",), kinds=("split",), n_tasks=(2, 2), steps_per_task=(3, 3), examples=100,
