@@ -28,12 +28,12 @@ def _run(model, opt, x, y, steps=STEPS):
         opt.step()
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = RTOL) -> bool:
     scale = max(a.abs().max().item(), b.abs().max().item())
-    return (a - b).abs().max().item() <= RTOL * scale + ATOL
+    return (a - b).abs().max().item() <= rtol * scale + ATOL
 
 
-def assert_same_trajectory(kind, size, seed, factory, torch_cls, hyper, ignore=()):
+def assert_same_trajectory(kind, size, seed, factory, torch_cls, hyper, ignore=(), rtol=RTOL):
     model, x, y = build(kind, size, seed)
     twin = copy.deepcopy(model)
     ours = metaopt.FunctionalOptimizer(model.parameters(), factory, **hyper)
@@ -41,14 +41,14 @@ def assert_same_trajectory(kind, size, seed, factory, torch_cls, hyper, ignore=(
     _run(model, ours, x, y)
     _run(twin, ref, x, y)
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
-        assert _close(p, q), f"{kind}: parameter {name} differs"
+        assert _close(p, q, rtol), f"{kind}: parameter {name} differs"
         ref_state, our_state = ref.state[q], ours.state[p]
         for state_name, value in ref_state.items():
             if state_name in ignore or value is None:
                 continue
             matches = [v for k, v in our_state.items() if k.endswith("." + state_name)]
             assert len(matches) == 1, f"state {state_name} missing in {sorted(our_state)}"
-            assert _close(matches[0].to(value.dtype), value), f"{name}: state {state_name}"
+            assert _close(matches[0].to(value.dtype), value, rtol), f"{name}: state {state_name}"
 
 
 kinds = st.sampled_from(KINDS)
@@ -89,9 +89,11 @@ def test_adamw_matches_torch(kind, size, seed, lr, weight_decay, amsgrad):
        st.booleans(), decays)
 def test_rmsprop_matches_torch(kind, size, seed, lr, momentum, centered, weight_decay):
     hyper = dict(lr=lr, momentum=momentum, centered=centered, weight_decay=weight_decay)
-    # metaopt's rmsprop needs no step count, torch.optim.RMSprop keeps one.
+    # metaopt's rmsprop needs no step count, torch.optim.RMSprop keeps one. Centered RMSprop
+    # divides by sqrt(E[g^2] - E[g]^2), a cancellation that amplifies float64 rounding where a
+    # gradient is nearly constant (attention key biases): there the states agree to ~3e-6.
     assert_same_trajectory(kind, size, seed, metaopt.rules.rmsprop, torch.optim.RMSprop, hyper,
-                           ignore={"step"})
+                           ignore={"step"}, rtol=1e-5 if centered else RTOL)
 
 
 @pytest.mark.parametrize("kind", KINDS)
