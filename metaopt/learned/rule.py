@@ -96,6 +96,7 @@ def learned_rule(
     depth: DepthFn | Mapping[str, float] | None = None,
     inplace_state: bool = False,
     workspace: dict[Any, list[torch.Tensor]] | None = None,
+    importance_free: bool = False,
 ) -> UpdateRule:
     """The attention-based learned rule as a pure :class:`~metaopt.rules.UpdateRule`.
 
@@ -126,6 +127,10 @@ def learned_rule(
             allocating and first-touching fresh memory, the main eager cost. The returned
             updates then live in it and are valid until the next call. Ignored when
             autograd is on.
+        importance_free: the caller guarantees that every importance buffer is zero (no
+            task boundary yet): the importance gate (a division by 1) and the pull-back
+            (0) are skipped, a third of the element-wise passes. Ignored in an update
+            that resolves a pending boundary.
 
     Returns:
         ``UpdateRule`` whose ``update(grads, state, params)`` requires ``params``.
@@ -163,6 +168,7 @@ def learned_rule(
         if not items:
             return rebuild(grads, []), {}
         leaves: list[LearnedState] = []
+        folded = False
         for key, g in items:
             leaf = state[key]
             if not isinstance(leaf, LearnedState):
@@ -174,6 +180,7 @@ def learned_rule(
                 )
             if leaf.pending.numel():  # a boundary marked by new_task(state) without params
                 leaf = fold_task(leaf, param_of[key], importance)
+                folded = True
             leaves.append(leaf)
         grads_l = [g for _, g in items]
         params_l = [param_of[k] for k in keys]
@@ -192,6 +199,7 @@ def learned_rule(
             net_dtype=_net_dtype(net, meta_params),
             inplace_state=inplace_state,
             workspace=workspace,
+            importance_free=importance_free and not folded,
         )
         return rebuild(grads, updates), dict(zip(keys, new_leaves, strict=True))
 
@@ -220,10 +228,12 @@ def _elementwise(
     anchor: list[torch.Tensor],
     imp: list[torch.Tensor],
     c: list[list[torch.Tensor]],
+    importance_free: bool,
 ) -> list[torch.Tensor]:
     """The per-element update, out of place (differentiable). ``m, v`` are the updated
     moments, ``c`` the seven per-token coefficient lists ``[n_tokens, 1]`` (see
-    ``_learned_step``); every tensor is a ``[n_tokens, length]`` view."""
+    ``_learned_step``); every tensor is a ``[n_tokens, length]`` view.
+    ``importance_free``: every importance is 0, skip the terms that vanish then."""
     c_m, c_g, c_w, c_d, c_lam, c_rho, c_eps = c
     anchor = [a.to(x.dtype) for a, x in zip(anchor, w, strict=True)]
     imp = [i.to(x.dtype) for i, x in zip(imp, w, strict=True)]
@@ -234,6 +244,8 @@ def _elementwise(
     drift = torch._foreach_sub(w, anchor)
     direction = torch._foreach_addcmul(direction, w, c_w)
     direction = torch._foreach_addcmul(direction, drift, c_d)
+    if importance_free:  # imp == 0: the gate divides by 1 and the pull-back is 0
+        return direction
     direction = torch._foreach_div(
         direction, torch._foreach_add(torch._foreach_mul(imp, c_lam), 1.0)
     )
@@ -272,6 +284,7 @@ def _elementwise_no_grad(
     imp: list[torch.Tensor],
     c: list[list[torch.Tensor]],
     workspace: dict[Any, list[torch.Tensor]] | None,
+    importance_free: bool,
 ) -> list[torch.Tensor]:
     """The same arithmetic as :func:`_elementwise` with autograd off, in place on two
     buffers per tensor (from ``workspace`` when given: first-touching fresh memory costs
@@ -290,6 +303,8 @@ def _elementwise_no_grad(
     torch._foreach_copy_(tmp, anchor)  # converts from the auxiliary dtype
     torch._foreach_sub_(tmp, w)  # anchor - w
     torch._foreach_addcmul_(out, tmp, torch._foreach_neg(c_d))
+    if importance_free:  # imp == 0: the gate divides by 1 and the pull-back is 0
+        return out
     torch._foreach_copy_(tmp, imp)
     torch._foreach_mul_(tmp, c_lam)
     torch._foreach_add_(tmp, 1.0)
@@ -318,6 +333,7 @@ def _learned_step(
     net_dtype: torch.dtype,
     inplace_state: bool,
     workspace: dict[Any, list[torch.Tensor]] | None,
+    importance_free: bool,
 ) -> tuple[list[torch.Tensor], list[LearnedState]]:
     """The arithmetic of one update over lists of tensors (see the module docstring)."""
     device = grads[0].device
@@ -421,9 +437,11 @@ def _learned_step(
         per_tensor = [t.to(g.dtype) for t, g in zip(torch.split(table, counts), grads, strict=True)]
         coefficients = [[t[:, j : j + 1] for t in per_tensor] for j in range(table.shape[1])]
     if no_grad:
-        out = _elementwise_no_grad(g_v, w_v, m_new, v_new, anchor, imp, coefficients, workspace)
+        out = _elementwise_no_grad(
+            g_v, w_v, m_new, v_new, anchor, imp, coefficients, workspace, importance_free
+        )
     else:
-        out = _elementwise(g_v, w_v, m_new, v_new, anchor, imp, coefficients)
+        out = _elementwise(g_v, w_v, m_new, v_new, anchor, imp, coefficients, importance_free)
 
     updates = [u.reshape(g.shape) for u, g in zip(out, grads, strict=True)]
     new_leaves = [

@@ -136,6 +136,7 @@ class LearnedOptimizer(FunctionalOptimizer):
                 depth=self._depth_of,
                 inplace_state=True,
                 workspace=self._workspace,
+                importance_free=self._task_index == 0,
                 **self._options,
             )
 
@@ -212,6 +213,7 @@ class LearnedOptimizer(FunctionalOptimizer):
                 leaf = new_task({key: leaf}, {key: p}, importance=self._options["importance"])
                 self._store(p, leaf[key])
         self._task_index += 1
+        self._rule_cache.clear()  # rules built while importance was zero skip it
 
     # ------------------------------------------------------------------ state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -234,3 +236,4 @@ class LearnedOptimizer(FunctionalOptimizer):
                 found = [float(s.task_index) for s in learned_leaves(leaf)]
                 task_index = max([task_index, *found])
         self._task_index = int(task_index)
+        self._rule_cache.clear()

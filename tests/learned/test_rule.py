@@ -247,3 +247,24 @@ def test_pull_back_never_overshoots_the_anchor(grad_enabled):
         assert bool((after <= before + 1e-6).all())
         home = state[k].importance > 1e-6 * state[k].importance.max()
         assert bool(home.any()) and float(after[home].max()) < 1e-6
+
+
+def test_importance_free_skips_only_terms_that_vanish():
+    net = perturbed_net(dtype=torch.float64)
+    params = mlp_params(torch.float64)
+    general = learned_rule(net, lr=1e-2, max_block=16)
+    fast = learned_rule(net, lr=1e-2, max_block=16, importance_free=True)
+    state = general.init(params)
+    grads = _grads(params, 4)
+    for grad_enabled in (False, True):
+        with torch.set_grad_enabled(grad_enabled):
+            expected, _ = general.update(grads, state, params)
+            got, _ = fast.update(grads, state, params)
+        for k in params:
+            assert torch.equal(got[k], expected[k])
+    marked = new_task(state)  # a pending boundary folds importance: the flag is ignored
+    moved = {k: v + 0.1 for k, v in params.items()}
+    expected, _ = general.update(grads, marked, moved)
+    got, _ = fast.update(grads, marked, moved)
+    for k in params:
+        assert torch.equal(got[k], expected[k])
