@@ -82,12 +82,19 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def make_optimizers(params: list[torch.Tensor]) -> dict[str, torch.optim.Optimizer]:
+    """The baselines and the learned optimizer twice: in its first task ("learned 1st",
+    where every importance is still zero and its terms are skipped) and after a task
+    boundary ("learned 2nd+", the general case)."""
     net = load_pretrained("default")
+    later = LearnedOptimizer(params, lr=1e-3, net=net)
+    later.step()
+    later.new_task()
     return {
         "SGD": torch.optim.SGD(params, lr=1e-3),
         "Adam foreach": torch.optim.Adam(params, lr=1e-3, foreach=True),
         "Adam fused": torch.optim.Adam(params, lr=1e-3, fused=True),
-        "learned": LearnedOptimizer(params, lr=1e-3, net=net),
+        "learned 1st": LearnedOptimizer(params, lr=1e-3, net=net),
+        "learned 2nd+": later,
     }
 
 
@@ -127,7 +134,7 @@ def bench_model(
         p.grad = torch.randn_like(p) * 1e-2
     opts = make_optimizers(params)
     times = time_steps(opts, steps, repeats, warmup, clock)
-    learned = opts["learned"]
+    learned = opts["learned 2nd+"]
     tokens = sum(learned_tokens(p.numel(), p.shape[0] if p.ndim else 1) for p in params)
     return {
         "model": kind,
@@ -135,8 +142,9 @@ def bench_model(
         "tensors": len(params),
         "tokens": tokens,
         **{f"{name} ms": 1e3 * t for name, t in times.items()},
-        "learned/fused": times["learned"] / times["Adam fused"],
-        "learned/foreach": times["learned"] / times["Adam foreach"],
+        "1st/fused": times["learned 1st"] / times["Adam fused"],
+        "2nd+/fused": times["learned 2nd+"] / times["Adam fused"],
+        "2nd+/foreach": times["learned 2nd+"] / times["Adam foreach"],
         "state/Adam": state_bytes(learned) / state_bytes(opts["Adam fused"]),
     }
 
