@@ -40,6 +40,20 @@ def _describe(flat: dict[str, Any]) -> dict[str, tuple[int, ...] | str]:
     }
 
 
+def _update_group(
+    rule: UpdateRule,
+    keys: list[str],
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    state: dict[str, Any],
+) -> dict[str, Any]:
+    """``params += rule.update(grads)`` in place over one group; returns the new state."""
+    named_params = dict(zip(keys, params, strict=True))
+    updates, new_state = rule.update(dict(zip(keys, grads, strict=True)), state, named_params)
+    torch._foreach_add_(params, [updates[k].to(p.dtype) for k, p in named_params.items()])
+    return new_state
+
+
 class FunctionalOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs a functional update rule.
 
@@ -52,6 +66,9 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         check_finite: raise ``FloatingPointError`` before touching anything when a
             gradient holds NaN or inf (default). ``False`` skips the check (one device
             sync per step) and lets non-finite values flow into parameters.
+        compile: run each group's update (``rule.update`` over all its parameters and the
+            in-place addition) through ``torch.compile``. A float ``lr`` is then passed to
+            the factory as a 0-d tensor, so learning-rate schedulers do not recompile.
         **hyper: hyper-parameters for ``rule`` (a factory); missing ones take the
             factory's defaults, so ``group["lr"]`` always exists when the factory has ``lr``.
 
@@ -66,6 +83,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         rule: RuleFactory | UpdateRule,
         *,
         check_finite: bool = True,
+        compile: bool = False,
         **hyper: Any,
     ) -> None:
         if isinstance(rule, UpdateRule):
@@ -85,6 +103,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         else:
             raise TypeError(f"rule must be an UpdateRule or a factory, got {type(rule).__name__}")
         self.check_finite = check_finite
+        self._update = torch.compile(_update_group) if compile else _update_group
         self._specs: dict[torch.Tensor, Any] = {}
         self._rule_cache: dict[int, tuple[Any, UpdateRule]] = {}
         super().__init__(params, defaults)
@@ -253,12 +272,22 @@ class FunctionalOptimizer(torch.optim.Optimizer):
     ) -> None:
         rule = self.rule_for(group)
         state = {k: self._leaf_state(rule, k, p) for k, p in zip(keys, params, strict=True)}
-        grads = {k: p.grad for k, p in zip(keys, params, strict=True)}
-        updates, new_state = rule.update(grads, state, dict(zip(keys, params, strict=True)))
-        deltas = [updates[k].to(p.dtype) for k, p in zip(keys, params, strict=True)]
-        torch._foreach_add_(params, deltas)
+        if self._update is not _update_group:
+            rule = self._tensor_lr_rule(group, rule)
+        new_state = self._update(rule, keys, params, [p.grad for p in params], state)
         for k, p in zip(keys, params, strict=True):
             self._store(p, new_state[k])
+
+    def _tensor_lr_rule(self, group: dict[str, Any], rule: UpdateRule) -> UpdateRule:
+        """``rule`` rebuilt with the group's float ``lr`` as a 0-d tensor (a graph input of
+        the compiled update, where a float would be a constant that recompiles)."""
+        lr = group.get("lr")
+        if self._factory is None or "lr" not in self._hyper_names or not isinstance(lr, float):
+            return rule
+        first = group["params"][0]
+        kwargs = {k: group[k] for k in self._hyper_names if k in group}
+        kwargs["lr"] = torch.tensor(lr, dtype=first.dtype, device=first.device)
+        return self._factory(**kwargs)
 
     # ------------------------------------------------------------------ state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
