@@ -61,6 +61,8 @@ def test_bench_tiny_writes_results_and_merges(tmp_path: Path, capsys) -> None:
     assert main([*merged_argv, "--merge-into", str(out / "results.json")]) == 0
     merged = json.loads((out / "results.json").read_text())["rows"]
     assert len(merged) == 5
+    commands = json.loads((out / "results.json").read_text())["meta"]["commands"]
+    assert len(commands) == 2 and "--merge-into" in commands[1]
     assert all(r == before[r["setting"]] for r in merged if r["setting"] in before)
     # resume: everything already there, nothing runs again
     assert main([*argv, "--resume"]) == 0

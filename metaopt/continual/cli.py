@@ -167,7 +167,11 @@ def bench_command(args: argparse.Namespace) -> int:
     existing = load_results(results_path) if (args.merge_into or args.resume) else {"rows": []}
     rows: list[dict[str, Any]] = list(existing["rows"])
     skip = {row_key(r) for r in rows} if args.resume else set()
-    meta = {**existing.get("meta", {}), **_meta(args, getattr(args, "argv", sys.argv[1:]))}
+    old_meta = existing.get("meta", {})
+    meta = {**old_meta, **_meta(args, getattr(args, "argv", sys.argv[1:]))}
+    # every command that contributed rows, oldest first (merges keep the history)
+    history = old_meta.get("commands", [old_meta["command"]] if "command" in old_meta else [])
+    meta["commands"] = [*history, meta["command"]]
     meta["budget"] = vars(suite.budget)
     if any(s.optimizer == "learned" for s in suite.settings):
         meta["learned_checkpoint"] = _checkpoint_info()
