@@ -153,7 +153,7 @@ def plot_results(
             ]
             mats.append((s["optimizer"], s["setting"], np.mean([r["R"] for r in runs], axis=0)))
         n = len(mats)
-        fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.8), squeeze=False)
+        fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 3.0), squeeze=False, layout="constrained")
         for ax, (_, setting, R) in zip(axes[0], mats, strict=True):
             ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
             T = R.shape[0]
@@ -175,13 +175,14 @@ def plot_results(
             ax.set_xticks(range(T))
             ax.set_yticks(range(T))
         fig.suptitle(f"{stream} / {model}: test accuracy R (%), {mode} settings", fontsize=9)
-        fig.tight_layout()
         path = out_dir / f"{stream}_{model}_matrix.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
 
-        fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.6), squeeze=False, sharey=True)
+        fig, axes = plt.subplots(
+            1, n, figsize=(2.6 * n, 2.8), squeeze=False, sharey=True, layout="constrained"
+        )
         for ax, (_, setting, R) in zip(axes[0], mats, strict=True):
             T = R.shape[0]
             for j in range(T):
@@ -193,7 +194,6 @@ def plot_results(
         axes[0][0].set_ylabel("test accuracy")
         axes[0][-1].legend(fontsize=6, loc="lower left")
         fig.suptitle(f"{stream} / {model}: accuracy of each task over time", fontsize=9)
-        fig.tight_layout()
         path = out_dir / f"{stream}_{model}_curves.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
