@@ -292,11 +292,10 @@ def _elementwise_no_grad(
     c_m, c_g, c_w, c_d, c_lam, c_rho, c_eps = c
     out = _scratch(workspace, "out", w)
     tmp = _scratch(workspace, "tmp", w)
-    torch._foreach_copy_(out, m)
-    torch._foreach_mul_(out, c_m)
+    for o, t, m_i, v_i, c_i in zip(out, tmp, m, v, c_m, strict=True):
+        torch.mul(m_i, c_i, out=o)  # one pass each, where copy + in-place op take two
+        torch.sqrt(v_i, out=t)
     torch._foreach_addcmul_(out, g, c_g)
-    torch._foreach_copy_(tmp, v)
-    torch._foreach_sqrt_(tmp)
     torch._foreach_add_(tmp, c_eps)
     torch._foreach_div_(out, tmp)  # gate-free direction, Adam's at init
     torch._foreach_addcmul_(out, w, c_w)
