@@ -8,11 +8,16 @@ Every estimator shares one interface::
 * :class:`Implicit` / :func:`implicit_root` — implicit function theorem with conjugate
   gradient on Hessian-vector products;
 * :class:`ES` / :class:`PES` — antithetic and persistent evolution strategies, no graph.
+
+Meta-training the learned rule: :class:`ContinualProblem` (the continual meta-objective),
+:class:`TaskFamily` (random task sequences from digits / MNIST training images) and
+:class:`MetaTrainer` (``metaopt meta-train``).
 """
 
 from metaopt.meta.es import ES, PES
 from metaopt.meta.functional import PureModel, detach_tree
 from metaopt.meta.implicit import Implicit, ImplicitProblem, conjugate_gradient, implicit_root
+from metaopt.meta.objective import ContinualProblem, evaluate_rule
 from metaopt.meta.problem import (
     Estimator,
     InnerProblem,
@@ -20,23 +25,31 @@ from metaopt.meta.problem import (
     RuleFactory,
     SupervisedProblem,
 )
+from metaopt.meta.tasks import FamilyConfig, TaskFamily
+from metaopt.meta.trainer import MetaTrainer, TrainConfig
 from metaopt.meta.unroll import InnerCarry, Unrolled, inner_step
 
 __all__ = [
     "ES",
     "PES",
+    "ContinualProblem",
     "Estimator",
+    "FamilyConfig",
     "Implicit",
     "ImplicitProblem",
     "InnerCarry",
     "InnerProblem",
     "MetaGradient",
+    "MetaTrainer",
     "PureModel",
     "RuleFactory",
     "SupervisedProblem",
+    "TaskFamily",
+    "TrainConfig",
     "Unrolled",
     "conjugate_gradient",
     "detach_tree",
+    "evaluate_rule",
     "implicit_root",
     "inner_step",
 ]
