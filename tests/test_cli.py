@@ -28,6 +28,8 @@ TINY = [
     "--epochs",
     "1",
     "--no-progress",
+    "--device",
+    "cpu",
 ]
 
 

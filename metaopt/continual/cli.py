@@ -94,6 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("--plot", action="store_true", help="save PNG plots into OUT")
     bench.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    bench.add_argument("--device", help="torch device for training, e.g. cuda (default cpu)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(func=bench_command)
 
@@ -193,7 +194,9 @@ def bench_command(args: argparse.Namespace) -> int:
         flush=True,
     )
     bar = tqdm(total=total, disable=args.no_progress, unit="run", dynamic_ncols=True)
-    for row in run_suite(suite, args.data_dir, skip=skip, on_start=bar.set_description_str):
+    for row in run_suite(
+        suite, args.data_dir, skip=skip, on_start=bar.set_description_str, device=args.device
+    ):
         rows = merge_rows(rows, [row])
         save_results(results_path, meta, rows)
         bar.update(1)

@@ -49,8 +49,10 @@ class TaskContext:
     loss_fn: LossFn
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The task's logits ``[B, n_classes]`` for images ``x [B, C, H, W]``."""
-        return self.task.logits(self.model(x))
+        """The task's logits ``[B, n_classes]`` for images ``x [B, C, H, W]`` (any device;
+        moved to the model's)."""
+        device = next(self.model.parameters()).device
+        return self.task.logits(self.model(x.to(device)))
 
 
 @dataclass
@@ -88,13 +90,16 @@ class StreamResult:
 def evaluate(
     model: nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000
 ) -> float:
-    """Accuracy in ``[0, 1]`` of ``model`` on ``(x, y)`` scored on ``task``'s logits."""
+    """Accuracy in ``[0, 1]`` of ``model`` on ``(x, y)`` scored on ``task``'s logits
+    (batches are moved to the model's device)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for start in range(0, len(y), batch_size):
-        logits = task.logits(model(x[start : start + batch_size]))
-        correct += (logits.argmax(dim=1) == y[start : start + batch_size]).sum().item()
+        logits = task.logits(model(x[start : start + batch_size].to(device)))
+        labels = y[start : start + batch_size].to(device)
+        correct += (logits.argmax(dim=1) == labels).sum().item()
     model.train(was_training)
     return correct / max(1, len(y))
 
@@ -132,6 +137,7 @@ def run_stream(
     seed: int = 0,
     loss_fn: LossFn = F.cross_entropy,
     eval_batch_size: int = 1000,
+    device: str | torch.device | None = None,
 ) -> StreamResult:
     """Train sequentially on ``stream`` and evaluate on every task after each task.
 
@@ -148,6 +154,8 @@ def run_stream(
         seed: seeds the initialisation and the data order.
         loss_fn: ``(task logits [B, k], labels [B]) -> scalar`` loss.
         eval_batch_size: evaluation batch size (does not change results).
+        device: where to train (``"cuda"``...); default: where the factory put the model.
+            Tasks stay where they are; minibatches are moved.
 
     Returns:
         A :class:`StreamResult` with ``R [T, T]`` and ``b [T]`` (and validation versions if
@@ -162,7 +170,10 @@ def run_stream(
     start_time = time.perf_counter()
     torch.manual_seed(seed)
     model = model_factory()
+    if device is not None:
+        model.to(device)
     model.train()
+    device = next(model.parameters()).device
     optimizer = optimizer_factory(model.parameters())
     data_gen = torch.Generator().manual_seed(seed)
     T = len(stream)
@@ -181,7 +192,7 @@ def run_stream(
         n_steps = steps if steps is not None else epochs * math.ceil(n / batch_size)
         losses: list[torch.Tensor] = []
         for index in _batches(n, batch_size, n_steps, data_gen):
-            xb, yb = task.x_train[index], task.y_train[index]
+            xb, yb = task.x_train[index].to(device), task.y_train[index].to(device)
 
             def closure(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
                 optimizer.zero_grad()

@@ -301,12 +301,14 @@ def run_suite(
     *,
     skip: set[tuple[str, str, str, int]] | frozenset = frozenset(),
     on_start: Callable[[str], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Run every (stream, model, setting, seed) not in ``skip``; yield one row per run.
 
     Rows hold the test and validation accuracy matrices (``R``, ``b``, ``R_val``,
     ``b_val``; accuracies in ``[0, 1]``), their metrics, the wall time in seconds and the
-    budget. ``on_start(description)`` is called before each run (progress display).
+    budget. ``on_start(description)`` is called before each run (progress display);
+    ``device`` is where the models train (default CPU).
     """
     # Seed-major order: an interrupted suite still covers every stream and model.
     for seed in suite.seeds:
@@ -332,6 +334,7 @@ def run_suite(
                     steps=suite.budget.steps,
                     batch_size=suite.budget.batch_size,
                     seed=seed,
+                    device=device,
                 )
                 yield {
                     "stream": spec.name,

@@ -43,6 +43,10 @@ def test_two_optimizers_same_init_and_reproducible(tiny_stream: list[Task]) -> N
     again = run_stream(_model(tiny_stream), OPTIMIZERS["adam"], tiny_stream, epochs=2, seed=3)
     assert torch.equal(again.R, results["adam"].R)
     assert again.train_loss == results["adam"].train_loss
+    on_cpu = run_stream(
+        _model(tiny_stream), OPTIMIZERS["adam"], tiny_stream, epochs=2, seed=3, device="cpu"
+    )
+    assert torch.equal(on_cpu.R, results["adam"].R)
     other_seed = run_stream(_model(tiny_stream), OPTIMIZERS["adam"], tiny_stream, epochs=2, seed=4)
     assert not torch.equal(other_seed.b, results["adam"].b)
 
