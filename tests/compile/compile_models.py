@@ -1,9 +1,15 @@
-"""Tiny models and batches for the compile tests (small, so that compiling stays cheap)."""
+"""Tiny models, batches and references for the compile tests (small: compiling stays cheap)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
+from torch.func import grad
+
+import metaopt
+from metaopt.compile import loss_and_buffers
 
 
 def mlp() -> nn.Module:
@@ -64,6 +70,19 @@ def batches(kind: str, n: int, seed: int = 0, size: int = 8) -> list[tuple[torch
 
 def graph_breaks() -> int:
     """Graph breaks Dynamo has counted in this process so far (compare before/after)."""
-    from torch._dynamo.utils import counters
-
     return sum(counters["graph_break"].values())
+
+
+def unrolled_meta_grad(model, factory, meta, params, buffers, train, val):
+    """Reference: torch.func.grad through the whole Python unroll (eager)."""
+
+    def meta_loss(m):
+        p, b, s = params, buffers, factory(m).init(params)
+        for batch in train:
+            g, b = grad(lambda q, b=b, batch=batch: loss_and_buffers(
+                model, F.cross_entropy, q, b, batch), has_aux=True)(p)
+            u, s = factory(m).update(g, s, p)
+            p = metaopt.apply_updates(p, u)
+        return loss_and_buffers(model, F.cross_entropy, p, b, val)[0]
+
+    return grad(meta_loss)(meta)

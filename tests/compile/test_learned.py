@@ -8,8 +8,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from metaopt.compile import make_meta_step, make_step, module_state
-from tests.compile.compile_models import batches, build
-from tests.compile.test_meta_step import unrolled_meta_grad
+from tests.compile.compile_models import batches, build, unrolled_meta_grad
 
 learned = pytest.importorskip("metaopt.learned")
 

@@ -7,11 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
-from torch.func import grad
 
 import metaopt
-from metaopt.compile import loss_and_buffers, make_meta_step, module_state
-from tests.compile.compile_models import batches, build, graph_breaks
+from metaopt.compile import make_meta_step, module_state
+from tests.compile.compile_models import batches, build, graph_breaks, unrolled_meta_grad
 
 
 def adam_factory(meta):
@@ -29,21 +28,6 @@ def problem(kind, k, dtype=torch.float32, seed=0):
     data = [(x.to(dtype), y) for x, y in batches(kind, k + 1, seed)]
     params, buffers = module_state(model)
     return model, params, buffers, data[:k], data[k]
-
-
-def unrolled_meta_grad(model, factory, meta, params, buffers, train, val):
-    """Reference: torch.func.grad through the whole Python unroll (eager)."""
-
-    def meta_loss(m):
-        p, b, s = params, buffers, factory(m).init(params)
-        for batch in train:
-            g, b = grad(lambda q, b=b, batch=batch: loss_and_buffers(
-                model, F.cross_entropy, q, b, batch), has_aux=True)(p)
-            u, s = factory(m).update(g, s, p)
-            p = metaopt.apply_updates(p, u)
-        return loss_and_buffers(model, F.cross_entropy, p, b, val)[0]
-
-    return grad(meta_loss)(meta)
 
 
 @pytest.mark.parametrize(
