@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in _COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
-        except ImportError:
-            if name not in _OPTIONAL:
+        except ModuleNotFoundError as exc:
+            # an optional subsystem that is absent; a broken one still raises
+            if name not in _OPTIONAL or exc.name != name:
                 raise
             continue
         module.register(subparsers)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from metaopt.cli import main
+from metaopt.cli import build_parser, main
 
 TINY = [
     "bench",
@@ -82,3 +83,12 @@ def test_errors_exit_cleanly(tmp_path: Path, monkeypatch, capsys) -> None:
         main(["bench", "--streams", "split-mnist"])  # split streams need a scenario
     assert "need a scenario" in capsys.readouterr().err
     assert main([]) == 2
+
+
+def test_subcommands_registered(capsys) -> None:
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"bench", "download"} <= set(commands)
+    assert ("meta-train" in commands) == (importlib.util.find_spec("metaopt.meta.cli") is not None)
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and "metaopt" in capsys.readouterr().out
