@@ -90,10 +90,11 @@ def fold_task(leaf: LearnedState, param: torch.Tensor, importance: str = "path")
             f"{tuple(leaf.anchor.shape)}"
         )
     v = leaf.exp_avg_sq
+    root_v = v.clamp_min(1e-30).sqrt()  # finite derivative where v == 0 (meta-gradients)
     if importance == "path":
-        score = (param - leaf.anchor).abs() * v.sqrt()
+        score = (param - leaf.anchor).abs() * root_v
     elif importance == "weight_grad":
-        score = param.abs() * v.sqrt()
+        score = param.abs() * root_v
     else:
         score = v
     aux = leaf.anchor.dtype
@@ -146,7 +147,8 @@ def observe_loss(state: Any, loss: torch.Tensor | float) -> Any:
     """Record a training loss for the task token (pure).
 
     Keeps a fast (rate 0.1) and a slow (rate 0.01) running average of the loss and the
-    first loss of the task in every learned leaf state.
+    first loss of the task in every learned leaf state. A non-finite loss is ignored (the
+    statistics stay as they are), so it cannot reach the rule's network.
 
     Args:
         state: the state of ``learned_rule`` or of a chain containing it.
@@ -170,6 +172,6 @@ def observe_loss(state: Any, loss: torch.Tensor | float) -> Any:
                 count + 1.0,
             ]
         )
-        return leaf._replace(loss_stats=stats)
+        return leaf._replace(loss_stats=torch.where(torch.isfinite(value), stats, leaf.loss_stats))
 
     return map_learned(state, update)

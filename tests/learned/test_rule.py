@@ -268,3 +268,12 @@ def test_importance_free_skips_only_terms_that_vanish():
     got, _ = fast.update(grads, marked, moved)
     for k in params:
         assert torch.equal(got[k], expected[k])
+
+
+def test_observe_loss_ignores_non_finite_losses():
+    state = learned_rule(LearnedRuleNet()).init(mlp_params(torch.float32))
+    state = observe_loss(state, 2.0)
+    for bad in (float("nan"), float("inf")):
+        after = observe_loss(state, bad)
+        for k in state:
+            assert torch.equal(after[k].loss_stats, state[k].loss_stats)
