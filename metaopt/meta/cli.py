@@ -68,6 +68,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--export", metavar="PATH", help="save the best-validation rule as a learned checkpoint"
     )
+    p.add_argument(
+        "--compare",
+        type=int,
+        metavar="N",
+        default=0,
+        help="after training, compare the best rule with Adam on N fresh validation sequences",
+    )
     p.set_defaults(func=meta_train_command)
 
 
@@ -122,6 +129,11 @@ def meta_train_command(args: argparse.Namespace) -> int:
             f"{trainer.baseline['adam']['meta_loss']:.4f} (acc "
             f"{trainer.baseline['adam']['acc']:.3f}); curves in {Path(args.out) / 'curves.png'}"
         )
+        if args.compare:
+            comparison = trainer.heldout_comparison(args.compare)
+            for name, metrics in comparison.items():
+                print(f"{args.compare} fresh validation sequences, {name}: "
+                      + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if args.export:
             command = "metaopt " + shlex.join(getattr(args, "argv", []) or [])
             path = trainer.export(

@@ -293,6 +293,40 @@ class MetaTrainer:
             state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
             self.best = {"step": self.step, **val, "state": state}
 
+    def heldout_comparison(self, n_sequences: int, seed: int = 777) -> dict[str, dict[str, float]]:
+        """Best-validation rule vs Adam (same lr) on ``n_sequences`` FRESH sequences drawn
+        from the validation images with another seed (not the ones used to pick the best
+        state), so the comparison carries no selection bias.
+
+        Returns:
+            ``{"learned": metrics, "adam": metrics}`` with mean ``evaluate_rule`` metrics
+            and ``"win_rate"`` (fraction of sequences where the learned rule's meta-loss
+            is lower) in the learned entry.
+        """
+        net = LearnedRuleNet(**self.config.net)
+        net.load_state_dict(self.best.get("state") or self.net.state_dict())
+        rules = {
+            "learned": learned_rule(net, self.config.inner_lr, **self.config.rule_options),
+            "adam": adam(self.config.inner_lr),
+        }
+        gen = torch.Generator().manual_seed(seed)
+        problems = [self.val_family.sample(gen) for _ in range(n_sequences)]
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in rules}
+        with torch.no_grad():
+            for problem in problems:
+                for name, rule in rules.items():
+                    results[name].append(evaluate_rule(rule, problem))
+        out = {
+            name: {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]}
+            for name, rs in results.items()
+        }
+        wins = sum(
+            a["meta_loss"] < b["meta_loss"]
+            for a, b in zip(results["learned"], results["adam"], strict=True)
+        )
+        out["learned"]["win_rate"] = wins / n_sequences
+        return out
+
     # ------------------------------------------------------------------ persistence
     @property
     def checkpoint_path(self) -> Path:

@@ -139,3 +139,13 @@ def test_sigkill_then_resume_continues_identically(tmp_path):
     assert states_equal(a["net"], b["net"])
     assert a["history"] == b["history"]
     assert states_equal(a["meta_optimizer"]["state"][0], b["meta_optimizer"]["state"][0])
+
+
+def test_heldout_comparison_of_the_identity_rule_equals_adam(tmp_path):
+    fresh = MetaTrainer(tiny_config(), tmp_path, progress=False)
+    comparison = fresh.heldout_comparison(2)
+    assert comparison["learned"]["meta_loss"] == pytest.approx(
+        comparison["adam"]["meta_loss"], rel=1e-5
+    )
+    assert comparison["learned"]["acc"] == pytest.approx(comparison["adam"]["acc"])
+    assert 0.0 <= comparison["learned"]["win_rate"] <= 1.0
