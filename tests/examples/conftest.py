@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-"""The repository root (docs/, examples/)."""
 
 
 @pytest.fixture(autouse=True)

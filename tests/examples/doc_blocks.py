@@ -12,6 +12,9 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[2]
+"""The repository root (docs/, examples/)."""
+
 _FENCE = re.compile(
     r"(?P<skip><!-- no-test -->\n)?```(?P<lang>python|bash)\n(?P<code>.*?)```", re.S
 )

@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 
-from tests.examples.conftest import ROOT
+from tests.examples.doc_blocks import ROOT
 
 MODULES = [
     "metaopt", "metaopt.rules", "metaopt.optim", "metaopt.learned", "metaopt.meta",

@@ -7,8 +7,7 @@ import re
 
 import pytest
 
-from tests.examples.conftest import ROOT
-from tests.examples.doc_blocks import blocks, run_page
+from tests.examples.doc_blocks import ROOT, blocks, run_page
 
 DOCS = ROOT / "docs"
 PAGES = [DOCS / "index.md", *sorted((DOCS / "howto").glob("*.md"))]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.examples.conftest import ROOT
+from tests.examples.doc_blocks import ROOT
 
 EXAMPLES = ROOT / "examples"
 
@@ -50,7 +50,7 @@ def test_every_example_is_tested():
         assert "--smoke" in (EXAMPLES / name).read_text()
 
 
-@pytest.mark.parametrize("mode", ["reset", "update"])
+@pytest.mark.parametrize("mode", ["reset", pytest.param("update", marks=pytest.mark.slow)])
 def test_avalanche_style(tmp_path, mode):
     out = run_example(["avalanche_style.py", "--smoke", "--mode", mode], tmp_path)
     # task-incremental digits with a head per task: every experience is learned and kept,

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.examples.conftest import ROOT
-from tests.examples.doc_blocks import blocks, metaopt_commands, run_page
+from tests.examples.doc_blocks import ROOT, blocks, metaopt_commands, run_page
 
 TUTORIALS = ROOT / "docs" / "tutorials"
 
