@@ -137,15 +137,19 @@ def _meta(args: argparse.Namespace, argv_used: list[str]) -> dict[str, Any]:
     }
 
 
-def _checkpoint_info() -> dict[str, str]:
-    """Path and SHA-256 of the learned optimizer's ``default`` checkpoint (provenance)."""
+def _checkpoint_info() -> dict[str, Any]:
+    """Provenance of the learned optimizer's ``default`` checkpoint: file, SHA-256, metadata."""
     import hashlib
 
-    import metaopt.learned
+    from metaopt.learned.checkpoint import CHECKPOINT_DIR, load_checkpoint
 
-    path = Path(metaopt.learned.__file__).parent / "checkpoints" / "default.pt"
-    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
-    return {"path": "metaopt/learned/checkpoints/default.pt", "sha256": digest}
+    path = CHECKPOINT_DIR / "default.pt"
+    _, metadata = load_checkpoint(path)
+    return {
+        "path": "metaopt/learned/checkpoints/default.pt",
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "metadata": metadata,
+    }
 
 
 def bench_command(args: argparse.Namespace) -> int:
@@ -187,6 +191,9 @@ def bench_command(args: argparse.Namespace) -> int:
         and key[2] in {s.label for s in suite.settings}
         and key[3] in suite.seeds
     )
+    if "learned_checkpoint" in meta:
+        description = meta["learned_checkpoint"]["metadata"].get("description", "no description")
+        print(f"learned optimizer: checkpoint 'default' ({description})")
     print(
         f"metaopt bench --suite {args.suite}: {len(suite.streams)} streams x "
         f"{len(suite.models)} models x {len(suite.settings)} settings x {len(suite.seeds)} "

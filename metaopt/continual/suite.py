@@ -183,14 +183,18 @@ class Setting:
 
 
 def learned_available() -> bool:
-    """Whether :class:`metaopt.optim.LearnedOptimizer` and its default checkpoint load."""
+    """Whether :class:`metaopt.optim.LearnedOptimizer` and its default checkpoint load
+    (a missing or unreadable checkpoint is logged as a warning)."""
     try:
         from metaopt.learned import load_pretrained
         from metaopt.optim import LearnedOptimizer  # noqa: F401
 
         load_pretrained("default")
-    except (ImportError, FileNotFoundError, OSError, RuntimeError) as exc:
+    except ImportError as exc:
         logger.debug("learned optimizer unavailable: %s", exc)
+        return False
+    except (OSError, RuntimeError, ValueError) as exc:  # CheckpointError is a ValueError
+        logger.warning("learned optimizer's default checkpoint unusable: %s", exc)
         return False
     return True
 
