@@ -94,6 +94,18 @@ def n_outputs(stream: Sequence[Task]) -> int:
     return max(t.logit_offset + t.n_classes for t in stream)
 
 
+def _select_classes(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    classes: tuple[int, ...],
+    lookup: torch.Tensor,
+    shift: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The examples of ``classes``, labelled ``lookup[y] - shift``."""
+    mask = torch.isin(y, torch.tensor(classes))
+    return x[mask], lookup[y[mask]] - shift
+
+
 def split_stream(
     x_train: torch.Tensor,
     y_train: torch.Tensor,
@@ -140,16 +152,9 @@ def split_stream(
     tasks = []
     for t in range(n_tasks):
         task_classes = tuple(order[t * k : (t + 1) * k])
-        members = torch.tensor(task_classes)
-
-        def pick(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            mask = torch.isin(y, members)  # noqa: B023 - used immediately
-            global_label = lookup[y[mask]]
-            label = global_label if scenario == "class" else global_label - t * k  # noqa: B023
-            return x[mask], label
-
-        xtr, ytr = pick(x_train, y_train)
-        xte, yte = pick(x_test, y_test)
+        shift = 0 if scenario == "class" else t * k
+        xtr, ytr = _select_classes(x_train, y_train, task_classes, lookup, shift)
+        xte, yte = _select_classes(x_test, y_test, task_classes, lookup, shift)
         tasks.append(
             Task(
                 name=f"{name}/{':'.join(map(str, task_classes))}",
@@ -199,14 +204,23 @@ def permuted_stream(
         perm = torch.randperm(n_pixels, generator=gen)
         if t == 0 and identity_first:
             perm = torch.arange(n_pixels)
-
-        def apply(x: torch.Tensor) -> torch.Tensor:
-            return x.reshape(len(x), -1)[:, perm].reshape(x.shape)  # noqa: B023
-
         tasks.append(
-            Task(f"{name}/{t}", apply(x_train), y_train, apply(x_test), y_test, n_classes, t)
+            Task(
+                f"{name}/{t}",
+                _permute(x_train, perm),
+                y_train,
+                _permute(x_test, perm),
+                y_test,
+                n_classes,
+                t,
+            )
         )
     return tasks
+
+
+def _permute(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Images ``x [N, C, H, W]`` with their flattened pixels reordered by ``perm``."""
+    return x.reshape(len(x), -1)[:, perm].reshape(x.shape)
 
 
 def _rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
