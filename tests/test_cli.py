@@ -67,6 +67,10 @@ def test_bench_tiny_writes_results_and_merges(tmp_path: Path, capsys) -> None:
     commands = json.loads((out / "results.json").read_text())["meta"]["commands"]
     assert len(commands) == 2 and "--merge-into" in commands[1]
     assert all(r == before[r["setting"]] for r in merged if r["setting"] in before)
+    # a different budget cannot be merged into the same file
+    with pytest.raises(SystemExit) as exc:
+        main([*merged_argv, "--epochs", "2", "--merge-into", str(out / "results.json")])
+    assert exc.value.code == 1 and "budget" in capsys.readouterr().err
     # resume: everything already there, nothing runs again
     assert main([*argv, "--resume"]) == 0
     assert "= 0 runs" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import platform
@@ -177,7 +178,12 @@ def bench_command(args: argparse.Namespace) -> int:
     # every command that contributed rows, oldest first (merges keep the history)
     history = old_meta.get("commands", [old_meta["command"]] if "command" in old_meta else [])
     meta["commands"] = [*history, meta["command"]]
-    meta["budget"] = vars(suite.budget)
+    meta["budget"] = dataclasses.asdict(suite.budget)
+    if old_meta.get("budget", meta["budget"]) != meta["budget"]:
+        raise ValueError(
+            f"{results_path} holds runs with budget {old_meta['budget']}, this run uses "
+            f"{meta['budget']}: merged rows must share one budget (same --suite and budget options)"
+        )
     if any(s.optimizer == "learned" for s in suite.settings):
         meta["learned_checkpoint"] = _checkpoint_info()
 
