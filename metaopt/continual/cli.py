@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.metadata
 import logging
 import platform
 import shlex
@@ -121,9 +122,14 @@ def _budget(args: argparse.Namespace) -> Budget:
     )
 
 
-def _meta(args: argparse.Namespace, argv_used: list[str]) -> dict[str, Any]:
-    import numpy
+def _version_of(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
+
+def _meta(args: argparse.Namespace, argv_used: list[str]) -> dict[str, Any]:
     return {
         "command": "metaopt " + shlex.join(argv_used),
         "suite": args.suite,
@@ -131,7 +137,7 @@ def _meta(args: argparse.Namespace, argv_used: list[str]) -> dict[str, Any]:
         "versions": {
             "metaopt": __version__,
             "torch": torch.__version__,
-            "numpy": numpy.__version__,
+            "numpy": _version_of("numpy"),
             "python": platform.python_version(),
         },
         "machine": f"{platform.machine()} {platform.system()}, torch threads {args.threads}",

@@ -9,11 +9,12 @@ the ``METAOPT_DATA_DIR`` environment variable; no torchvision needed.
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import sys
 import zlib
 from pathlib import Path
 
-import numpy as np
 import torch
 
 __all__ = [
@@ -39,7 +40,15 @@ MNIST_LIKE = ("mnist", "fashion-mnist")
 DATASETS = ("digits", *MNIST_LIKE)
 """Names accepted by :func:`load_dataset`."""
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES = {
+    0x08: torch.uint8,
+    0x09: torch.int8,
+    0x0B: torch.int16,
+    0x0C: torch.int32,
+    0x0D: torch.float32,
+    0x0E: torch.float64,
+}
+"""IDX type codes; multi-byte values are stored big-endian."""
 _DIGITS_TEST_FRACTION = 0.25
 
 
@@ -80,14 +89,14 @@ def _read_bytes(path: Path) -> bytes:
     return raw
 
 
-def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read one IDX file (gzip-compressed or raw) into a numpy array.
+def read_idx(path: str | os.PathLike[str]) -> torch.Tensor:
+    """Read one IDX file (gzip-compressed or raw) into a tensor (no numpy needed).
 
     Args:
         path: the file.
 
     Returns:
-        The array with the shape stored in the file header.
+        A tensor of the file's type (``uint8`` for MNIST) with the shape in its header.
 
     Raises:
         DataFileError: the file is missing, truncated or not an IDX file.
@@ -103,11 +112,15 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     if len(data) < header:
         raise DataFileError(f"{path}: truncated IDX header")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    dtype = _IDX_DTYPES[data[2]]
+    itemsize = dtype.itemsize
+    expected = header + math.prod(shape) * itemsize
     if len(data) != expected:
         raise DataFileError(f"{path}: corrupt IDX file ({len(data)} bytes, header says {expected})")
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+    raw = torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8)
+    if itemsize > 1 and sys.byteorder == "little":
+        raw = raw.reshape(-1, itemsize).flip(-1).reshape(-1)
+    return raw.view(dtype).reshape(shape)
 
 
 def _find_idx(folder: Path, stem: str) -> Path:
@@ -151,9 +164,8 @@ def load_mnist(
             f"{folder}: images {images.shape} and labels {labels.shape} do not match; "
             + _how_to_get(name)
         )
-    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
-    y = torch.from_numpy(labels.astype(np.int64))
-    return x, y
+    x = (images.to(torch.float32) / 255.0).unsqueeze(1)
+    return x, labels.to(torch.int64)
 
 
 def load_digits_tensors(split: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,8 +181,8 @@ def load_digits_tensors(split: str | None = None) -> tuple[torch.Tensor, torch.T
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    x = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
-    y = torch.from_numpy(digits.target.astype(np.int64))
+    x = (torch.tensor(digits.images, dtype=torch.float32) / 16.0).unsqueeze(1)
+    y = torch.tensor(digits.target, dtype=torch.int64)
     if split is None:
         return x, y
     if split not in IDX_FILES:

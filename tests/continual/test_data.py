@@ -53,6 +53,19 @@ def test_idx_roundtrip_gzip_and_raw(tmp_path: Path, compress: bool) -> None:
     assert 0.0 <= x.min() and x.max() <= 1.0
 
 
+@pytest.mark.parametrize(
+    ("code", "dtype"), [(0x09, ">i1"), (0x0B, ">i2"), (0x0C, ">i4"), (0x0D, ">f4"), (0x0E, ">f8")]
+)
+def test_multibyte_big_endian_types(tmp_path: Path, code: int, dtype: str) -> None:
+    values = np.array([[-3, 1, 2], [1000 if dtype != ">i1" else 100, -7, 0]]).astype(dtype)
+    header = bytes([0, 0, code, 2]) + (2).to_bytes(4, "big") + (3).to_bytes(4, "big")
+    path = tmp_path / "typed-idx"
+    path.write_bytes(header + values.tobytes())
+    got = read_idx(path)
+    assert got.shape == (2, 3)
+    assert got.tolist() == values.astype(float).tolist()
+
+
 def test_environment_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _write_dataset(tmp_path, "fashion-mnist", 3, True)
     monkeypatch.setenv("METAOPT_DATA_DIR", str(tmp_path))
