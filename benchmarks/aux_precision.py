@@ -1,6 +1,7 @@
-"""What the bfloat16 auxiliary buffers (anchor, importance) of the learned rule cost in
-accuracy: the same rule with ``aux_dtype=bfloat16`` (1.5x Adam's state) and with float32
-buffers (2x), on Split-digits (domain-incremental, 5 tasks), several seeds.
+"""What the learned rule's memory savings cost in accuracy: bfloat16 auxiliary buffers
+(anchor, importance; 1.5x Adam's state) against float32 ones (2x), and Adafactor-style
+factored second moments (about 1x), on Split-digits (domain-incremental, 5 tasks), several
+seeds.
 
 The shipped default rule is Adam at initialisation and does not read these buffers, so
 the comparison uses a hand-set rule that does: every token gets the same soft importance
@@ -68,6 +69,12 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "learned, gate + pull-back, aux float32": functools.partial(
             LearnedOptimizer, lr=args.lr, net=net, aux_dtype=None
+        ),
+        "learned, Adam identity, factored v": functools.partial(
+            LearnedOptimizer, lr=args.lr, net=LearnedRuleNet(), factored=True
+        ),
+        "learned, gate + pull-back, aux bfloat16, factored v": functools.partial(
+            LearnedOptimizer, lr=args.lr, net=net, factored=True
         ),
     }
     print(

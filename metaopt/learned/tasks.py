@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch.utils import _pytree as pytree
 
-from metaopt.learned.state import LearnedState
+from metaopt.learned.state import LearnedState, second_moment
 from metaopt.tree import named_leaves
 
 __all__ = [
@@ -89,7 +89,7 @@ def fold_task(leaf: LearnedState, param: torch.Tensor, importance: str = "path")
             f"new_task: parameter shape {tuple(param.shape)} != state shape "
             f"{tuple(leaf.anchor.shape)}"
         )
-    v = leaf.exp_avg_sq
+    v = second_moment(leaf)
     root_v = v.clamp_min(1e-30).sqrt()  # finite derivative where v == 0 (meta-gradients)
     if importance == "path":
         score = (param - leaf.anchor).abs() * root_v

@@ -50,6 +50,8 @@ class LearnedOptimizer(FunctionalOptimizer):
         aux_dtype: dtype of the anchor and importance buffers (``None``: the parameter's).
         importance: the task-boundary importance score, one of
             :data:`metaopt.learned.IMPORTANCE_KINDS`.
+        factored: Adafactor-style second moments for matrices (about 1x Adam's state
+            instead of 1.5x; see :func:`~metaopt.learned.learned_rule`).
         reuse_buffers: keep two scratch buffers per parameter between steps (the
             ``workspace`` of :func:`~metaopt.learned.learned_rule`): faster eager steps
             for 2 x the parameters' bytes of resident memory (not optimizer state; not
@@ -76,6 +78,7 @@ class LearnedOptimizer(FunctionalOptimizer):
         sample_size: int = 32,
         aux_dtype: torch.dtype | None = torch.bfloat16,
         importance: str = "path",
+        factored: bool = False,
         reuse_buffers: bool = True,
         check_finite: bool = True,
     ) -> None:
@@ -88,6 +91,7 @@ class LearnedOptimizer(FunctionalOptimizer):
             "sample_size": sample_size,
             "aux_dtype": aux_dtype,
             "importance": importance,
+            "factored": factored,
         }
         learned_rule(  # validates the options now, before any parameter is touched
             self.net, lr, betas=betas, eps=eps, topk_fraction=topk_fraction, **self._options

@@ -206,12 +206,13 @@ def test_meta_params_flow_through_functional_call():
         torch.testing.assert_close(functional_call(net, meta, (tokens, task)), net(tokens, task))
 
 
+@pytest.mark.parametrize("factored", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_no_grad_fast_path_equals_differentiable_path(dtype):
+def test_no_grad_fast_path_equals_differentiable_path(dtype, factored):
     net = perturbed_net()
     params = mlp_params(dtype)
-    pure = learned_rule(net, lr=1e-2, max_block=16)  # several tokens per tensor
-    fast = learned_rule(net, lr=1e-2, max_block=16, inplace_state=True)
+    pure = learned_rule(net, lr=1e-2, max_block=16, factored=factored)  # several tokens
+    fast = learned_rule(net, lr=1e-2, max_block=16, inplace_state=True, factored=factored)
     state = new_task(pure.init(params), {k: v + 0.05 for k, v in params.items()})
     grads = _grads(params, 3)
     with torch.enable_grad():

@@ -382,3 +382,57 @@ def test_optimizer_fast_paths_follow_the_pure_rule_across_a_task_boundary():
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), params[name], rtol=0, atol=1e-12)
         assert float(opt.state[p][".importance"].float().abs().sum()) > 0
+
+
+def test_factored_second_moment_equals_adam_for_rank_one_squared_gradients():
+    torch.manual_seed(16)
+    shapes = {"w": (5, 3, 2), "m": (4, 6), "b": (4,)}
+    ours = {k: nn.Parameter(torch.randn(s, dtype=torch.float64)) for k, s in shapes.items()}
+    ref = {k: nn.Parameter(p.detach().clone()) for k, p in ours.items()}
+    u = {k: torch.randn(s[0], dtype=torch.float64) for k, s in shapes.items()}
+    v = {
+        k: torch.randn(s[1:], dtype=torch.float64) if len(s) > 1 else None
+        for k, s in shapes.items()
+    }
+    opt = LearnedOptimizer(ours.items(), lr=1e-2, net=LearnedRuleNet(), factored=True)
+    adam = torch.optim.Adam(ref.values(), lr=1e-2)
+    for step in range(20):
+        sign = (-1.0) ** step * (1 + 0.1 * step)  # g = s_t u v^T: g^2 is rank one
+        for params in (ours, ref):
+            for k, p in params.items():
+                p.grad = sign * (
+                    torch.einsum("i,...->i...", u[k], v[k]) if v[k] is not None else u[k]
+                )
+        opt.step()
+        adam.step()
+    for k in shapes:
+        torch.testing.assert_close(ours[k].detach(), ref[k].detach(), rtol=0, atol=1e-10)
+    assert opt.state[ours["w"]][".exp_avg_sq"].shape == (5 + 6,)
+    assert opt.state[ours["b"]][".exp_avg_sq"].shape == (4,)
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values())
+
+
+def test_factored_state_is_about_adams_size_and_survives_tasks_and_reload(tmp_path):
+    model, x, y = build("mlp", 64, seed=17, dtype=torch.float32)
+    twin = copy.deepcopy(model)
+    opt = LearnedOptimizer(model.parameters(), lr=1e-2, net=perturbed_net(), factored=True)
+    adam = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    _train(model, opt, x, y, 3)
+    _train(twin, adam, x, y, 3)
+    per_tensor = 3 * 4 + 4 * 4 + 11 * 4  # counters, loss statistics, static descriptor
+    counted = _state_bytes(opt) - per_tensor * len(opt.state)
+    n = sum(p.numel() for p in model.parameters())
+    assert counted < 1.1 * 8 * n  # matrices: 4 (m) + 2 + 2 bytes; small vectors dense
+    opt.new_task()
+    _train(model, opt, x, y, 3)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    twin_opt = LearnedOptimizer(twin.parameters(), lr=1e-2, net=opt.net, factored=True)
+    twin.load_state_dict(model.state_dict())
+    twin_opt.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    _train(model, opt, x, y, 2)
+    _train(twin, twin_opt, x, y, 2)
+    _assert_params_close(model, twin, atol=0)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
