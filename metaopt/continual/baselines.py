@@ -59,8 +59,6 @@ class QuadraticRegularizer(torch.optim.Optimizer):
         self.base = base(params, **base_options)
         super().__init__(params, {"strength": strength})
         self.param_groups = self.base.param_groups
-        for group in self.param_groups:
-            group.setdefault("strength", strength)
         self.strength = strength
         for p in self._params():
             self.state[p]["anchor"] = p.detach().clone()
