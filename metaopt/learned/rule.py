@@ -401,12 +401,13 @@ def _learned_step(
     bc1 = 1.0 - b1 ** steps.to(wide)  # [n tensors]
     bc2 = 1.0 - b2 ** steps.to(wide)
     repeats = torch.tensor(counts, device=device)
+    n_tokens = sum(counts)  # static output size: no data-dependent shape for Dynamo
     columns = [sample_columns(lay, sample_size, device) for lay in layouts]
     g_s, m_s, v_s, w_s, a_s, i_s = (
         _samples(buffers, columns, net_dtype) for buffers in (g_v, m_new, v_new, w_v, anchor, imp)
     )
-    bc1_t = bc1.to(net_dtype).repeat_interleave(repeats)[:, None]
-    bc2_t = bc2.to(net_dtype).repeat_interleave(repeats)[:, None]
+    bc1_t = bc1.to(net_dtype).repeat_interleave(repeats, output_size=n_tokens)[:, None]
+    bc2_t = bc2.to(net_dtype).repeat_interleave(repeats, output_size=n_tokens)[:, None]
     stats = token_statistics(
         g_s,
         m_s,
@@ -441,8 +442,8 @@ def _learned_step(
     work = torch.promote_types(wide, net_dtype)
     rms_w = param_reference(w_s, a_s, lr).to(work)
     inv_imp = (1.0 / i_s.mean().clamp_min(_TINY)).to(work)
-    bc1_w = bc1.to(work).repeat_interleave(repeats)
-    bc2_sqrt = bc2.to(work).repeat_interleave(repeats).sqrt()
+    bc1_w = bc1.to(work).repeat_interleave(repeats, output_size=n_tokens)
+    bc2_sqrt = bc2.to(work).repeat_interleave(repeats, output_size=n_tokens).sqrt()
     coef = TokenCoefficients(*(c.to(work) for c in coef))
     out_scale = -lr * gate.to(work)  # multiplies the whole gated direction
     table = torch.stack(
