@@ -96,3 +96,20 @@ def test_subcommands_registered(capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0 and "metaopt" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("metaopt.optim.learned") is None, reason="no learned optimizer"
+)
+def test_bench_learned_from_a_checkpoint_file(tmp_path: Path, capsys) -> None:
+    from metaopt.learned.checkpoint import CHECKPOINT_DIR
+
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes((CHECKPOINT_DIR / "default.pt").read_bytes())
+    out = tmp_path / "out"
+    argv = [*TINY, "--optimizers", "learned", "--learned-checkpoint", str(mine), "--out", str(out)]
+    assert main(argv) == 0
+    assert f"learned[mine]: checkpoint {mine}" in capsys.readouterr().out
+    data = json.loads((out / "results.json").read_text())
+    assert [r["optimizer"] for r in data["rows"]] == ["learned[mine]"]
+    assert data["meta"]["learned_checkpoints"]["learned[mine]"]["path"] == str(mine)

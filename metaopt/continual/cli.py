@@ -75,6 +75,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--lrs", nargs="+", type=float, help="SGD/Adam learning-rate grid")
     bench.add_argument("--ewc-strengths", nargs="+", type=float, help="EWC lambda grid")
     bench.add_argument("--si-strengths", nargs="+", type=float, help="SI c grid")
+    bench.add_argument(
+        "--learned-checkpoint",
+        metavar="NAME_OR_PT",
+        help="learned optimizer checkpoint: a shipped name (default: 'default') or a .pt file; "
+        "other than 'default' it is reported as optimizer learned[<file stem>]",
+    )
     bench.add_argument("--seeds", nargs="+", type=int, help="seeds (e.g. 0 1 2)")
     budget = bench.add_argument_group("budget (defaults from the suite)")
     budget.add_argument("--train-per-task", type=int, help="training examples per task")
@@ -144,16 +150,18 @@ def _meta(args: argparse.Namespace, argv_used: list[str]) -> dict[str, Any]:
     }
 
 
-def _checkpoint_info() -> dict[str, Any]:
-    """Provenance of the learned optimizer's ``default`` checkpoint: file, SHA-256, metadata."""
+def _checkpoint_info(name: str) -> dict[str, Any]:
+    """Provenance of a learned-optimizer checkpoint (shipped name or path): file, SHA-256,
+    metadata."""
     import hashlib
 
     from metaopt.learned.checkpoint import CHECKPOINT_DIR, load_checkpoint
 
-    path = CHECKPOINT_DIR / "default.pt"
+    shipped = Path(name).suffix != ".pt"
+    path = CHECKPOINT_DIR / f"{name}.pt" if shipped else Path(name)
     _, metadata = load_checkpoint(path)
     return {
-        "path": "metaopt/learned/checkpoints/default.pt",
+        "path": f"metaopt/learned/checkpoints/{name}.pt" if shipped else str(path),
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "metadata": metadata,
     }
@@ -173,6 +181,7 @@ def bench_command(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         n_tasks=args.n_tasks,
         budget=_budget(args),
+        learned_checkpoint=args.learned_checkpoint,
     )
     out = Path(args.out)
     results_path = Path(args.merge_into) if args.merge_into else out / "results.json"
@@ -190,8 +199,12 @@ def bench_command(args: argparse.Namespace) -> int:
             f"{results_path} holds runs with budget {old_meta['budget']}, this run uses "
             f"{meta['budget']}: merged rows must share one budget (same --suite and budget options)"
         )
-    if any(s.optimizer == "learned" for s in suite.settings):
-        meta["learned_checkpoint"] = _checkpoint_info()
+    learned = [s for s in suite.settings if s.optimizer == "learned"]
+    if learned:
+        meta["learned_checkpoints"] = {
+            **old_meta.get("learned_checkpoints", {}),
+            **{s.label: _checkpoint_info(s.checkpoint) for s in learned},
+        }
 
     from tqdm import tqdm
 
@@ -203,9 +216,10 @@ def bench_command(args: argparse.Namespace) -> int:
         and key[2] in {s.label for s in suite.settings}
         and key[3] in suite.seeds
     )
-    if "learned_checkpoint" in meta:
-        description = meta["learned_checkpoint"]["metadata"].get("description", "no description")
-        print(f"learned optimizer: checkpoint 'default' ({description})")
+    for setting in learned:
+        info = meta["learned_checkpoints"][setting.label]
+        description = info["metadata"].get("description", "no description")
+        print(f"{setting.label}: checkpoint {info['path']} ({description})")
     print(
         f"metaopt bench --suite {args.suite}: {len(suite.streams)} streams x "
         f"{len(suite.models)} models x {len(suite.settings)} settings x {len(suite.seeds)} "

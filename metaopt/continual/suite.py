@@ -12,6 +12,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -170,31 +171,43 @@ def build_stream(
 
 @dataclass(frozen=True)
 class Setting:
-    """One optimizer with fixed hyper-parameters, e.g. ``Setting("adam", {"lr": 1e-3})``."""
+    """One optimizer with fixed hyper-parameters, e.g. ``Setting("adam", {"lr": 1e-3})``.
+
+    ``checkpoint`` (learned optimizer only) is a shipped checkpoint name or a ``.pt`` path;
+    a checkpoint other than ``"default"`` makes a separate family ``learned[<stem>]``.
+    """
 
     optimizer: str
     hyper: dict[str, float] = field(default_factory=dict)
+    checkpoint: str = "default"
+
+    @property
+    def family(self) -> str:
+        """What the tables compare: the optimizer name, or ``learned[<checkpoint stem>]``."""
+        if self.optimizer == "learned" and self.checkpoint != "default":
+            return f"learned[{Path(self.checkpoint).stem}]"
+        return self.optimizer
 
     @property
     def label(self) -> str:
         """Short unique label, e.g. ``"adam lr=0.001"`` or ``"learned"``."""
         items = " ".join(f"{k}={v:g}" for k, v in sorted(self.hyper.items()))
-        return f"{self.optimizer} {items}".strip()
+        return f"{self.family} {items}".strip()
 
 
-def learned_available() -> bool:
-    """Whether :class:`metaopt.optim.LearnedOptimizer` and its default checkpoint load
-    (a missing or unreadable checkpoint is logged as a warning)."""
+def learned_available(checkpoint: str = "default") -> bool:
+    """Whether :class:`metaopt.optim.LearnedOptimizer` and ``checkpoint`` (a shipped name or
+    a ``.pt`` path) load; a missing or unreadable checkpoint is logged as a warning."""
     try:
         from metaopt.learned import load_pretrained
         from metaopt.optim import LearnedOptimizer  # noqa: F401
 
-        load_pretrained("default")
+        load_pretrained(checkpoint)
     except ImportError as exc:
         logger.debug("learned optimizer unavailable: %s", exc)
         return False
     except (OSError, RuntimeError, ValueError) as exc:  # CheckpointError is a ValueError
-        logger.warning("learned optimizer's default checkpoint unusable: %s", exc)
+        logger.warning("learned optimizer checkpoint %r unusable: %s", checkpoint, exc)
         return False
     return True
 
@@ -203,8 +216,8 @@ def make_optimizer(setting: Setting) -> Callable[..., torch.optim.Optimizer]:
     """An optimizer factory ``(params) -> optimizer`` for a setting.
 
     ``ewc`` and ``si`` run over Adam with ``lr`` and penalty ``strength``; ``learned`` is
-    ``LearnedOptimizer.from_pretrained("default")`` with its default hyper-parameters
-    unless the setting gives some.
+    ``LearnedOptimizer.from_pretrained(setting.checkpoint)`` with its default
+    hyper-parameters unless the setting gives some.
     """
     hyper = dict(setting.hyper)
     name = setting.optimizer
@@ -219,7 +232,7 @@ def make_optimizer(setting: Setting) -> Callable[..., torch.optim.Optimizer]:
     if name == "learned":
         from metaopt.optim import LearnedOptimizer
 
-        return functools.partial(LearnedOptimizer.from_pretrained, "default", **hyper)
+        return functools.partial(LearnedOptimizer.from_pretrained, setting.checkpoint, **hyper)
     raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
 
 
@@ -229,9 +242,11 @@ def optimizer_grid(
     ewc_strengths: Sequence[float],
     si_strengths: Sequence[float],
     regularizer_lr: float = 1e-3,
+    learned_checkpoint: str = "default",
 ) -> list[Setting]:
     """All settings swept: SGD and Adam over ``lrs``, EWC / SI over their strengths (Adam
-    at ``regularizer_lr``), the learned optimizer once at its defaults."""
+    at ``regularizer_lr``), the learned optimizer once at its defaults (from
+    ``learned_checkpoint``)."""
     settings = []
     for name in optimizers:
         if name in ("sgd", "adam"):
@@ -240,7 +255,7 @@ def optimizer_grid(
             strengths = ewc_strengths if name == "ewc" else si_strengths
             settings += [Setting(name, {"lr": regularizer_lr, "strength": s}) for s in strengths]
         elif name == "learned":
-            settings.append(Setting("learned"))
+            settings.append(Setting("learned", checkpoint=learned_checkpoint))
         else:
             raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
     return settings
@@ -343,7 +358,7 @@ def run_suite(
                 yield {
                     "stream": spec.name,
                     "model": model,
-                    "optimizer": setting.optimizer,
+                    "optimizer": setting.family,
                     "setting": setting.label,
                     "hyper": setting.hyper,
                     "seed": seed,
@@ -363,12 +378,14 @@ def run_suite(
 def suite_from_preset(name: str, **overrides: Any) -> SuiteSpec:
     """A :class:`SuiteSpec` from a preset of :data:`SUITES` with optional overrides
     (``streams``, ``models``, ``optimizers``, ``lrs``, ``ewc_strengths``, ``si_strengths``,
-    ``seeds``, ``budget``, ``n_tasks``); ``learned`` is dropped when unavailable."""
+    ``seeds``, ``budget``, ``n_tasks``, ``learned_checkpoint``); ``learned`` is dropped
+    when unavailable."""
     if name not in SUITES:
         raise ValueError(f"unknown suite {name!r}; expected one of {sorted(SUITES)}")
     cfg = {**SUITES[name], **{k: v for k, v in overrides.items() if v is not None}}
     optimizers = tuple(cfg["optimizers"])
-    if "learned" in optimizers and not learned_available():
+    checkpoint = cfg.get("learned_checkpoint", "default")
+    if "learned" in optimizers and not learned_available(checkpoint):
         logger.warning(
             "learned optimizer not available (no metaopt.optim.LearnedOptimizer or no "
             "'default' checkpoint): running without it"
@@ -378,7 +395,13 @@ def suite_from_preset(name: str, **overrides: Any) -> SuiteSpec:
         streams=tuple(parse_stream(s, cfg.get("n_tasks")) for s in cfg["streams"]),
         models=tuple(cfg["models"]),
         settings=tuple(
-            optimizer_grid(optimizers, cfg["lrs"], cfg["ewc_strengths"], cfg["si_strengths"])
+            optimizer_grid(
+                optimizers,
+                cfg["lrs"],
+                cfg["ewc_strengths"],
+                cfg["si_strengths"],
+                learned_checkpoint=checkpoint,
+            )
         ),
         seeds=tuple(cfg["seeds"]),
         budget=cfg["budget"],

@@ -72,7 +72,7 @@ def test_build_stream_budget_on_digits() -> None:
 
 
 def test_preset_drops_learned_when_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(suite_module, "learned_available", lambda: False)
+    monkeypatch.setattr(suite_module, "learned_available", lambda checkpoint="default": False)
     spec = suite_from_preset("quick", seeds=[0])
     assert "learned" not in {s.optimizer for s in spec.settings}
     assert n_runs(spec) == 2 * 1 * len(spec.settings) * 1
