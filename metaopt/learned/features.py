@@ -180,6 +180,12 @@ def _safe_log(x: torch.Tensor) -> torch.Tensor:
     return torch.log(x.clamp_min(_TINY)).clamp(-_LOG_CLAMP, _LOG_CLAMP)
 
 
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(x)`` with ``x`` floored at a tiny positive number: same values, but a finite
+    derivative where ``x`` is exactly 0 (meta-gradients; added by the meta helper)."""
+    return x.clamp_min(_TINY).sqrt()
+
+
 def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a / b`` with ``b`` floored at a tiny positive number (exactly scale-invariant
     above the floor, unlike ``a / (b + tiny)``)."""
@@ -191,7 +197,7 @@ def param_reference(
 ) -> torch.Tensor:
     """Per-token parameter scale ``[T]`` from samples ``[T, S]``: the RMS of the current
     and the anchor values, floored at ``1e-3 * lr`` (parameters that are exactly zero)."""
-    rms = ((param * param).mean(1) + (anchor * anchor).mean(1)).mul(0.5).sqrt()
+    rms = _sqrt(((param * param).mean(1) + (anchor * anchor).mean(1)).mul(0.5))
     return rms + 1e-3 * abs(lr) + _TINY
 
 
@@ -216,17 +222,17 @@ def token_statistics(
     """
     m_hat = exp_avg / bias_correction1
     v_hat = exp_avg_sq / bias_correction2
-    direction = m_hat / (v_hat.sqrt() + eps)
+    direction = m_hat / (_sqrt(v_hat) + eps)
     abs_dir = direction.abs().mean(1)
     coherence = _ratio(direction.mean(1), abs_dir)
     g2 = (grad * grad).mean(1)
     m2 = (exp_avg * exp_avg).mean(1)
-    corr = _ratio((grad * exp_avg).mean(1), (g2 * m2).sqrt())
+    corr = _ratio((grad * exp_avg).mean(1), _sqrt(g2 * m2))
     log_rms_g = 0.5 * _safe_log(g2)
     grad_over_rms = log_rms_g - 0.5 * _safe_log(v_hat.mean(1))
     ref = param_reference(param, anchor, lr)
     drift = param - anchor
-    rel_step = _safe_log(abs(lr) * (direction * direction).mean(1).sqrt()) - _safe_log(ref)
+    rel_step = _safe_log(abs(lr) * _sqrt((direction * direction).mean(1))) - _safe_log(ref)
     rel_drift = 0.5 * _safe_log((drift * drift).mean(1)) - _safe_log(ref)
     mean_imp = importance.mean(1)
     rel_imp = torch.log1p(_ratio(mean_imp, mean_imp.mean()))
