@@ -61,6 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--examples", type=int, default=600, help="training images per sequence")
     p.add_argument("--speed-weight", type=float, default=0.25)
+    p.add_argument("--mnist-size", type=int, default=14, help="MNIST side after pooling (28: none)")
+    p.add_argument(
+        "--mlp-hidden", nargs="+", type=int, default=[32], help="hidden widths of the MLPs"
+    )
     p.add_argument("--data-dir", help="MNIST folder (default $METAOPT_DATA_DIR)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--no-resume", action="store_true", help="start afresh (overwrites)")
@@ -88,7 +92,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         steps_per_task=tuple(args.steps_per_task),
         examples=args.examples,
         speed_weight=args.speed_weight,
+        mnist_size=args.mnist_size,
     )
+    family.model_sizes["mlp"] = {"hidden": tuple(args.mlp_hidden)}
     return TrainConfig(
         steps=args.steps,
         tasks_per_step=args.tasks_per_step,
