@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from metaopt.compile.step import Batch, LossFn, make_step
+from metaopt.compile.step import Batch, LossFn, make_step, module_state
 from metaopt.rules.base import State, UpdateRule
 
 __all__ = ["FitResult", "fit"]
@@ -69,9 +69,8 @@ def fit(
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     step = make_step(model, loss_fn, rule, compile=compile, **compile_kwargs)
-    params, buffers, state = step.init(model)
-    if opt_state is not None:
-        state = opt_state
+    params, buffers = module_state(model)
+    state = rule.init(params) if opt_state is None else opt_state
     losses: list[torch.Tensor] = []
     epoch_losses: list[float] = []
     for epoch in range(epochs):

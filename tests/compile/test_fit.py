@@ -71,3 +71,15 @@ def test_fit_bad_input_leaves_model_unchanged():
         fit(model, separable_batches() + bad, metaopt.rules.adam(), epochs=1, compile=False)
     for p, q in zip(model.parameters(), before, strict=True):
         assert torch.equal(p.detach(), q)
+
+
+def test_fit_continues_from_opt_state():
+    """Two calls of one epoch, the second continuing the rule state, equal one call of two."""
+    data = separable_batches()
+    rule = metaopt.rules.adam(lr=0.05)
+    once, twice = build("mlp"), build("mlp")
+    fit(once, data, rule, epochs=2, compile=False)
+    first = fit(twice, data, rule, epochs=1, compile=False)
+    fit(twice, data, rule, epochs=1, opt_state=first.opt_state, compile=False)
+    for p, q in zip(once.parameters(), twice.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
