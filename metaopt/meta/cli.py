@@ -61,6 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--examples", type=int, default=600, help="training images per sequence")
     p.add_argument("--speed-weight", type=float, default=0.25)
+    p.add_argument(
+        "--earlier-weight", type=float, default=1.0, help="weight of earlier tasks vs current"
+    )
     p.add_argument("--mnist-size", type=int, default=14, help="MNIST side after pooling (28: none)")
     p.add_argument(
         "--mlp-hidden", nargs="+", type=int, default=[32], help="hidden widths of the MLPs"
@@ -92,6 +95,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         steps_per_task=tuple(args.steps_per_task),
         examples=args.examples,
         speed_weight=args.speed_weight,
+        earlier_weight=args.earlier_weight,
         mnist_size=args.mnist_size,
     )
     family.model_sizes["mlp"] = {"hidden": tuple(args.mlp_hidden)}

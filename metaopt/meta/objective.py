@@ -8,13 +8,14 @@ for rules that hold learned state) and moves on; every inner loss is fed to the 
 
 .. math::
 
-    L_{meta} = \\frac{1}{T} \\sum_{t=1}^{T} \\Big[ \\frac{1}{t} \\sum_{j \\le t}
-               \\tilde\\ell_j(\\theta_{end(t)}) \\;+\\; \\lambda_{speed}
+    L_{meta} = \\frac{1}{T} \\sum_{t=1}^{T} \\Big[ \\frac{\\tilde\\ell_t + w \\sum_{j < t}
+               \\tilde\\ell_j}{1 + w (t - 1)} (\\theta_{end(t)}) \\;+\\; \\lambda_{speed}
                \\operatorname{mean}_{k \\in S_t} \\tilde\\ell_t(\\theta_k) \\Big]
 
 * **retention and learning**: at the end of each task ``t``, the loss on the current task
-  AND every earlier task of the sequence, measured on examples held out from the
-  inner-loop batches. A rule that forgets task ``j`` while learning ``t > j`` pays for it.
+  AND every earlier task of the sequence (each earlier task weighted ``w``,
+  ``earlier_weight``, relative to the current one), measured on examples held out from
+  the inner-loop batches. A rule that forgets task ``j`` while learning ``t > j`` pays.
 * **learning speed** (weight ``lambda_speed``): the current task's held-out loss at the
   points ``S_t`` along the task (every ``speed_every`` steps), i.e. the area under the
   learning curve, so a rule cannot win by not learning.
@@ -65,6 +66,8 @@ class ContinualProblem(InnerProblem):
         speed_weight: ``lambda_speed``.
         speed_every: spacing of the learning-speed points in steps (default: a quarter
             of the task's steps).
+        earlier_weight: weight ``w`` of each earlier task relative to the current one in
+            the end-of-task average (1: plain mean; larger: forgetting costs more).
         seed: draws the batches and held-out examples.
     """
 
@@ -80,6 +83,7 @@ class ContinualProblem(InnerProblem):
         meta_batch_size: int = 128,
         speed_weight: float = 0.25,
         speed_every: int | None = None,
+        earlier_weight: float = 1.0,
         seed: int = 0,
     ) -> None:
         if not tasks:
@@ -88,14 +92,15 @@ class ContinualProblem(InnerProblem):
         steps = [int(s) for s in steps]
         if len(steps) != len(tasks) or min(steps) < 1:
             raise ValueError(f"steps_per_task must be >= 1 for each of the {len(tasks)} tasks")
-        if speed_weight < 0:
-            raise ValueError(f"speed_weight must be >= 0, got {speed_weight}")
+        if speed_weight < 0 or earlier_weight < 0:
+            raise ValueError("speed_weight and earlier_weight must be >= 0")
         self.model = PureModel(model)
         self.tasks = list(tasks)
         self.steps = steps
         self.starts = [sum(steps[:t]) for t in range(len(tasks))]
         self.num_steps = sum(steps)
         self.speed_weight = speed_weight
+        self.earlier_weight = earlier_weight
         gen = torch.Generator().manual_seed(seed)
         self._batches = [
             torch.randint(0, len(task.y_train), (s, batch_size), generator=gen)
@@ -146,8 +151,10 @@ class ContinualProblem(InnerProblem):
         n = len(self.tasks)
         total: Any = None
         if k == self.steps[t] - 1:
-            retention = torch.stack([self.held_out_loss(params, buffers, j) for j in range(t + 1)])
-            total = retention.mean() / n
+            losses = torch.stack([self.held_out_loss(params, buffers, j) for j in range(t + 1)])
+            weights = torch.full((t + 1,), self.earlier_weight, dtype=losses.dtype)
+            weights[t] = 1.0
+            total = (losses * weights).sum() / (weights.sum() * n)
         if self.speed_weight and k in self._speed_points[t]:
             speed = self.held_out_loss(params, buffers, t) * (
                 self.speed_weight / (n * len(self._speed_points[t]))

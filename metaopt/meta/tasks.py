@@ -53,6 +53,7 @@ class FamilyConfig:
         mnist_size: MNIST images are average-pooled to this side (14: 2x2 pooling).
         meta_batch_size: held-out examples per task for the meta-loss.
         speed_weight: weight of the learning-speed term.
+        earlier_weight: weight of each earlier task relative to the current one.
         model_sizes: keyword arguments of each model (small by default).
     """
 
@@ -66,6 +67,7 @@ class FamilyConfig:
     mnist_size: int = 14
     meta_batch_size: int = 64
     speed_weight: float = 0.25
+    earlier_weight: float = 1.0
     model_sizes: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(_SMALL_MODELS))
 
     def __post_init__(self) -> None:
@@ -165,6 +167,7 @@ class TaskFamily:
             batch_size,
             meta_batch_size=cfg.meta_batch_size,
             speed_weight=cfg.speed_weight,
+            earlier_weight=cfg.earlier_weight,
             seed=seed,
         )
         problem.description = f"{dataset}/{kind}/{model_name}/T{n_tasks}/K{sum(steps)}"

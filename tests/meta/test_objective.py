@@ -36,6 +36,13 @@ def test_meta_loss_counts_current_and_earlier_tasks(family):
     metrics = evaluate_rule(metaopt.rules.sgd(lr=0.0), problem)
     assert metrics["meta_loss"] == pytest.approx(expected, rel=1e-6)
     assert metrics["bwt_loss"] == pytest.approx(0.0, abs=1e-7)
+    problem.earlier_weight = w = 3.0  # earlier tasks weigh 3x the current one
+    weighted = sum(
+        (losses[t] + w * sum(losses[:t])) / (1 + w * t) for t in range(n)
+    ) / n
+    assert evaluate_rule(metaopt.rules.sgd(lr=0.0), problem)["meta_loss"] == pytest.approx(
+        weighted, rel=1e-6
+    )
     # normalisation: chance-level logits give 1
     task = problem.tasks[0]
     assert float(torch.nn.functional.cross_entropy(torch.zeros(4, task.n_classes),
