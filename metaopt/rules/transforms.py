@@ -100,7 +100,8 @@ def scale_by_learning_rate(learning_rate: Scalar | Schedule) -> UpdateRule:
         schedule = learning_rate
         return scale_by_schedule(lambda count: -schedule(count))
     _check_nonnegative("learning rate", learning_rate)
-    return scale(-learning_rate)
+    # negated inside the update, so a tensor learning rate changed in place takes effect
+    return per_leaf(lambda p: (), lambda g, s, p: (g * -learning_rate, s), "scale_by_lr")
 
 
 def add_decayed_weights(weight_decay: Scalar = 0.0) -> UpdateRule:

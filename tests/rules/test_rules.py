@@ -139,6 +139,18 @@ def test_tensor_hyper_parameters_receive_gradients():
     assert float(g_lr) != 0.0 and float(g_b1) != 0.0
 
 
+def test_tensor_learning_rate_changed_in_place_takes_effect():
+    lr = torch.tensor(0.1)
+    rule = rules.sgd(lr=lr)
+    params = {"w": torch.zeros(2)}
+    state = rule.init(params)
+    first, state = rule.update({"w": torch.ones(2)}, state, params)
+    lr.fill_(0.5)
+    second, _ = rule.update({"w": torch.ones(2)}, state, params)
+    assert float(first["w"][0]) == pytest.approx(-0.1)
+    assert float(second["w"][0]) == pytest.approx(-0.5)
+
+
 def test_rules_work_on_arbitrary_pytrees():
     params = [torch.ones(2), {"inner": torch.ones(3)}]
     grads = [torch.ones(2), {"inner": -torch.ones(3)}]
