@@ -8,6 +8,7 @@ process::
 
     python benchmarks/step_cost.py --quick            # ~100k and 1M params, no replica
     python benchmarks/step_cost.py --repeats 5        # 100k, 1M, 10M and the replica
+    python benchmarks/step_cost.py --compiled --sizes 1M 10M --reference-repeats 0
 """
 
 from __future__ import annotations
@@ -81,21 +82,32 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     )
 
 
-def make_optimizers(params: list[torch.Tensor]) -> dict[str, torch.optim.Optimizer]:
+def _after_boundary(opt: LearnedOptimizer) -> LearnedOptimizer:
+    opt.step()
+    opt.new_task()
+    return opt
+
+
+def make_optimizers(
+    params: list[torch.Tensor], compiled: bool = False
+) -> dict[str, torch.optim.Optimizer]:
     """The baselines and the learned optimizer twice: in its first task ("learned 1st",
     where every importance is still zero and its terms are skipped) and after a task
-    boundary ("learned 2nd+", the general case)."""
+    boundary ("learned 2nd+", the general case); with ``compiled``, also the latter with
+    ``compile=True`` ("learned 2nd+ compiled"; its compilation happens before timing)."""
     net = load_pretrained("default")
-    later = LearnedOptimizer(params, lr=1e-3, net=net)
-    later.step()
-    later.new_task()
-    return {
+    opts: dict[str, torch.optim.Optimizer] = {
         "SGD": torch.optim.SGD(params, lr=1e-3),
         "Adam foreach": torch.optim.Adam(params, lr=1e-3, foreach=True),
         "Adam fused": torch.optim.Adam(params, lr=1e-3, fused=True),
         "learned 1st": LearnedOptimizer(params, lr=1e-3, net=net),
-        "learned 2nd+": later,
+        "learned 2nd+": _after_boundary(LearnedOptimizer(params, lr=1e-3, net=net)),
     }
+    if compiled:
+        opts["learned 2nd+ compiled"] = _after_boundary(
+            LearnedOptimizer(params, lr=1e-3, net=net, compile=True)
+        )
+    return opts
 
 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -125,14 +137,20 @@ def time_steps(
 
 
 def bench_model(
-    kind: str, size: str, steps: int, repeats: int, warmup: int, clock: Callable[[], float]
+    kind: str,
+    size: str,
+    steps: int,
+    repeats: int,
+    warmup: int,
+    clock: Callable[[], float],
+    compiled: bool = False,
 ) -> dict[str, object]:
     torch.manual_seed(0)
     model = MODELS[kind](SIZES[size])
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-2
-    opts = make_optimizers(params)
+    opts = make_optimizers(params, compiled)
     times = time_steps(opts, steps, repeats, warmup, clock)
     learned = opts["learned 2nd+"]
     tokens = sum(learned_tokens(p.numel(), p.shape[0] if p.ndim else 1) for p in params)
@@ -145,6 +163,11 @@ def bench_model(
         "1st/fused": times["learned 1st"] / times["Adam fused"],
         "2nd+/fused": times["learned 2nd+"] / times["Adam fused"],
         "2nd+/foreach": times["learned 2nd+"] / times["Adam foreach"],
+        **(
+            {"compiled/fused": times["learned 2nd+ compiled"] / times["Adam fused"]}
+            if compiled
+            else {}
+        ),
         "state/Adam": state_bytes(learned) / state_bytes(opts["Adam fused"]),
     }
 
@@ -292,6 +315,11 @@ def main(argv: list[str] | None = None) -> None:
         "--reference-only", action="store_true", help="only the reference-layer comparison"
     )
     parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also time LearnedOptimizer(compile=True) (compiles each model first: slow)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="100k and 1M parameters, 3 repeats, no reference replica",
@@ -307,7 +335,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not args.reference_only:
         rows = [
-            bench_model(kind, size, args.steps, args.repeats, args.warmup, CLOCKS[args.clock])
+            bench_model(
+                kind,
+                size,
+                args.steps,
+                args.repeats,
+                args.warmup,
+                CLOCKS[args.clock],
+                args.compiled,
+            )
             for size in args.sizes
             for kind in args.models
         ]
