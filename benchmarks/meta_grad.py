@@ -1,4 +1,4 @@
-"""Time of one unrolled meta-gradient: metaopt vs higher vs TorchOpt (eager).
+"""Time of one unrolled meta-gradient: metaopt (eager and compiled) vs higher vs TorchOpt.
 
 Same problem for every library: an MLP, K inner steps of SGD (momentum 0.9) or Adam on
 fixed batches, meta-loss = loss on a held-out batch after the K steps, meta-gradient
@@ -29,6 +29,7 @@ import torchopt
 from torch import nn
 
 import metaopt
+from metaopt.compile import make_meta_step, module_state
 from metaopt.meta import SupervisedProblem, Unrolled
 
 
@@ -41,12 +42,14 @@ def make_problem(width: int, steps: int, batch: int, seed: int = 0):
     return model, batches, meta
 
 
+def _metaopt_rule(rule_name: str) -> metaopt.UpdateRule:
+    if rule_name == "sgd":
+        return metaopt.rules.sgd(lr=0.1, momentum=0.9)
+    return metaopt.rules.adam(lr=1e-3, eps_root=1e-16)
+
+
 def metaopt_grad(model, batches, meta, rule_name: str) -> list[torch.Tensor]:
-    rule = (
-        metaopt.rules.sgd(lr=0.1, momentum=0.9)
-        if rule_name == "sgd"
-        else metaopt.rules.adam(lr=1e-3, eps_root=1e-16)
-    )
+    rule = _metaopt_rule(rule_name)
     mp = {"init." + k: p.detach() for k, p in model.named_parameters()}
     problem = SupervisedProblem(model, batches, meta, init_prefix="init.")
     grads = Unrolled(lambda m: rule)(mp, problem).grads
@@ -80,6 +83,21 @@ def torchopt_grad(model, batches, meta, rule_name: str) -> list[torch.Tensor]:
     return list(grads)
 
 
+def compiled_metaopt(model: nn.Module, rule_name: str) -> Callable[..., list[torch.Tensor]]:
+    """metaopt.compile.make_meta_step on the same problem: one compiled inner step, its
+    vjp and the validation gradient (compiled once, whatever K), gradient w.r.t. the
+    initial weights from ``init_grads``."""
+    rule = _metaopt_rule(rule_name)
+    step = make_meta_step(model, F.cross_entropy, lambda meta_params: rule)
+    params, buffers = module_state(model)
+
+    def meta_grad(model, batches, meta, rule_name) -> list[torch.Tensor]:
+        out = step({}, params, buffers, rule.init(params), batches, meta)
+        return [out.init_grads[k] for k, _ in model.named_parameters()]
+
+    return meta_grad
+
+
 def _clone(model: nn.Module) -> nn.Module:
     """A copy whose initial parameters are leaves we differentiate with respect to."""
     net = copy.deepcopy(model)
@@ -107,6 +125,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--no-compiled", action="store_true", help="skip metaopt's compiled meta step"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, batches, meta = make_problem(args.width, args.steps, args.batch)
@@ -118,8 +139,15 @@ def main() -> None:
     for rule_name in ("sgd", "adam"):
         reference = metaopt_grad(model, batches, meta, rule_name)
         scale = max(float(b.abs().max()) for b in reference)
+        libs_here = dict(libs)
+        if not args.no_compiled:
+            start = time.perf_counter()
+            libs_here["metaopt-compiled"] = compiled_metaopt(model, rule_name)
+            libs_here["metaopt-compiled"](model, batches, meta, rule_name)
+            seconds = time.perf_counter() - start
+            print(f"  {rule_name:4s} metaopt-compiled: first call (compiles) {seconds:.1f} s")
         errors = {}
-        for name, fn in libs.items():
+        for name, fn in libs_here.items():
             grads = fn(model, batches, meta, rule_name)
             errors[name] = max(
                 float((a - b).abs().max()) for a, b in zip(grads, reference, strict=True)
@@ -127,13 +155,13 @@ def main() -> None:
         timings = time_round_robin(
             {
                 name: (lambda fn=fn, r=rule_name: fn(model, batches, meta, r))
-                for name, fn in libs.items()
+                for name, fn in libs_here.items()
             },
             args.repeats,
         )
         for name, seconds in timings.items():
             print(
-                f"  {rule_name:4s} {name:9s} {seconds * 1e3:8.1f} ms   "
+                f"  {rule_name:4s} {name:16s} {seconds * 1e3:8.1f} ms   "
                 f"ratio to higher {seconds / timings['higher']:.2f}x   "
                 f"max |grad - metaopt's| / max |grad| = {errors[name]:.1e}"
             )

@@ -48,6 +48,8 @@ class MetaStepResult:
     Attributes:
         meta_loss: 0-d validation loss after the ``K`` inner steps.
         meta_grads: ``d meta_loss / d meta_params``, shaped like ``meta_params``.
+        init_grads: ``d meta_loss / d params`` for the *starting* inner parameters (the
+            MAML meta-gradient), shaped like ``params``.
         params, buffers, opt_state: the inner state after the ``K`` steps (detached), to
             continue a truncated unroll from.
         inner_losses: training loss of each inner step (before its update), shape ``[K]``.
@@ -55,6 +57,7 @@ class MetaStepResult:
 
     meta_loss: torch.Tensor
     meta_grads: dict[str, torch.Tensor]
+    init_grads: Params
     params: Params
     buffers: Params
     opt_state: State
@@ -172,7 +175,9 @@ class MetaStep:
                 meta, p, b, s, batch, cot_params, cot_state
             )
             meta_grads = {k: meta_grads[k] + g_meta[k] for k in meta_grads}
-        return MetaStepResult(meta_loss, meta_grads, z[0], z[1], z[2], torch.stack(losses))
+        return MetaStepResult(
+            meta_loss, meta_grads, cot_params, z[0], z[1], z[2], torch.stack(losses)
+        )
 
 
 def make_meta_step(

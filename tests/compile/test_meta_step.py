@@ -84,6 +84,24 @@ def test_matches_metaopt_meta_unrolled():
                                    rtol=1e-8)
 
 
+def test_init_grads_are_the_maml_meta_gradient():
+    """d meta_loss / d initial params equals metaopt.meta.Unrolled's gradient with respect
+    to the initial weights (MAML), on the same problem."""
+    meta_pkg = pytest.importorskip("metaopt.meta")
+    meta = {"lr": torch.tensor(0.1, dtype=torch.float64),
+            "momentum": torch.tensor(0.5, dtype=torch.float64)}
+    model, params, buffers, train, val = problem("mlp", 3, torch.float64)
+    ours = make_meta_step(model, F.cross_entropy, sgd_factory, compile=False)(
+        meta, params, buffers, sgd_factory(meta).init(params), train, val)
+    init = {"init." + k: v for k, v in params.items()}
+    theirs = meta_pkg.Unrolled(lambda m: sgd_factory(meta))(
+        init, meta_pkg.SupervisedProblem(model, train, val, init_prefix="init."))
+    for name in params:
+        torch.testing.assert_close(ours.init_grads[name], theirs.grads["init." + name],
+                                   atol=1e-10, rtol=1e-8)
+    assert max(float(g.abs().max()) for g in ours.init_grads.values()) > 1e-6
+
+
 def test_bad_inputs():
     model, params, buffers, train, val = problem("mlp", 2)
     step = make_meta_step(model, F.cross_entropy, sgd_factory, compile=False)
