@@ -184,24 +184,17 @@ def tensor_hyper(
     factory: Callable[..., UpdateRule],
     *,
     dtype: torch.dtype = torch.float32,
-    schedule_names: tuple[str, ...] = ("lr",),
     **hyper: Any,
 ) -> tuple[UpdateRule, dict[str, torch.Tensor]]:
     """Build ``factory(**hyper)`` with every float hyper-parameter held in a 0-d tensor.
 
-    Change a value in place (``tensors["lr"].fill_(1e-4)``) and the next step uses it; a
+    Change a value in place (``tensors["lr"].fill_(1e-4)``) and the next step uses it (the
+    rules of :mod:`metaopt.rules` read tensor hyper-parameters at every update); a
     compiled step does not recompile, because the tensor is a graph input.
-
-    The rules of :mod:`metaopt.rules` compute ``-lr`` once when they are built, so an
-    in-place change of a tensor ``lr`` would not reach them; the names in
-    ``schedule_names`` are therefore passed as a schedule ``count -> tensor`` that reads
-    the tensor at every update (the rule then keeps a step count per parameter).
 
     Args:
         factory: a rule factory such as :func:`metaopt.rules.adam`.
         dtype: dtype of the hyper-parameter tensors.
-        schedule_names: float hyper-parameters to pass as a schedule reading the tensor
-            (the factory must accept a schedule for them).
         **hyper: the factory's keyword arguments; Python floats become tensors, anything
             else (bools, tuples, ints) is passed unchanged.
 
@@ -213,12 +206,4 @@ def tensor_hyper(
         for name, value in hyper.items()
         if isinstance(value, float)
     }
-    live: dict[str, Any] = {
-        name: (_read(t) if name in schedule_names else t) for name, t in tensors.items()
-    }
-    return factory(**{**hyper, **live}), tensors
-
-
-def _read(tensor: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A schedule that ignores the step count and returns ``tensor``'s current value."""
-    return lambda count: tensor
+    return factory(**{**hyper, **tensors}), tensors
