@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -89,6 +89,12 @@ def _divisors(n: int) -> list[int]:
     return sorted({*small, *(n // d for d in small)})
 
 
+def uncached_when_compiling(fn: Any) -> Any:
+    """``fn`` (an ``lru_cache``'d function), or its uncached body while ``torch.compile``
+    traces: Dynamo ignores the cache anyway and warns when it meets one."""
+    return fn.__wrapped__ if torch.compiler.is_compiling() else fn
+
+
 @functools.lru_cache(maxsize=4096)
 def layout_of(numel: int, max_block: int, leading: int = 1) -> Layout:
     """The token layout of a tensor with ``numel`` elements (cached).
@@ -135,7 +141,7 @@ def _sample_columns_cpu(length: int, sample_size: int) -> torch.Tensor:
 def sample_columns(layout: Layout, sample_size: int, device: torch.device) -> torch.Tensor:
     """``[sample_size]`` evenly spaced positions inside a token (the same for every token of
     the tensor; repeated when a token is shorter than ``sample_size``)."""
-    index = _sample_columns_cpu(layout.length, sample_size)
+    index = uncached_when_compiling(_sample_columns_cpu)(layout.length, sample_size)
     return index if index.device == device else index.to(device)
 
 

@@ -34,6 +34,7 @@ from metaopt.learned.features import (
     sample_columns,
     task_features,
     token_statistics,
+    uncached_when_compiling,
 )
 from metaopt.learned.network import LearnedRuleNet, TokenCoefficients
 from metaopt.learned.state import LearnedState, factored_shape, init_leaf, is_factored
@@ -355,7 +356,8 @@ def _learned_step(
     """The arithmetic of one update over lists of tensors (see the module docstring)."""
     device = grads[0].device
     layouts: list[Layout] = [
-        layout_of(g.numel(), max_block, g.shape[0] if g.ndim else 1) for g in grads
+        uncached_when_compiling(layout_of)(g.numel(), max_block, g.shape[0] if g.ndim else 1)
+        for g in grads
     ]
     views = [tuple(lay) for lay in layouts]
     counts = [lay.n_tokens for lay in layouts]

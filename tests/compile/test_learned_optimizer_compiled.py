@@ -27,7 +27,7 @@ def test_compiled_learned_optimizer_matches_eager_across_a_task_boundary():
             torch.nn.functional.cross_entropy(net(x), y).backward()
             opt.step()
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)  # float32, the bound
     assert compiled.task_index == eager.task_index == 1
     pairs = zip(model.parameters(), initial.parameters(), strict=True)
     assert all(not torch.equal(p, q) for p, q in pairs)  # training really moved them
