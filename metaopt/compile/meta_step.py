@@ -142,8 +142,10 @@ class MetaStep:
 
         Args:
             meta_params: ``{name: tensor}`` of meta-parameters (floating point).
-            params, buffers, opt_state: the inner starting point (``opt_state`` from
-                ``rule_factory(meta_params).init(params)`` or a previous result).
+            params: the inner starting parameters.
+            buffers: the model's buffers (e.g. batchnorm running statistics).
+            opt_state: the rule's state at the start, from
+                ``rule_factory(meta_params).init(params)`` or a previous result.
             train_batches: the ``K >= 1`` inner training batches.
             val_batch: the batch of the meta-objective.
 

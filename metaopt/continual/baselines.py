@@ -135,7 +135,10 @@ class EWC(QuadraticRegularizer):
     """Elastic weight consolidation: Fisher-weighted penalty ``strength/2 * F (theta - theta*)^2``.
 
     Args:
-        params, base, strength, **base_options: see :class:`QuadraticRegularizer`.
+        params: parameters or groups (see :class:`QuadraticRegularizer`).
+        base: base optimizer class or factory.
+        strength: penalty coefficient.
+        **base_options: passed to ``base``.
         n_fisher: examples used to estimate the Fisher at each task end.
         gamma: decay of the accumulated Fisher (1 = plain sum over tasks).
 
@@ -209,7 +212,10 @@ class SI(QuadraticRegularizer):
     """Synaptic intelligence: path-integral importance, penalty ``c * Omega (theta - theta*)^2``.
 
     Args:
-        params, base, strength, **base_options: see :class:`QuadraticRegularizer`.
+        params: parameters or groups (see :class:`QuadraticRegularizer`).
+        base: base optimizer class or factory.
+        strength: penalty coefficient.
+        **base_options: passed to ``base``.
         xi: damping of the importance denominator.
     """
 

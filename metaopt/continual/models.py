@@ -70,7 +70,9 @@ class SmallViT(nn.Module):
         n_outputs: number of logits.
         patch: patch side in pixels (must divide H and W); default gives 4x4 patches grid
             for 8x8 and 28x28 inputs.
-        dim, depth, heads: embedding width, encoder layers, attention heads.
+        dim: embedding width.
+        depth: number of encoder layers.
+        heads: number of attention heads.
     """
 
     def __init__(

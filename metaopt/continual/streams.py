@@ -122,7 +122,10 @@ def split_stream(
     """Split a labelled dataset into tasks of disjoint classes.
 
     Args:
-        x_train, y_train, x_test, y_test: the dataset (``[N, C, H, W]``, ``[N]``).
+        x_train: training images ``[N, C, H, W]``.
+        y_train: training labels ``[N]`` (int64).
+        x_test: test images ``[M, C, H, W]``.
+        y_test: test labels ``[M]`` (int64).
         n_tasks: number of tasks; the classes are divided evenly (must divide).
         scenario: ``"task"``, ``"domain"`` or ``"class"`` (see module docstring).
         classes: the classes to use, in order (default: all labels in ``y_train``,
@@ -185,7 +188,10 @@ def permuted_stream(
     """Tasks that share labels and differ by a fixed random permutation of the pixels.
 
     Args:
-        x_train, y_train, x_test, y_test: the dataset (``[N, C, H, W]``, ``[N]``).
+        x_train: training images ``[N, C, H, W]``.
+        y_train: training labels ``[N]`` (int64).
+        x_test: test images ``[M, C, H, W]``.
+        y_test: test labels ``[M]`` (int64).
         n_tasks: number of tasks.
         seed: int or generator for the permutations.
         identity_first: task 0 uses the unpermuted images (the usual convention).
@@ -246,7 +252,10 @@ def rotated_stream(
     """Tasks that share labels and differ by a fixed rotation of the images.
 
     Args:
-        x_train, y_train, x_test, y_test: the dataset (``[N, C, H, W]``, ``[N]``).
+        x_train: training images ``[N, C, H, W]``.
+        y_train: training labels ``[N]`` (int64).
+        x_test: test images ``[M, C, H, W]``.
+        y_test: test labels ``[M]`` (int64).
         n_tasks: number of tasks (ignored when ``angles`` is given).
         angles: rotation of each task in degrees; default: task 0 at 0 degrees, the
             others drawn uniformly from ``[0, max_angle)`` with ``seed``.
@@ -292,8 +301,9 @@ def stream_from_tensors(
             ``[N, 1, 1, D]``).
         y: integer labels ``[N]``.
         kind: ``"split"``, ``"permuted"`` or ``"rotated"``.
-        x_test, y_test: a test set; if omitted, ``test_fraction`` of ``(x, y)`` is held
-            out at random (seeded).
+        x_test: test inputs shaped like ``x``; if ``x_test`` and ``y_test`` are omitted,
+            ``test_fraction`` of ``(x, y)`` is held out at random (seeded).
+        y_test: test labels ``[M]``.
         test_fraction: fraction held out as test set when none is given.
         seed: int or generator for the hold-out and the stream's own randomness.
         **options: passed to the builder (``n_tasks``, ``scenario``, ``classes``...).

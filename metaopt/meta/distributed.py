@@ -64,7 +64,9 @@ def shard(items: Sequence[T], ctx: DistributedContext) -> list[T]:
     return list(items[ctx.rank :: ctx.world_size])
 
 
-def all_reduce_mean(sums: Params, loss_sum: torch.Tensor, count: int, ctx: DistributedContext):
+def all_reduce_mean(
+    sums: Params, loss_sum: torch.Tensor, count: int, ctx: DistributedContext
+) -> tuple[Params, torch.Tensor]:
     """Average per-sample sums over all ranks.
 
     Args:
