@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, float] | None:
         }
         print(json.dumps(summary))
     if dist.is_initialized():
+        dist.barrier()  # every rank is done before any tears gloo down
         dist.destroy_process_group()
     return summary
 

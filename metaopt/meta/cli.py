@@ -129,6 +129,8 @@ def meta_train_command(args: argparse.Namespace) -> int:
         logger.info("continuing at meta-step %d of %d", trainer.step, config.steps)
     try:
         best = trainer.train()
+        if dist.is_initialized():
+            dist.barrier()  # every rank is done before any tears gloo down
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -29,6 +29,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, result: str) ->
         loss, grads = _meta_gradient(trainer)
         if rank == 0:
             torch.save({"loss": loss, "grads": grads}, result)
+        dist.barrier()  # no rank tears gloo down while its peer still talks to it
     finally:
         dist.destroy_process_group()
 

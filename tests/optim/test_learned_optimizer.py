@@ -261,6 +261,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
             _loss(ddp, x[shard], y[shard]).backward()
             opt.step()
         torch.save([p.detach() for p in model.parameters()], f"{out}.{rank}")
+        dist.barrier()  # no rank tears gloo down while its peer still talks to it
     finally:
         dist.destroy_process_group()
 
