@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.func import functional_call
@@ -151,15 +151,7 @@ def learned_rule(
         return {key: init_leaf(key, p, depth_of(key, p), aux_dtype, factored) for key, p in items}
 
     def run_net(tokens: torch.Tensor, task: torch.Tensor) -> TokenCoefficients:
-        """The net on its own device; coefficients come back to the parameters' device."""
-        source = meta_params.values() if meta_params is not None else net.parameters()
-        net_device = next(iter(source)).device
-        inputs = (tokens.to(net_device), task.to(net_device))
-        if meta_params is None:
-            coef = net(*inputs)
-        else:
-            coef = functional_call(net, dict(meta_params), inputs)
-        return TokenCoefficients(*(c.to(tokens.device) for c in coef))
+        return run_on_net_device(net, meta_params, tokens, task)
 
     def update(grads: Any, state: State, params: Any | None = None) -> tuple[Any, State]:
         items = named_leaves(grads)
@@ -202,7 +194,7 @@ def learned_rule(
             max_block=max_block,
             sample_size=sample_size,
             topk_fraction=topk_fraction,
-            net_dtype=_net_dtype(net, meta_params),
+            net_dtype=net_dtype_of(net, meta_params),
             inplace_state=inplace_state,
             workspace=workspace,
             importance_free=importance_free and not folded,
@@ -212,7 +204,28 @@ def learned_rule(
     return UpdateRule(init, update)
 
 
-def _net_dtype(net: LearnedRuleNet, meta_params: Mapping[str, torch.Tensor] | None) -> torch.dtype:
+def run_on_net_device(
+    net: LearnedRuleNet,
+    meta_params: Mapping[str, torch.Tensor] | None,
+    tokens: torch.Tensor,
+    task: torch.Tensor,
+) -> TokenCoefficients:
+    """``net(tokens, task)`` (with ``meta_params`` through ``functional_call`` when given)
+    on the net's own device; the coefficients come back to the tokens' device."""
+    source = meta_params.values() if meta_params is not None else net.parameters()
+    net_device = next(iter(source)).device
+    inputs = (tokens.to(net_device), task.to(net_device))
+    if meta_params is None:
+        coef = net(*inputs)
+    else:
+        coef = functional_call(net, dict(meta_params), inputs)
+    return TokenCoefficients(*(c.to(tokens.device) for c in coef))
+
+
+def net_dtype_of(
+    net: LearnedRuleNet, meta_params: Mapping[str, torch.Tensor] | None
+) -> torch.dtype:
+    """The dtype the net computes in (its, or the replacing meta-parameters')."""
     source = meta_params.values() if meta_params is not None else net.parameters()
     return next(iter(source)).dtype
 
@@ -226,38 +239,40 @@ def _samples(
     )
 
 
-def _elementwise(
-    g: list[torch.Tensor],
-    w: list[torch.Tensor],
-    m: list[torch.Tensor],
-    v: list[torch.Tensor],
-    anchor: list[torch.Tensor],
-    imp: list[torch.Tensor],
-    c: list[list[torch.Tensor]],
+def direction_of(
+    g: torch.Tensor,
+    w: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    anchor: torch.Tensor,
+    imp: torch.Tensor,
+    c: list[torch.Tensor],
     importance_free: bool,
-) -> list[torch.Tensor]:
-    """The per-element update, out of place (differentiable). ``m, v`` are the updated
-    moments, ``c`` the seven per-token coefficient lists ``[n_tokens, 1]`` (see
-    ``_learned_step``); every tensor is a ``[n_tokens, length]`` view.
-    ``importance_free``: every importance is 0, skip the terms that vanish then."""
+) -> torch.Tensor:
+    """The per-element update of one tensor, out of place (differentiable).
+
+    Args:
+        g, w: the gradient and the parameter as ``[n_tokens, length]`` views.
+        m, v: the updated moments, same views.
+        anchor, imp: the anchor and importance (``aux_dtype``), same views.
+        c: the seven per-token coefficients ``[n_tokens, 1]`` (see ``_coefficient_lists``).
+        importance_free: every importance is 0: skip the terms that vanish then.
+
+    Returns:
+        ``[n_tokens, length]`` update in the parameter's dtype.
+    """
     c_m, c_g, c_w, c_d, c_lam, c_rho, c_eps = c
-    anchor = [a.to(x.dtype) for a, x in zip(anchor, w, strict=True)]
-    imp = [i.to(x.dtype) for i, x in zip(imp, w, strict=True)]
+    anchor = anchor.to(w.dtype)
     # v floored at a tiny number: same values, finite d sqrt(v)/dv where v == 0 (meta-grads)
-    denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_clamp_min(v, _TINY)), c_eps)
-    direction = torch._foreach_addcmul(torch._foreach_mul(m, c_m), g, c_g)
-    direction = torch._foreach_div(direction, denom)
-    drift = torch._foreach_sub(w, anchor)
-    direction = torch._foreach_addcmul(direction, w, c_w)
-    direction = torch._foreach_addcmul(direction, drift, c_d)
+    denom = v.clamp_min(_TINY).sqrt() + c_eps
+    drift = w - anchor
+    direction = (m * c_m + g * c_g) / denom + w * c_w + drift * c_d
     if importance_free:  # imp == 0: the gate divides by 1 and the pull-back is 0
         return direction
-    direction = torch._foreach_div(
-        direction, torch._foreach_add(torch._foreach_mul(imp, c_lam), 1.0)
-    )
-    # pull-back fraction min(1, rho * imp) per element: never overshoots the anchor
-    pull = torch._foreach_clamp_max(torch._foreach_mul(imp, c_rho), 1.0)
-    return torch._foreach_sub(direction, torch._foreach_mul(pull, drift))
+    imp = imp.to(w.dtype)
+    # soft gate 1 / (1 + lambda * imp); pull-back fraction min(1, rho * imp) per element,
+    # which never overshoots the anchor
+    return direction / (imp * c_lam + 1.0) - (imp * c_rho).clamp_max(1.0) * drift
 
 
 _WORKSPACE_ENTRIES = 4
@@ -292,7 +307,7 @@ def _elementwise_no_grad(
     workspace: dict[Any, list[torch.Tensor]] | None,
     importance_free: bool,
 ) -> list[torch.Tensor]:
-    """The same arithmetic as :func:`_elementwise` with autograd off, in place on two
+    """The same arithmetic as :func:`direction_of` (over lists) with autograd off, in place on two
     buffers per tensor (from ``workspace`` when given: first-touching fresh memory costs
     more than several passes over it). The result lives in ``workspace["out"]``."""
     c_m, c_g, c_w, c_d, c_lam, c_rho, c_eps = c
@@ -335,81 +350,84 @@ def _factored_moment(
     return torch.cat([row, col]), full.reshape(grad.shape)
 
 
-def _learned_step(
+class _Views(NamedTuple):
+    """One update's tensors as ``[n_tokens, length]`` views (see ``layout_of``)."""
+
+    layouts: list[Layout]
+    counts: list[int]
+    grads: list[torch.Tensor]
+    params: list[torch.Tensor]
+    exp_avg: list[torch.Tensor]
+    anchor: list[torch.Tensor]
+    importance: list[torch.Tensor]
+
+
+def _token_views(
     grads: list[torch.Tensor],
     params: list[torch.Tensor],
     leaves: list[LearnedState],
+    max_block: int,
+) -> _Views:
+    layouts: list[Layout] = [
+        uncached_when_compiling(layout_of)(g.numel(), max_block, g.shape[0] if g.ndim else 1)
+        for g in grads
+    ]
+    shapes = [tuple(lay) for lay in layouts]
+
+    def view(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [x.reshape(shape) for x, shape in zip(tensors, shapes, strict=True)]
+
+    return _Views(
+        layouts,
+        [lay.n_tokens for lay in layouts],
+        view(grads),
+        view(params),
+        view([s.exp_avg for s in leaves]),
+        view([s.anchor for s in leaves]),
+        view([s.importance for s in leaves]),
+    )
+
+
+def _coefficient_lists(
+    views: _Views,
+    leaves: list[LearnedState],
+    samples: tuple[torch.Tensor, ...],
     run_net: Callable[[torch.Tensor, torch.Tensor], TokenCoefficients],
     *,
     lr: Scalar,
     b1: float,
     b2: float,
     eps: float,
-    max_block: int,
-    sample_size: int,
     topk_fraction: float | None,
     net_dtype: torch.dtype,
-    inplace_state: bool,
-    workspace: dict[Any, list[torch.Tensor]] | None,
-    importance_free: bool,
-) -> tuple[list[torch.Tensor], list[LearnedState]]:
-    """The arithmetic of one update over lists of tensors (see the module docstring)."""
-    device = grads[0].device
-    layouts: list[Layout] = [
-        uncached_when_compiling(layout_of)(g.numel(), max_block, g.shape[0] if g.ndim else 1)
-        for g in grads
-    ]
-    views = [tuple(lay) for lay in layouts]
-    counts = [lay.n_tokens for lay in layouts]
-    g_v = [g.reshape(shape) for g, shape in zip(grads, views, strict=True)]
-    w_v = [p.reshape(shape) for p, shape in zip(params, views, strict=True)]
-    m_old = [s.exp_avg.reshape(shape) for s, shape in zip(leaves, views, strict=True)]
-    anchor = [s.anchor.reshape(shape) for s, shape in zip(leaves, views, strict=True)]
-    imp = [s.importance.reshape(shape) for s, shape in zip(leaves, views, strict=True)]
-    no_grad = not torch.is_grad_enabled()
+    wide: torch.dtype,
+) -> tuple[list[list[torch.Tensor]], torch.Tensor, torch.Tensor]:
+    """Tokens -> attention -> the per-element coefficients (steps 2 and 3 of the module
+    docstring).
 
-    # 1. Adam's moments (torch.optim.Adam's foreach formulas; factored ones per tensor)
-    dense = [i for i, s in enumerate(leaves) if not is_factored(s)]
-    v_old = [leaves[i].exp_avg_sq.reshape(views[i]) for i in dense]
-    g_dense = [g_v[i] for i in dense]
-    in_place = (
-        no_grad
-        and inplace_state
-        and all(s.exp_avg.is_contiguous() for s in leaves)
-        and all(leaves[i].exp_avg_sq.is_contiguous() for i in dense)
-    )
-    if in_place:
-        torch._foreach_lerp_(m_old, g_v, 1.0 - b1)
-        torch._foreach_mul_(v_old, b2)
-        torch._foreach_addcmul_(v_old, g_dense, g_dense, value=1.0 - b2)
-        m_new, v_dense = m_old, v_old
-    else:
-        m_new = torch._foreach_lerp(m_old, g_v, 1.0 - b1)
-        v_dense = torch._foreach_addcmul(
-            torch._foreach_mul(v_old, b2), g_dense, g_dense, value=1.0 - b2
-        )
-    v_new: list[torch.Tensor] = [None] * len(leaves)  # type: ignore[list-item]
-    for i, v in zip(dense, v_dense, strict=True):
-        v_new[i] = v
-    factored_sq: dict[int, torch.Tensor] = {}  # new [rows + cols] state of factored ones
-    for i, s in enumerate(leaves):
-        if is_factored(s):
-            factored_sq[i], full = _factored_moment(grads[i], s.exp_avg_sq, b2)
-            v_new[i] = full.reshape(views[i])
+    Args:
+        views: the update's views.
+        leaves: the states (counters, loss statistics, descriptors).
+        samples: ``(g, m, v, w, anchor, importance)``, each ``[T, S]`` in ``net_dtype``,
+            with ``m, v`` the updated moments.
+        wide: float64 when a parameter is float64, else float32.
 
-    # 2. tokens: statistics of a fixed subsample of each block
+    Returns:
+        Seven lists (one per coefficient: x m, x g, x w, x drift, lambda, rho, eps) of
+        per-tensor ``[n_tokens, 1]`` tensors in the gradients' dtypes; the new step
+        counters ``[n tensors]`` and the current in-task steps ``[n tensors]``.
+    """
+    counts = views.counts
     steps = torch.stack([s.step for s in leaves]) + 1.0
-    wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     bc1 = 1.0 - b1 ** steps.to(wide)  # [n tensors]
     bc2 = 1.0 - b2 ** steps.to(wide)
-    repeats = torch.tensor(counts, device=device)
+    repeats = torch.tensor(counts, device=steps.device)
     n_tokens = sum(counts)  # static output size: no data-dependent shape for Dynamo
-    columns = [sample_columns(lay, sample_size, device) for lay in layouts]
-    g_s, m_s, v_s, w_s, a_s, i_s = (
-        _samples(buffers, columns, net_dtype) for buffers in (g_v, m_new, v_new, w_v, anchor, imp)
-    )
-    bc1_t = bc1.to(net_dtype).repeat_interleave(repeats, output_size=n_tokens)[:, None]
-    bc2_t = bc2.to(net_dtype).repeat_interleave(repeats, output_size=n_tokens)[:, None]
+
+    def per_token(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return x.to(dtype).repeat_interleave(repeats, output_size=n_tokens)
+
+    g_s, m_s, v_s, w_s, a_s, i_s = samples
     stats = token_statistics(
         g_s,
         m_s,
@@ -417,8 +435,8 @@ def _learned_step(
         w_s,
         a_s,
         i_s,
-        bias_correction1=bc1_t,
-        bias_correction2=bc2_t,
+        bias_correction1=per_token(bc1, net_dtype)[:, None],
+        bias_correction2=per_token(bc2, net_dtype)[:, None],
         lr=lr,
         eps=eps,
     )
@@ -444,8 +462,8 @@ def _learned_step(
     work = torch.promote_types(wide, net_dtype)
     rms_w = param_reference(w_s, a_s, lr).to(work)
     inv_imp = (1.0 / i_s.mean().clamp_min(_TINY)).to(work)
-    bc1_w = bc1.to(work).repeat_interleave(repeats, output_size=n_tokens)
-    bc2_sqrt = bc2.to(work).repeat_interleave(repeats, output_size=n_tokens).sqrt()
+    bc1_w = per_token(bc1, work)
+    bc2_sqrt = per_token(bc2, work).sqrt()
     coef = TokenCoefficients(*(c.to(work) for c in coef))
     out_scale = -lr * gate.to(work)  # multiplies the whole gated direction
     table = torch.stack(
@@ -461,37 +479,121 @@ def _learned_step(
         dim=1,
     )  # [T, 7]
 
-    # 4. element-wise update; per-token coefficients broadcast over each token's row
-    dtypes = {g.dtype for g in grads}
+    # per-token coefficients broadcast over each token's row
+    dtypes = {g.dtype for g in views.grads}
     if len(dtypes) == 1:  # one split per coefficient: [n_tokens, 1] views, 7 calls in all
         by_coefficient = table.to(dtypes.pop()).t().unsqueeze(-1)  # [7, T, 1]
-        coefficients = [list(torch.split(col, counts)) for col in by_coefficient]
-    else:
-        per_tensor = [t.to(g.dtype) for t, g in zip(torch.split(table, counts), grads, strict=True)]
-        coefficients = [[t[:, j : j + 1] for t in per_tensor] for j in range(table.shape[1])]
-    if no_grad:
-        out = _elementwise_no_grad(
-            g_v, w_v, m_new, v_new, anchor, imp, coefficients, workspace, importance_free
-        )
-    else:
-        out = _elementwise(g_v, w_v, m_new, v_new, anchor, imp, coefficients, importance_free)
+        return [list(torch.split(col, counts)) for col in by_coefficient], steps, task_steps
+    per_tensor = [
+        t.to(g.dtype) for t, g in zip(torch.split(table, counts), views.grads, strict=True)
+    ]
+    coefficients = [[t[:, j : j + 1] for t in per_tensor] for j in range(table.shape[1])]
+    return coefficients, steps, task_steps
 
-    updates = [u.reshape(g.shape) for u, g in zip(out, grads, strict=True)]
-    new_leaves = [
+
+def advanced_leaves(
+    leaves: list[LearnedState],
+    steps: torch.Tensor,
+    task_steps: torch.Tensor,
+    exp_avg: list[torch.Tensor],
+    exp_avg_sq: list[torch.Tensor],
+) -> list[LearnedState]:
+    """The leaves after one update: new counters and moments (in the state's shapes)."""
+    return [
         s._replace(
             step=step,
             task_step=task_step,
-            exp_avg=s.exp_avg if in_place else m.reshape(s.exp_avg.shape),
-            exp_avg_sq=(
-                factored_sq[i]
-                if i in factored_sq
-                else s.exp_avg_sq
-                if in_place
-                else v.reshape(s.exp_avg_sq.shape)
-            ),
+            exp_avg=m if m.shape == s.exp_avg.shape else m.reshape(s.exp_avg.shape),
+            exp_avg_sq=v if v.shape == s.exp_avg_sq.shape else v.reshape(s.exp_avg_sq.shape),
         )
-        for i, (s, step, task_step, m, v) in enumerate(
-            zip(leaves, steps.unbind(0), (task_steps + 1.0).unbind(0), m_new, v_new, strict=True)
+        for s, step, task_step, m, v in zip(
+            leaves, steps.unbind(0), (task_steps + 1.0).unbind(0), exp_avg, exp_avg_sq, strict=True
         )
     ]
-    return updates, new_leaves
+
+
+def _learned_step(
+    grads: list[torch.Tensor],
+    params: list[torch.Tensor],
+    leaves: list[LearnedState],
+    run_net: Callable[[torch.Tensor, torch.Tensor], TokenCoefficients],
+    *,
+    lr: Scalar,
+    b1: float,
+    b2: float,
+    eps: float,
+    max_block: int,
+    sample_size: int,
+    topk_fraction: float | None,
+    net_dtype: torch.dtype,
+    inplace_state: bool,
+    workspace: dict[Any, list[torch.Tensor]] | None,
+    importance_free: bool,
+) -> tuple[list[torch.Tensor], list[LearnedState]]:
+    """The arithmetic of one update over lists of tensors (see the module docstring)."""
+    views = _token_views(grads, params, leaves, max_block)
+    g_v, w_v, m_old = views.grads, views.params, views.exp_avg
+    shapes = [tuple(lay) for lay in views.layouts]
+    no_grad = not torch.is_grad_enabled()
+
+    # 1. Adam's moments (torch.optim.Adam's foreach formulas; factored ones per tensor)
+    dense = [i for i, s in enumerate(leaves) if not is_factored(s)]
+    v_old = [leaves[i].exp_avg_sq.reshape(shapes[i]) for i in dense]
+    g_dense = [g_v[i] for i in dense]
+    in_place = (
+        no_grad
+        and inplace_state
+        and all(s.exp_avg.is_contiguous() for s in leaves)
+        and all(leaves[i].exp_avg_sq.is_contiguous() for i in dense)
+    )
+    if in_place:
+        torch._foreach_lerp_(m_old, g_v, 1.0 - b1)
+        torch._foreach_mul_(v_old, b2)
+        torch._foreach_addcmul_(v_old, g_dense, g_dense, value=1.0 - b2)
+        m_new, v_dense = m_old, v_old
+    else:
+        m_new = torch._foreach_lerp(m_old, g_v, 1.0 - b1)
+        v_dense = torch._foreach_addcmul(
+            torch._foreach_mul(v_old, b2), g_dense, g_dense, value=1.0 - b2
+        )
+    v_new: list[torch.Tensor] = [None] * len(leaves)  # type: ignore[list-item]
+    v_state: list[torch.Tensor] = [None] * len(leaves)  # type: ignore[list-item]
+    for i, v in zip(dense, v_dense, strict=True):
+        v_new[i] = v
+        v_state[i] = leaves[i].exp_avg_sq if in_place else v
+    for i, s in enumerate(leaves):
+        if is_factored(s):
+            v_state[i], full = _factored_moment(grads[i], s.exp_avg_sq, b2)
+            v_new[i] = full.reshape(shapes[i])
+
+    # 2. tokens: statistics of a fixed subsample of each block; 3. coefficients
+    wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    columns = [sample_columns(lay, sample_size, g_v[0].device) for lay in views.layouts]
+    samples = tuple(
+        _samples(buffers, columns, net_dtype)
+        for buffers in (g_v, m_new, v_new, w_v, views.anchor, views.importance)
+    )
+    coefficients, steps, task_steps = _coefficient_lists(
+        views,
+        leaves,
+        samples,
+        run_net,
+        lr=lr,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        topk_fraction=topk_fraction,
+        net_dtype=net_dtype,
+        wide=wide,
+    )
+
+    # 4. element-wise update
+    args = (g_v, w_v, m_new, v_new, views.anchor, views.importance)
+    if no_grad:
+        out = _elementwise_no_grad(*args, coefficients, workspace, importance_free)
+    else:
+        per_tensor = zip(*args, zip(*coefficients, strict=True), strict=True)
+        out = [direction_of(*xs, list(c), importance_free) for *xs, c in per_tensor]
+    updates = [u.reshape(g.shape) for u, g in zip(out, grads, strict=True)]
+    m_state = [s.exp_avg for s in leaves] if in_place else m_new  # in place: the same tensors
+    return updates, advanced_leaves(leaves, steps, task_steps, m_state, v_state)

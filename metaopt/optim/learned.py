@@ -8,11 +8,13 @@ from typing import Any
 import torch
 
 from metaopt.learned.checkpoint import load_pretrained
+from metaopt.learned.fused import compiled_fused_step, fusable
 from metaopt.learned.network import LearnedRuleNet
-from metaopt.learned.rule import learned_rule
+from metaopt.learned.rule import learned_rule, net_dtype_of, run_on_net_device
 from metaopt.learned.state import LearnedState
 from metaopt.learned.tasks import (
     check_importance,
+    fold_task,
     learned_leaves,
     map_learned,
     new_task,
@@ -57,10 +59,14 @@ class LearnedOptimizer(FunctionalOptimizer):
             for 2 x the parameters' bytes of resident memory (not optimizer state; not
             saved). ``False`` allocates them at every step instead.
         check_finite: see :class:`metaopt.FunctionalOptimizer`.
-        compile: run each group's update through ``torch.compile`` (see
-            :class:`metaopt.FunctionalOptimizer`); the eager-only fast paths (in-place
-            moments, reused buffers) are then off, since the compiled graph fuses the
-            element-wise passes itself. The first step compiles (tens of seconds on a CPU).
+        compile: run each group's update as one ``torch.compile``'d in-place pass per
+            tensor (:func:`metaopt.learned.fused_learned_step_`: parameters and moments
+            read and written once, as ``torch.optim.Adam(fused=True)`` does); groups with
+            non-contiguous parameters or moments use the compiled functional update of
+            :class:`metaopt.FunctionalOptimizer` instead. The first step compiles (tens of
+            seconds on a CPU), the first step after the first task boundary once more
+            (importance terms switch on); the learning rate is a graph input, so
+            schedulers do not recompile.
 
     Example:
         >>> opt = LearnedOptimizer.from_pretrained("default", model.parameters(), lr=1e-3)
@@ -102,6 +108,7 @@ class LearnedOptimizer(FunctionalOptimizer):
             self.net, lr, betas=betas, eps=eps, topk_fraction=topk_fraction, **self._options
         )
         self._eager_fast_paths = not compile
+        self._fused_step = compiled_fused_step() if compile else None
         self._workspace: dict[Any, list[torch.Tensor]] | None = (
             {} if reuse_buffers and not compile else None
         )
@@ -194,6 +201,47 @@ class LearnedOptimizer(FunctionalOptimizer):
         super()._store(p, leaf_state)
 
     # ------------------------------------------------------------------ step and tasks
+    def _step_group(
+        self, group: dict[str, Any], keys: list[str], params: list[torch.Tensor]
+    ) -> None:
+        """The fused in-place step (``compile=True``) where it applies, else the
+        functional one of :class:`metaopt.FunctionalOptimizer`."""
+        if self._fused_step is None or not all(p.is_contiguous() for p in params):
+            super()._step_group(group, keys, params)
+            return
+        rule = super().rule_for(group)  # only initialises missing state here
+        leaves = [self._leaf_state(rule, k, p) for k, p in zip(keys, params, strict=True)]
+        if self._loss is not None:
+            named = observe_loss(dict(zip(keys, leaves, strict=True)), self._loss)
+            leaves = [named[k] for k in keys]
+        folded = [bool(s.pending.numel()) for s in leaves]
+        leaves = [
+            fold_task(s, p, self._options["importance"]) if pending else s
+            for s, p, pending in zip(leaves, params, folded, strict=True)
+        ]
+        if not fusable(params, leaves):
+            super()._step_group(group, keys, params)
+            return
+        wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        b1, b2 = group["betas"]
+        new_leaves = self._fused_step(
+            [p.grad for p in params],
+            params,
+            leaves,
+            lambda tokens, task: run_on_net_device(self.net, None, tokens, task),
+            lr=torch.as_tensor(group["lr"], dtype=wide, device=params[0].device),
+            b1=b1,
+            b2=b2,
+            eps=group["eps"],
+            max_block=self._options["max_block"],
+            sample_size=self._options["sample_size"],
+            topk_fraction=group["topk_fraction"],
+            net_dtype=net_dtype_of(self.net, None),
+            importance_free=self._task_index == 0 and not any(folded),
+        )
+        for p, leaf in zip(params, new_leaves, strict=True):
+            self._store(p, leaf)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every parameter that has a gradient (see ``torch.optim``).

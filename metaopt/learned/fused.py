@@ -1,0 +1,211 @@
+"""The learned rule as one in-place pass per tensor: the fast path of
+``LearnedOptimizer(compile=True)``.
+
+:func:`fused_learned_step_` computes exactly what :func:`metaopt.learned.learned_rule`
+computes, but writes the new parameters and Adam moments into the given tensors instead
+of returning new ones, and takes the token statistics from Adam's moments updated *at the
+sampled positions only*. Under ``torch.compile`` every parameter tensor is then read and
+written once per step: Inductor fuses moment update, direction, gate, pull-back and the
+parameter write into one loop, the way ``torch.optim.Adam(fused=True)`` does in C++.
+Eagerly it runs too (the tests use that), only slower than the unfused eager rule.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from metaopt.learned.features import sample_columns
+from metaopt.learned.network import TokenCoefficients
+from metaopt.learned.rule import (
+    _coefficient_lists,
+    _factored_moment,
+    _token_views,
+    _Views,
+    advanced_leaves,
+    direction_of,
+)
+from metaopt.learned.state import LearnedState, is_factored
+from metaopt.rules.base import Scalar
+
+__all__ = ["compiled_fused_step", "fusable", "fused_core_", "fused_learned_step_"]
+
+
+def fusable(params: list[torch.Tensor], leaves: list[LearnedState]) -> bool:
+    """Whether :func:`fused_learned_step_` can update these tensors in place: contiguous
+    parameters and moments (their ``[n_tokens, length]`` views must alias them) and no
+    pending task boundary (fold it eagerly first, see :func:`metaopt.learned.fold_task`)."""
+    return all(
+        p.is_contiguous()
+        and s.exp_avg.is_contiguous()
+        and s.exp_avg_sq.is_contiguous()
+        and not s.pending.numel()
+        for p, s in zip(params, leaves, strict=True)
+    )
+
+
+def _sampled(x: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    return x.index_select(1, columns)
+
+
+def fused_learned_step_(
+    grads: list[torch.Tensor],
+    params: list[torch.Tensor],
+    leaves: list[LearnedState],
+    run_net: Callable[[torch.Tensor, torch.Tensor], TokenCoefficients],
+    *,
+    lr: Scalar,
+    b1: float,
+    b2: float,
+    eps: float,
+    max_block: int,
+    sample_size: int,
+    topk_fraction: float | None,
+    net_dtype: torch.dtype,
+    importance_free: bool,
+    core: Callable[..., list[LearnedState]] | None = None,
+) -> list[LearnedState]:
+    """One learned-rule update written into ``params`` and the leaves' moments in place.
+
+    Args:
+        grads: the gradients, one per parameter (shapes of the parameters).
+        params: the parameters (contiguous, see :func:`fusable`); updated in place.
+        leaves: their :class:`LearnedState` (contiguous moments, no pending boundary);
+            ``exp_avg`` and a dense ``exp_avg_sq`` are updated in place.
+        run_net: ``(tokens [T, F], task [F_task]) -> TokenCoefficients``.
+        lr, b1, b2, eps, max_block, sample_size, topk_fraction: as in
+            :func:`metaopt.learned.learned_rule`.
+        net_dtype: the dtype the net computes in.
+        importance_free: every importance buffer is zero (skip its terms).
+        core: the arithmetic on the ``[n_tokens, length]`` views, ``fused_core_`` or a
+            ``torch.compile`` of it (see :func:`compiled_fused_step`). The views are made
+            here, outside it, so that a compiled core sees them as its inputs and loops
+            over tokens and their elements (each token's coefficients then load once per
+            token, not once per element).
+
+    Returns:
+        The new leaves (new counters; the moments are the given tensors, or new row and
+        column means for a factored second moment).
+    """
+    if not fusable(params, leaves):
+        raise ValueError(
+            "fused_learned_step_ needs contiguous parameters and moments and no pending "
+            "task boundary"
+        )
+    views = _token_views(grads, params, leaves, max_block)
+    v_dense = [
+        None if is_factored(s) else s.exp_avg_sq.view(tuple(lay))
+        for s, lay in zip(leaves, views.layouts, strict=True)
+    ]
+    return (core or fused_core_)(
+        views,
+        v_dense,
+        leaves,
+        run_net,
+        lr=lr,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        sample_size=sample_size,
+        topk_fraction=topk_fraction,
+        net_dtype=net_dtype,
+        importance_free=importance_free,
+    )
+
+
+def compiled_fused_step(**compile_options: Any) -> Callable[..., list[LearnedState]]:
+    """:func:`fused_learned_step_` with its core compiled by ``torch.compile``
+    (``fullgraph=True`` unless ``compile_options`` say otherwise)."""
+    core = torch.compile(fused_core_, **{"fullgraph": True, **compile_options})
+    return functools.partial(fused_learned_step_, core=core)
+
+
+def fused_core_(
+    views: _Views,
+    v_dense: list[torch.Tensor | None],
+    leaves: list[LearnedState],
+    run_net: Callable[[torch.Tensor, torch.Tensor], TokenCoefficients],
+    *,
+    lr: Scalar,
+    b1: float,
+    b2: float,
+    eps: float,
+    sample_size: int,
+    topk_fraction: float | None,
+    net_dtype: torch.dtype,
+    importance_free: bool,
+) -> list[LearnedState]:
+    """The arithmetic of :func:`fused_learned_step_` on ``[n_tokens, length]`` views
+    (``v_dense``: the dense second moments' views, ``None`` for factored ones)."""
+    device = views.grads[0].device
+    columns = [sample_columns(lay, sample_size, device) for lay in views.layouts]
+    # factored second moments: new row and column means and the full moment, now
+    v_full: list[torch.Tensor | None] = []
+    v_state: list[torch.Tensor] = []
+    for g, s, v, lay in zip(views.grads, leaves, v_dense, views.layouts, strict=True):
+        if v is None:
+            row_col, full = _factored_moment(g.reshape(s.exp_avg.shape), s.exp_avg_sq, b2)
+            v_full.append(full.reshape(tuple(lay)))
+            v_state.append(row_col)
+        else:
+            v_full.append(None)
+            v_state.append(s.exp_avg_sq)
+
+    # the updated moments at the sampled positions only (the same formulas as the pass)
+    g_s, m_s, v_s = [], [], []
+    for g, m, v, full, col in zip(
+        views.grads, views.exp_avg, v_dense, v_full, columns, strict=True
+    ):
+        gc = _sampled(g, col)
+        g_s.append(gc)
+        m_s.append(torch.lerp(_sampled(m, col), gc, 1.0 - b1))
+        v_s.append(_new_v(_sampled(v, col), gc, b2) if v is not None else _sampled(full, col))
+    w_s = [_sampled(w, col) for w, col in zip(views.params, columns, strict=True)]
+    a_s = [_sampled(a, col) for a, col in zip(views.anchor, columns, strict=True)]
+    i_s = [_sampled(i, col) for i, col in zip(views.importance, columns, strict=True)]
+    samples = tuple(torch.cat(x).to(net_dtype) for x in (g_s, m_s, v_s, w_s, a_s, i_s))
+    wide = torch.float64 if any(w.dtype == torch.float64 for w in views.params) else torch.float32
+    coefficients, steps, task_steps = _coefficient_lists(
+        views,
+        leaves,
+        samples,
+        run_net,
+        lr=lr,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        topk_fraction=topk_fraction,
+        net_dtype=net_dtype,
+        wide=wide,
+    )
+
+    # the pass: one read and one write of every parameter and moment
+    per_tensor = zip(
+        views.grads,
+        views.params,
+        views.exp_avg,
+        v_dense,
+        v_full,
+        views.anchor,
+        views.importance,
+        zip(*coefficients, strict=True),
+        strict=True,
+    )
+    for g, w, m, v, full, anchor, imp, c in per_tensor:
+        m_new = torch.lerp(m, g, 1.0 - b1)
+        v_new = _new_v(v, g, b2) if v is not None else full
+        update = direction_of(g, w, m_new, v_new, anchor, imp, list(c), importance_free)
+        m.copy_(m_new)
+        if v is not None:
+            v.copy_(v_new)
+        w.add_(update)
+    moments = [s.exp_avg for s in leaves]
+    return advanced_leaves(leaves, steps, task_steps, moments, v_state)
+
+
+def _new_v(v: torch.Tensor, g: torch.Tensor, b2: float) -> torch.Tensor:
+    """Adam's second-moment update ``b2 v + (1 - b2) g^2``."""
+    return torch.addcmul(v * b2, g, g, value=1.0 - b2)

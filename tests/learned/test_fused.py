@@ -1,0 +1,122 @@
+"""The fused in-place step (LearnedOptimizer(compile=True)'s path), run eagerly here: the
+same numbers as the pure rule, written into the given tensors."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metaopt.learned import learned_rule, new_task
+from metaopt.learned.fused import fusable, fused_learned_step_
+from metaopt.learned.rule import net_dtype_of, run_on_net_device
+from metaopt.learned.tasks import fold_task
+from tests.learned.helpers import mlp_params, perturbed_net
+
+
+def _grads(params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in params.items()}
+
+
+def _fused(net, keys, params, state, grads, *, max_block, topk_fraction=None, free=False):
+    """One fused step over the dicts; returns the new state dict (params mutated)."""
+    leaves = [state[k] for k in keys]
+    new = fused_learned_step_(
+        [grads[k] for k in keys],
+        [params[k] for k in keys],
+        leaves,
+        functools.partial(run_on_net_device, net, None),
+        lr=torch.tensor(1e-2, dtype=torch.float64),
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        max_block=max_block,
+        sample_size=8,
+        topk_fraction=topk_fraction,
+        net_dtype=net_dtype_of(net, None),
+        importance_free=free,
+    )
+    return dict(zip(keys, new, strict=True))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    max_block=st.sampled_from([4, 16, 10_000]),
+    factored=st.booleans(),
+    boundary=st.booleans(),
+    topk=st.sampled_from([None, 0.5]),
+)
+def test_fused_step_equals_pure_rule_in_place(max_block, factored, boundary, topk):
+    """Float64, several steps: parameters, moments and counters equal the pure rule's
+    within 1e-10; the parameters and moments are updated in their own storage."""
+    net = perturbed_net(dtype=torch.float64)
+    params = mlp_params(torch.float64)
+    rule = learned_rule(
+        net, lr=1e-2, max_block=max_block, sample_size=8, factored=factored, topk_fraction=topk
+    )
+    state = rule.init(params)
+    if boundary:  # importance and anchor non-trivial
+        state = new_task(state, {k: v + 0.05 for k, v in params.items()})
+    ref_params = {k: v.clone() for k, v in params.items()}
+    ref_state = state
+    fused_state = {
+        k: s._replace(exp_avg=s.exp_avg.clone(), exp_avg_sq=s.exp_avg_sq.clone())
+        for k, s in state.items()
+    }
+    keys = list(params)
+    storage = {k: params[k].data_ptr() for k in keys}
+    with torch.no_grad():
+        for t in range(4):
+            grads = _grads(params, t)
+            updates, ref_state = rule.update(grads, ref_state, ref_params)
+            ref_params = {k: ref_params[k] + updates[k] for k in keys}
+            fused_state = _fused(
+                net,
+                keys,
+                params,
+                fused_state,
+                grads,
+                max_block=max_block,
+                topk_fraction=topk,
+                free=not boundary,
+            )
+    for k in keys:
+        assert params[k].data_ptr() == storage[k]
+        torch.testing.assert_close(params[k], ref_params[k], rtol=0, atol=1e-10)
+        for field in ("exp_avg", "exp_avg_sq", "step", "task_step"):
+            torch.testing.assert_close(
+                getattr(fused_state[k], field), getattr(ref_state[k], field), rtol=0, atol=1e-10
+            )
+        assert not torch.equal(params[k], mlp_params(torch.float64)[k])  # it moved
+
+
+def test_fusable_and_clear_error_when_not():
+    net = perturbed_net()
+    params = mlp_params(torch.float32)
+    state = learned_rule(net).init(params)
+    keys = list(params)
+    leaves = [state[k] for k in keys]
+    assert fusable([params[k] for k in keys], leaves)
+    weight = params["0.weight"]
+    strided = weight.t().contiguous().t()  # same values, transposed strides
+    assert not strided.is_contiguous()
+    assert not fusable([strided], [state["0.weight"]])
+    pending = new_task({"0.weight": state["0.weight"]})["0.weight"]  # boundary without params
+    assert not fusable([weight], [pending])
+    before = weight.clone()
+    with pytest.raises(ValueError, match="contiguous"):
+        _fused(
+            net,
+            ["0.weight"],
+            {"0.weight": strided},
+            {"0.weight": state["0.weight"]},
+            {"0.weight": torch.ones_like(weight)},
+            max_block=16,
+        )
+    torch.testing.assert_close(strided, before)
+    folded = fold_task(pending, weight)
+    assert fusable([weight], [folded])
