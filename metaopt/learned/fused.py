@@ -21,12 +21,14 @@ import torch
 from metaopt.learned.features import sample_columns
 from metaopt.learned.network import TokenCoefficients
 from metaopt.learned.rule import (
+    TensorFields,
     _coefficient_lists,
     _factored_moment,
     _token_views,
     _Views,
     advanced_leaves,
     direction_of,
+    stacked_fields,
 )
 from metaopt.learned.state import LearnedState, is_factored
 from metaopt.rules.base import Scalar
@@ -100,10 +102,15 @@ def fused_learned_step_(
         None if is_factored(s) else s.exp_avg_sq.view(tuple(lay))
         for s, lay in zip(leaves, views.layouts, strict=True)
     ]
-    return (core or fused_core_)(
+    # the core sees each buffer once, as a view, and the small per-tensor fields stacked:
+    # fewer inputs, cheaper guards and wrappers
+    row_col = [s.exp_avg_sq if is_factored(s) else None for s in leaves]
+    steps, task_steps, factored_sq = (core or fused_core_)(
         views,
         v_dense,
-        leaves,
+        row_col,
+        stacked_fields(leaves),
+        [tuple(p.shape) for p in params],
         run_net,
         lr=lr,
         b1=b1,
@@ -114,19 +121,24 @@ def fused_learned_step_(
         net_dtype=net_dtype,
         importance_free=importance_free,
     )
+    v_state = [s.exp_avg_sq if f is None else f for s, f in zip(leaves, factored_sq, strict=True)]
+    return advanced_leaves(leaves, steps, task_steps, [s.exp_avg for s in leaves], v_state)
 
 
 def compiled_fused_step(**compile_options: Any) -> Callable[..., list[LearnedState]]:
     """:func:`fused_learned_step_` with its core compiled by ``torch.compile``
     (``fullgraph=True`` unless ``compile_options`` say otherwise)."""
-    core = torch.compile(fused_core_, **{"fullgraph": True, **compile_options})
+    options = {"fullgraph": True, "options": {"size_asserts": False}, **compile_options}
+    core = torch.compile(fused_core_, **options)
     return functools.partial(fused_learned_step_, core=core)
 
 
 def fused_core_(
     views: _Views,
     v_dense: list[torch.Tensor | None],
-    leaves: list[LearnedState],
+    row_col: list[torch.Tensor | None],
+    fields: TensorFields,
+    shapes: list[tuple[int, ...]],
     run_net: Callable[[torch.Tensor, torch.Tensor], TokenCoefficients],
     *,
     lr: Scalar,
@@ -137,22 +149,38 @@ def fused_core_(
     topk_fraction: float | None,
     net_dtype: torch.dtype,
     importance_free: bool,
-) -> list[LearnedState]:
-    """The arithmetic of :func:`fused_learned_step_` on ``[n_tokens, length]`` views
-    (``v_dense``: the dense second moments' views, ``None`` for factored ones)."""
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+    """The arithmetic of :func:`fused_learned_step_` on ``[n_tokens, length]`` views.
+
+    Args:
+        views: gradients, parameters, first moments, anchors and importances as views.
+        v_dense: the dense second moments' views, ``None`` for factored ones.
+        row_col: the row and column means of the factored second moments, ``None`` for
+            dense ones.
+        fields: the states' counters, loss statistics and descriptors.
+        shapes: the parameters' shapes.
+        run_net: as in :func:`fused_learned_step_`.
+        lr, b1, b2, eps, sample_size, topk_fraction, net_dtype, importance_free: as in
+            :func:`fused_learned_step_`.
+
+    Returns:
+        The new step counters ``[n tensors]``, the in-task steps before this update
+        ``[n tensors]`` and, per tensor, the new row and column means of a factored
+        second moment (``None`` for a dense one).
+    """
     device = views.grads[0].device
     columns = [sample_columns(lay, sample_size, device) for lay in views.layouts]
     # factored second moments: new row and column means and the full moment, now
     v_full: list[torch.Tensor | None] = []
-    v_state: list[torch.Tensor] = []
-    for g, s, v, lay in zip(views.grads, leaves, v_dense, views.layouts, strict=True):
-        if v is None:
-            row_col, full = _factored_moment(g.reshape(s.exp_avg.shape), s.exp_avg_sq, b2)
+    v_state: list[torch.Tensor | None] = []
+    for g, old, lay, shape in zip(views.grads, row_col, views.layouts, shapes, strict=True):
+        if old is not None:
+            new, full = _factored_moment(g.reshape(shape), old, b2)
             v_full.append(full.reshape(tuple(lay)))
-            v_state.append(row_col)
+            v_state.append(new)
         else:
             v_full.append(None)
-            v_state.append(s.exp_avg_sq)
+            v_state.append(None)
 
     # the updated moments at the sampled positions only (the same formulas as the pass)
     g_s, m_s, v_s = [], [], []
@@ -170,7 +198,7 @@ def fused_core_(
     wide = torch.float64 if any(w.dtype == torch.float64 for w in views.params) else torch.float32
     coefficients, steps, task_steps = _coefficient_lists(
         views,
-        leaves,
+        fields,
         samples,
         run_net,
         lr=lr,
@@ -202,8 +230,7 @@ def fused_core_(
         if v is not None:
             v.copy_(v_new)
         w.add_(update)
-    moments = [s.exp_avg for s in leaves]
-    return advanced_leaves(leaves, steps, task_steps, moments, v_state)
+    return steps, task_steps, v_state
 
 
 def _new_v(v: torch.Tensor, g: torch.Tensor, b2: float) -> torch.Tensor:

@@ -388,9 +388,27 @@ def _token_views(
     )
 
 
+class TensorFields(NamedTuple):
+    """The per-tensor fields of ``n`` leaves, stacked (one input each for a compiled
+    function instead of ``n``)."""
+
+    step: torch.Tensor  # [n]
+    task_step: torch.Tensor  # [n]
+    task_index: torch.Tensor  # [n]
+    loss_stats: torch.Tensor  # [n, len(LOSS_STATS)]
+    descriptor: torch.Tensor  # [n, N_STATIC_FEATURES]
+
+
+def stacked_fields(leaves: list[LearnedState]) -> TensorFields:
+    """The leaves' per-tensor fields as :class:`TensorFields`."""
+    return TensorFields(
+        *(torch.stack([getattr(s, f) for s in leaves]) for f in TensorFields._fields)
+    )
+
+
 def _coefficient_lists(
     views: _Views,
-    leaves: list[LearnedState],
+    fields: TensorFields,
     samples: tuple[torch.Tensor, ...],
     run_net: Callable[[torch.Tensor, torch.Tensor], TokenCoefficients],
     *,
@@ -407,7 +425,7 @@ def _coefficient_lists(
 
     Args:
         views: the update's views.
-        leaves: the states (counters, loss statistics, descriptors).
+        fields: the states' counters, loss statistics and descriptors.
         samples: ``(g, m, v, w, anchor, importance)``, each ``[T, S]`` in ``net_dtype``,
             with ``m, v`` the updated moments.
         wide: float64 when a parameter is float64, else float32.
@@ -418,14 +436,14 @@ def _coefficient_lists(
         counters ``[n tensors]`` and the current in-task steps ``[n tensors]``.
     """
     counts = views.counts
-    steps = torch.stack([s.step for s in leaves]) + 1.0
+    steps = fields.step + 1.0
     bc1 = 1.0 - b1 ** steps.to(wide)  # [n tensors]
     bc2 = 1.0 - b2 ** steps.to(wide)
     repeats = torch.tensor(counts, device=steps.device)
     n_tokens = sum(counts)  # static output size: no data-dependent shape for Dynamo
 
     def per_token(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return x.to(dtype).repeat_interleave(repeats, output_size=n_tokens)
+        return x.to(dtype).repeat_interleave(repeats, dim=0, output_size=n_tokens)
 
     g_s, m_s, v_s, w_s, a_s, i_s = samples
     stats = token_statistics(
@@ -440,15 +458,13 @@ def _coefficient_lists(
         lr=lr,
         eps=eps,
     )
-    static = torch.cat(
-        [s.descriptor.to(net_dtype).expand(n, -1) for s, n in zip(leaves, counts, strict=True)]
-    )
+    static = per_token(fields.descriptor, net_dtype)
     tokens = torch.cat([stats, static], dim=1)
-    task_steps = torch.stack([s.task_step for s in leaves])
+    task_steps = fields.task_step
     task = task_features(
-        torch.stack([s.task_index for s in leaves]).mean().to(net_dtype),
+        fields.task_index.mean().to(net_dtype),
         task_steps.mean().to(net_dtype),
-        torch.stack([s.loss_stats for s in leaves]).mean(0).to(net_dtype),
+        fields.loss_stats.mean(0).to(net_dtype),
     )
 
     # 3. attention across tokens -> per-token coefficients
@@ -575,7 +591,7 @@ def _learned_step(
     )
     coefficients, steps, task_steps = _coefficient_lists(
         views,
-        leaves,
+        stacked_fields(leaves),
         samples,
         run_net,
         lr=lr,

@@ -60,7 +60,7 @@ class LearnedOptimizer(FunctionalOptimizer):
             saved). ``False`` allocates them at every step instead.
         check_finite: see :class:`metaopt.FunctionalOptimizer`.
         compile: run each group's update as one ``torch.compile``'d in-place pass per
-            tensor (:func:`metaopt.learned.fused_learned_step_`: parameters and moments
+            tensor (:func:`metaopt.learned.fused.fused_learned_step_`: parameters and moments
             read and written once, as ``torch.optim.Adam(fused=True)`` does); groups with
             non-contiguous parameters or moments use the compiled functional update of
             :class:`metaopt.FunctionalOptimizer` instead. The first step compiles (tens of
