@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from metaopt.compile.step import Batch, LossFn, make_step, module_state
 from metaopt.rules.base import State, UpdateRule
@@ -49,7 +50,8 @@ def fit(
     The step works on detached copies of the parameters and buffers; after the last step
     they are written back into ``model`` (``model``'s tensors keep their identity, so an
     optimizer or hook holding them stays valid). If an exception interrupts training,
-    ``model`` is left unchanged.
+    ``model`` (and a given ``opt_state``) are left unchanged. Compiled, the step updates
+    its copies in place (``make_step(donate=True)``), so no step allocates new tensors.
 
     Args:
         model: the module to train; put it in the mode you want (``model.train()``).
@@ -68,9 +70,14 @@ def fit(
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    step = make_step(model, loss_fn, rule, compile=compile, **compile_kwargs)
+    # compiled: the step writes into private copies in place (donated), one copy in all
+    step = make_step(model, loss_fn, rule, compile=compile, donate=compile, **compile_kwargs)
     params, buffers = module_state(model)
     state = rule.init(params) if opt_state is None else opt_state
+    if compile:
+        params, buffers, state = pytree.tree_map(
+            lambda x: x.clone() if isinstance(x, torch.Tensor) else x, (params, buffers, state)
+        )
     losses: list[torch.Tensor] = []
     epoch_losses: list[float] = []
     for epoch in range(epochs):

@@ -90,9 +90,7 @@ class _Pieces:
 
     def inner(self, meta: dict, params: Params, buffers: Params, opt_state: State, batch):
         """One inner step: ``(params, buffers, opt_state, loss)`` after it."""
-        grads, (loss, new_buffers) = grad_and_value(self.loss, has_aux=True)(
-            params, buffers, batch
-        )
+        grads, (loss, new_buffers) = grad_and_value(self.loss, has_aux=True)(params, buffers, batch)
         updates, new_state = self.rule_factory(meta).update(grads, opt_state, params)
         return apply_updates(params, updates), new_buffers, new_state, loss
 
@@ -115,6 +113,10 @@ class _Pieces:
         """``(d val_loss / d params, val_loss)``."""
         return grad_and_value(lambda p: self.loss(p, buffers, batch)[0])(params)
 
+    def val_loss(self, params: Params, buffers: Params, batch: Batch) -> torch.Tensor:
+        """The 0-d loss on ``batch`` (the meta-objective)."""
+        return self.loss(params, buffers, batch)[0]
+
 
 class MetaStep:
     """Meta-gradient of the validation loss after ``K`` inner steps (see module doc).
@@ -123,10 +125,14 @@ class MetaStep:
     val_batch)``; build it with :func:`make_meta_step`.
     """
 
-    def __init__(self, pieces: _Pieces, wrap: Callable[[Callable], Callable]):
+    def __init__(self, pieces: _Pieces, wrap: Callable[[Callable], Callable], remat: bool):
+        self.remat = remat
         self.inner = wrap(pieces.inner)
-        self.inner_vjp = wrap(pieces.inner_vjp)
-        self.val_grad = wrap(pieces.val_grad)
+        if remat:
+            self.inner_vjp = wrap(pieces.inner_vjp)
+            self.val_grad = wrap(pieces.val_grad)
+        else:
+            self.val_loss = wrap(pieces.val_loss)
 
     def __call__(
         self,
@@ -157,6 +163,10 @@ class MetaStep:
         bad = [k for k, v in meta_params.items() if not _is_float(v)]
         if bad:
             raise TypeError(f"meta_params {bad} are not floating-point tensors")
+        if not self.remat:
+            return self._through_autograd(
+                meta_params, params, buffers, opt_state, train_batches, val_batch
+            )
         meta = {k: v.detach() for k, v in meta_params.items()}
         trajectory = []
         losses = []
@@ -181,6 +191,53 @@ class MetaStep:
             meta_loss, meta_grads, cot_params, z[0], z[1], z[2], torch.stack(losses)
         )
 
+    def _through_autograd(
+        self,
+        meta_params: dict[str, torch.Tensor],
+        params: Params,
+        buffers: Params,
+        opt_state: State,
+        train_batches: Sequence[Batch],
+        val_batch: Batch,
+    ) -> MetaStepResult:
+        """``remat=False``: the ``K`` (compiled) inner steps run under autograd, which keeps
+        what each step's backward needs; one backward pass then gives both gradients."""
+        with torch.enable_grad():
+            meta = {k: v.detach().requires_grad_() for k, v in meta_params.items()}
+            start = {k: v.detach().requires_grad_() for k, v in params.items()}
+            z = (
+                start,
+                buffers,
+                pytree.tree_map(
+                    lambda x: x.detach() if isinstance(x, torch.Tensor) else x, opt_state
+                ),
+            )
+            losses = []
+            for batch in train_batches:
+                *z, loss = self.inner(meta, *z, batch)
+                losses.append(loss.detach())
+            meta_loss = self.val_loss(z[0], z[1], val_batch)
+            inputs = [*meta.values(), *start.values()]
+            grads = torch.autograd.grad(meta_loss, inputs, allow_unused=True)
+        grads = [
+            torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)
+        ]
+        meta_grads = dict(zip(meta, grads[: len(meta)], strict=True))
+        init_grads = dict(zip(start, grads[len(meta) :], strict=True))
+
+        def detached(tree: Any) -> Any:
+            return pytree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
+
+        return MetaStepResult(
+            meta_loss.detach(),
+            meta_grads,
+            init_grads,
+            detached(z[0]),
+            detached(z[1]),
+            detached(z[2]),
+            torch.stack(losses),
+        )
+
 
 def make_meta_step(
     model: nn.Module,
@@ -188,6 +245,7 @@ def make_meta_step(
     rule_factory: RuleFactory,
     *,
     compile: bool = True,
+    remat: bool = True,
     **compile_kwargs: Any,
 ) -> MetaStep:
     """Build a (compiled) unrolled meta-gradient step whose compile time does not grow
@@ -198,8 +256,14 @@ def make_meta_step(
         loss_fn: ``(outputs, targets) -> 0-d loss``, for the inner steps and the
             meta-objective.
         rule_factory: ``meta_params -> UpdateRule`` (see :data:`RuleFactory`).
-        compile: compile the three pieces (inner step, its vjp, the validation gradient)
-            with ``torch.compile`` (default) or run them eagerly (the reference).
+        compile: compile the pieces (inner step, its vjp, the validation gradient) with
+            ``torch.compile`` (default) or run them eagerly (the reference).
+        remat: ``True`` (default): keep only the ``K`` step inputs and recompute each
+            step inside its vjp on the way back (memory of one step's graph, whatever
+            ``K``; one extra inner forward per step). ``False``: run the compiled inner
+            steps under ordinary autograd, which keeps every step's intermediate values
+            (memory grows with ``K``, as in ``higher``) and needs no recomputation:
+            faster. Both give the same meta-gradient.
         **compile_kwargs: passed to ``torch.compile``; ``fullgraph=True`` by default.
 
     Returns:
@@ -221,6 +285,6 @@ def make_meta_step(
     if not compile:
         if compile_kwargs:
             raise TypeError(f"compile_kwargs {sorted(compile_kwargs)} need compile=True")
-        return MetaStep(pieces, lambda fn: fn)
+        return MetaStep(pieces, lambda fn: fn, remat)
     compile_kwargs.setdefault("fullgraph", True)
-    return MetaStep(pieces, lambda fn: torch.compile(fn, **compile_kwargs))
+    return MetaStep(pieces, lambda fn: torch.compile(fn, **compile_kwargs), remat)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value
+from torch.utils import _pytree as pytree
 
 from metaopt.rules.base import State, UpdateRule, apply_updates
 from metaopt.tree import Params
@@ -37,6 +38,7 @@ __all__ = [
     "make_step",
     "module_state",
     "tensor_hyper",
+    "write_into",
 ]
 
 Batch = tuple[Any, torch.Tensor]
@@ -84,13 +86,46 @@ def loss_and_buffers(
     return loss, new_buffers
 
 
-def _pure_step(model: nn.Module, loss_fn: LossFn, rule: UpdateRule) -> StepFn:
+def write_into(old: Any, new: Any) -> Any:
+    """``new`` written into the tensors of ``old`` in place, leaf by leaf, where both are
+    tensors of the same shape and dtype (and not the same tensor); other leaves, or all
+    of ``new`` when the two trees differ in structure, are returned as they are.
+
+    Returns:
+        ``new``'s values, held in ``old``'s tensors where possible.
+    """
+    old_leaves, old_spec = pytree.tree_flatten(old)
+    new_leaves, new_spec = pytree.tree_flatten(new)
+    if old_spec != new_spec:
+        return new
+    out = []
+    for o, n in zip(old_leaves, new_leaves, strict=True):
+        donatable = (
+            isinstance(o, torch.Tensor)
+            and isinstance(n, torch.Tensor)
+            and o is not n
+            and o.shape == n.shape
+            and o.dtype == n.dtype
+            and o.device == n.device
+        )
+        if donatable:
+            o.copy_(n)
+        out.append(o if donatable else n)
+    return pytree.tree_unflatten(out, old_spec)
+
+
+def _pure_step(model: nn.Module, loss_fn: LossFn, rule: UpdateRule, donate: bool) -> StepFn:
     grad_fn = grad_and_value(functools.partial(loss_and_buffers, model, loss_fn), has_aux=True)
 
     def step(params: Params, buffers: Params, opt_state: State, batch: Batch):
         grads, (loss, new_buffers) = grad_fn(params, buffers, batch)
         updates, new_state = rule.update(grads, opt_state, params)
-        return apply_updates(params, updates), new_buffers, new_state, {"loss": loss}
+        new_params = apply_updates(params, updates)
+        if donate:
+            new_params = write_into(params, new_params)
+            new_buffers = write_into(buffers, new_buffers)
+            new_state = write_into(opt_state, new_state)
+        return new_params, new_buffers, new_state, {"loss": loss}
 
     return step
 
@@ -133,6 +168,7 @@ def make_step(
     rule: UpdateRule,
     *,
     compile: bool = True,
+    donate: bool = False,
     **compile_kwargs: Any,
 ) -> InnerStep:
     """Build one pure training step ``(params, buffers, opt_state, batch) -> (params,
@@ -148,6 +184,11 @@ def make_step(
             tensors (see :func:`tensor_hyper`) or as schedules, never as Python numbers
             that you rebuild the rule with: those recompile.
         compile: wrap the step in ``torch.compile`` (default) or run it eagerly.
+        donate: write the new parameters, buffers and optimizer state into the tensors
+            that were passed in, and return those (as JAX's ``donate_argnums``): the
+            compiled step then updates them in place, one read and one write of each,
+            instead of allocating new ones every step. The caller must not need the old
+            values. ``False`` (default): a pure step, the inputs stay untouched.
         **compile_kwargs: passed to ``torch.compile``; ``fullgraph=True`` by default
             (the step has no graph break for the rules of :mod:`metaopt.rules`).
 
@@ -171,7 +212,7 @@ def make_step(
         )
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    eager = _pure_step(model, loss_fn, rule)
+    eager = _pure_step(model, loss_fn, rule, donate)
     if not compile:
         if compile_kwargs:
             raise TypeError(f"compile_kwargs {sorted(compile_kwargs)} need compile=True")

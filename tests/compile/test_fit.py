@@ -51,12 +51,27 @@ def test_fit_writes_batchnorm_buffers_back():
 def test_fit_compiled_matches_eager():
     data = separable_batches()
     models = [build("mlp"), build("mlp")]
-    rule, _ = tensor_hyper(metaopt.rules.adam, lr=0.05)  # the graph of test_step is reused
+    rule, _ = tensor_hyper(metaopt.rules.adam, lr=0.05)
     compiled = fit(models[0], data, rule, epochs=2)
     eager = fit(models[1], data, rule, epochs=2, compile=False)
     torch.testing.assert_close(compiled.step_losses, eager.step_losses, atol=1e-5, rtol=1e-5)
     for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5)
+    # the compiled step updates private copies in place: a failure midway leaves the
+    # module and the given opt_state as they were
+    params = [p.detach().clone() for p in models[0].parameters()]
+    state = torch.utils._pytree.tree_map(torch.clone, compiled.opt_state)
+    bad = [(torch.randn(8, 5), torch.randint(0, 3, (8,)))]  # wrong input width
+    with pytest.raises(Exception, match="shape|size"):
+        fit(models[0], data + bad, rule, epochs=1, opt_state=compiled.opt_state)
+    for p, q in zip(models[0].parameters(), params, strict=True):
+        assert torch.equal(p.detach(), q)
+    for x, y in zip(
+        torch.utils._pytree.tree_leaves(compiled.opt_state),
+        torch.utils._pytree.tree_leaves(state),
+        strict=True,
+    ):
+        assert torch.equal(x, y)
 
 
 def test_fit_bad_input_leaves_model_unchanged():

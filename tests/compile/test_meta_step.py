@@ -52,8 +52,10 @@ def test_eager_meta_step_equals_backprop_through_unroll(kind, factory, meta):
 
 
 def test_meta_step_matches_finite_differences():
-    meta = {"lr": torch.tensor(0.05, dtype=torch.float64),
-            "momentum": torch.tensor(0.5, dtype=torch.float64)}
+    meta = {
+        "lr": torch.tensor(0.05, dtype=torch.float64),
+        "momentum": torch.tensor(0.5, dtype=torch.float64),
+    }
     model, params, buffers, train, val = problem("mlp", 3, torch.float64)
     step = make_meta_step(model, F.cross_entropy, sgd_factory, compile=False)
 
@@ -72,33 +74,40 @@ def test_meta_step_matches_finite_differences():
 def test_matches_metaopt_meta_unrolled():
     """Same number as the autograd estimator of metaopt.meta on the same problem."""
     meta_pkg = pytest.importorskip("metaopt.meta")
-    meta = {"lr": torch.tensor(0.01, dtype=torch.float64),
-            "b1": torch.tensor(0.9, dtype=torch.float64)}
+    meta = {
+        "lr": torch.tensor(0.01, dtype=torch.float64),
+        "b1": torch.tensor(0.9, dtype=torch.float64),
+    }
     model, params, buffers, train, val = problem("mlp", 3, torch.float64)
     ours = make_meta_step(model, F.cross_entropy, adam_factory, compile=False)(
-        meta, params, buffers, adam_factory(meta).init(params), train, val)
+        meta, params, buffers, adam_factory(meta).init(params), train, val
+    )
     theirs = meta_pkg.Unrolled(adam_factory)(meta, meta_pkg.SupervisedProblem(model, train, val))
     torch.testing.assert_close(ours.meta_loss, theirs.loss, atol=1e-12, rtol=1e-10)
     for name in meta:
-        torch.testing.assert_close(ours.meta_grads[name], theirs.grads[name], atol=1e-10,
-                                   rtol=1e-8)
+        torch.testing.assert_close(ours.meta_grads[name], theirs.grads[name], atol=1e-10, rtol=1e-8)
 
 
 def test_init_grads_are_the_maml_meta_gradient():
     """d meta_loss / d initial params equals metaopt.meta.Unrolled's gradient with respect
     to the initial weights (MAML), on the same problem."""
     meta_pkg = pytest.importorskip("metaopt.meta")
-    meta = {"lr": torch.tensor(0.1, dtype=torch.float64),
-            "momentum": torch.tensor(0.5, dtype=torch.float64)}
+    meta = {
+        "lr": torch.tensor(0.1, dtype=torch.float64),
+        "momentum": torch.tensor(0.5, dtype=torch.float64),
+    }
     model, params, buffers, train, val = problem("mlp", 3, torch.float64)
     ours = make_meta_step(model, F.cross_entropy, sgd_factory, compile=False)(
-        meta, params, buffers, sgd_factory(meta).init(params), train, val)
+        meta, params, buffers, sgd_factory(meta).init(params), train, val
+    )
     init = {"init." + k: v for k, v in params.items()}
     theirs = meta_pkg.Unrolled(lambda m: sgd_factory(meta))(
-        init, meta_pkg.SupervisedProblem(model, train, val, init_prefix="init."))
+        init, meta_pkg.SupervisedProblem(model, train, val, init_prefix="init.")
+    )
     for name in params:
-        torch.testing.assert_close(ours.init_grads[name], theirs.grads["init." + name],
-                                   atol=1e-10, rtol=1e-8)
+        torch.testing.assert_close(
+            ours.init_grads[name], theirs.grads["init." + name], atol=1e-10, rtol=1e-8
+        )
     assert max(float(g.abs().max()) for g in ours.init_grads.values()) > 1e-6
 
 
@@ -134,8 +143,61 @@ def test_compiled_meta_step_matches_eager_and_does_not_recompile_for_longer_unro
         ref = eager(meta, params, buffers, state, train[:k], val)
         torch.testing.assert_close(out.meta_loss, ref.meta_loss, atol=1e-5, rtol=1e-5)
         for name in meta:  # second-order terms: float32 rounding is amplified a little
-            torch.testing.assert_close(out.meta_grads[name], ref.meta_grads[name], atol=1e-4,
-                                       rtol=1e-4)
+            torch.testing.assert_close(
+                out.meta_grads[name], ref.meta_grads[name], atol=1e-4, rtol=1e-4
+            )
         for name in params:
-            torch.testing.assert_close(out.params[name], ref.params[name], atol=1e-5,
-                                       rtol=1e-5)
+            torch.testing.assert_close(out.params[name], ref.params[name], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_without_remat_same_meta_and_init_gradients(kind):
+    """remat=False (autograd through the steps) == the per-step vjp, float64, batchnorm
+    included: meta-gradients, MAML gradients, final state and losses."""
+    meta = {
+        "lr": torch.tensor(0.01, dtype=torch.float64),
+        "b1": torch.tensor(0.8, dtype=torch.float64),
+    }
+    model, params, buffers, train, val = problem(kind, 3, torch.float64)
+    state = adam_factory(meta).init(params)
+    remat = make_meta_step(model, F.cross_entropy, adam_factory, compile=False)
+    direct = make_meta_step(model, F.cross_entropy, adam_factory, compile=False, remat=False)
+    a = remat(meta, params, buffers, state, train, val)
+    b = direct(meta, params, buffers, state, train, val)
+    torch.testing.assert_close(b.meta_loss, a.meta_loss, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(b.inner_losses, a.inner_losses, atol=1e-12, rtol=1e-10)
+    for name in meta:
+        torch.testing.assert_close(b.meta_grads[name], a.meta_grads[name], atol=1e-10, rtol=1e-8)
+        assert a.meta_grads[name].abs() > 1e-6
+    for name in params:
+        torch.testing.assert_close(b.init_grads[name], a.init_grads[name], atol=1e-10, rtol=1e-8)
+        torch.testing.assert_close(b.params[name], a.params[name], atol=1e-12, rtol=1e-10)
+        assert not b.params[name].requires_grad
+    for x, y in zip(
+        torch.utils._pytree.tree_leaves(b.opt_state),
+        torch.utils._pytree.tree_leaves(a.opt_state),
+        strict=True,
+    ):
+        torch.testing.assert_close(x, y, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.slow
+def test_compiled_meta_step_without_remat_matches_eager():
+    meta = {"lr": torch.tensor(0.01), "b1": torch.tensor(0.9)}
+    model, params, buffers, train, val = problem("mlp", 4)
+    state = adam_factory(meta).init(params)
+    breaks_before = graph_breaks()
+    graphs_before = counters["stats"]["unique_graphs"]
+    out = make_meta_step(model, F.cross_entropy, adam_factory, remat=False)(
+        meta, params, buffers, state, train, val
+    )
+    assert graph_breaks() == breaks_before, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] - graphs_before <= 2  # inner step, validation
+    ref = make_meta_step(model, F.cross_entropy, adam_factory, compile=False)(
+        meta, params, buffers, state, train, val
+    )
+    torch.testing.assert_close(out.meta_loss, ref.meta_loss, atol=1e-5, rtol=1e-5)
+    for name in meta:
+        torch.testing.assert_close(out.meta_grads[name], ref.meta_grads[name], atol=1e-4, rtol=1e-4)
+    for name in params:
+        torch.testing.assert_close(out.init_grads[name], ref.init_grads[name], atol=1e-4, rtol=1e-4)

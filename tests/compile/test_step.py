@@ -98,6 +98,52 @@ def test_step_is_pure(mlp_adam):
     assert new[0]["0.weight"] is not params["0.weight"]
 
 
+def _donated_run(kind, compile):
+    """Pure eager steps vs donated steps (compiled or not) from the same start."""
+    model = build(kind)
+    data = batches(kind, N_STEPS)
+    rule, _ = tensor_hyper(metaopt.rules.adam, lr=1e-2)
+    pure = run(make_step(model, F.cross_entropy, rule, compile=False), model, data)
+    step = make_step(model, F.cross_entropy, rule, compile=compile, donate=True)
+    start = step.init(model)
+    start = torch.utils._pytree.tree_map(torch.clone, start)  # not the module's storage
+    inputs = torch.utils._pytree.tree_leaves(start)
+    params, buffers, state = start
+    losses = []
+    for batch in data:
+        params, buffers, state, metrics = step(params, buffers, state, batch)
+        losses.append(metrics["loss"])
+    outputs = torch.utils._pytree.tree_leaves((params, buffers, state))
+    assert len(outputs) == len(inputs)
+    assert all(o is i for o, i in zip(outputs, inputs, strict=True))  # written in place
+    return pure, (params, buffers, state, torch.stack(losses))
+
+
+def test_donated_step_writes_into_its_inputs_with_the_same_numbers():
+    pure, donated = _donated_run("cnn", compile=False)  # batchnorm: buffers donated too
+    assert_trees_close(donated, pure, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_compiled_donated_step_matches_pure_eager_step():
+    breaks = graph_breaks()
+    pure, donated = _donated_run("cnn", compile=True)
+    assert_trees_close(donated, pure, **TOL)
+    assert graph_breaks() == breaks
+
+
+def test_write_into_keeps_what_does_not_fit():
+    from metaopt.compile.step import write_into
+
+    old = {"a": torch.zeros(2), "b": torch.zeros(3), "c": torch.zeros(2)}
+    new = {"a": torch.ones(2), "b": torch.ones(4), "c": torch.ones(2, dtype=torch.float64)}
+    out = write_into(old, new)
+    assert out["a"] is old["a"] and torch.equal(old["a"], torch.ones(2))
+    assert out["b"] is new["b"] and torch.equal(old["b"], torch.zeros(3))  # other shape
+    assert out["c"] is new["c"] and torch.equal(old["c"], torch.zeros(2))  # other dtype
+    assert write_into({"a": old["a"]}, {"x": new["a"]}) == {"x": new["a"]}  # other keys
+
+
 def test_eager_step_matches_torch_optim_adam_with_batchnorm():
     """The functional step (eager) equals nn.Module + torch.optim.Adam, running stats too."""
     model = build("cnn").double()
