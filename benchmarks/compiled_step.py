@@ -65,15 +65,23 @@ def build(kind: str, quick: bool) -> nn.Module:
 
 def median_time(fn: Callable[[], None], steps: int, repeats: int) -> float:
     """Median over ``repeats`` of the mean seconds per call over ``steps`` calls."""
-    times = []
+    return median_times({"fn": fn}, steps, repeats)["fn"]
+
+
+def median_times(
+    fns: dict[str, Callable[[], None]], steps: int, repeats: int
+) -> dict[str, float]:
+    """:func:`median_time` of several functions, timed round-robin within each repeat (a
+    noisy machine then slows them alike instead of skewing their ratio)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / steps)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            sync()
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def sync() -> None:
@@ -90,6 +98,7 @@ def bench_model(kind: str, args: argparse.Namespace) -> dict[str, float]:
         torch.randint(0, 10, (args.batch,), device=device),
     )
     results: dict[str, float] = {}
+    fns: dict[str, Callable[[], None]] = {}
     for name, kwargs in (
         ("torch Adam for-loop", {"foreach": False}),
         ("torch Adam foreach", {"foreach": True}),
@@ -105,7 +114,7 @@ def bench_model(kind: str, args: argparse.Namespace) -> dict[str, float]:
 
         for _ in range(args.warmup):
             torch_step()
-        results[name] = median_time(torch_step, args.steps, args.repeats)
+        fns[name] = torch_step
 
     for name, compile in (("FunctionalOptimizer", False), ("FunctionalOptimizer compiled", True)):
         model = build(kind, args.quick).to(device)
@@ -120,7 +129,7 @@ def bench_model(kind: str, args: argparse.Namespace) -> dict[str, float]:
 
         for _ in range(args.warmup):
             stateful_step()
-        results[name] = median_time(stateful_step, args.steps, args.repeats)
+        fns[name] = stateful_step
 
     model = build(kind, args.quick).to(device)
     rule, _ = tensor_hyper(metaopt.rules.adam, lr=1e-3)
@@ -144,7 +153,8 @@ def bench_model(kind: str, args: argparse.Namespace) -> dict[str, float]:
 
         for _ in range(args.warmup):
             functional_step()
-        results[name] = median_time(functional_step, args.steps, args.repeats)
+        fns[name] = functional_step
+    results.update(median_times(fns, args.steps, args.repeats))  # all round-robin
     return results
 
 
@@ -181,13 +191,18 @@ def bench_meta(args: argparse.Namespace) -> dict[str, float]:
     results["eager full unroll (torch.func.grad)"] = median_time(
         lambda: unrolled(meta), 1, args.repeats
     )
-    for name, compile in (("per-step vjp eager", False), ("per-step vjp compiled", True)):
-        meta_step = make_meta_step(model, F.cross_entropy, factory, compile=compile)
+    for name, compile, remat in (
+        ("per-step vjp eager", False, True),
+        ("per-step vjp compiled", True, True),
+        ("compiled steps under autograd", True, False),
+    ):
+        meta_step = make_meta_step(model, F.cross_entropy, factory, compile=compile, remat=remat)
         start = time.perf_counter()
         meta_step(meta, params, {}, state, train, val)
         sync()
         if compile:
-            results["compile time (s)"] = time.perf_counter() - start
+            key = "compile time (s)" if remat else "remat=False compile time (s)"
+            results[key] = time.perf_counter() - start
         results[name] = median_time(
             lambda ms=meta_step: ms(meta, params, {}, state, train, val), 1, args.repeats
         )
@@ -251,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         full = r.pop("full unroll compile time (s)", None)
         if full is not None:
             print(f"  compile time of the whole unroll: {full:.1f} s")
+        print(f"  compile time without remat: {r.pop('remat=False compile time (s)'):.1f} s")
         for name, seconds in r.items():
             print(f"  {name:<36} {1e3 * seconds:8.2f} ms   x{seconds / base:.2f} of eager unroll")
 

@@ -262,8 +262,10 @@ def make_meta_step(
             step inside its vjp on the way back (memory of one step's graph, whatever
             ``K``; one extra inner forward per step). ``False``: run the compiled inner
             steps under ordinary autograd, which keeps every step's intermediate values
-            (memory grows with ``K``, as in ``higher``) and needs no recomputation:
-            faster. Both give the same meta-gradient.
+            (memory grows with ``K``, as in ``higher``) and needs no recomputation (fewer
+            operations; on the small models of ``benchmarks/`` the autograd engine's
+            per-call cost made it 0.96x to 1.8x the time of ``True``, see
+            ``docs/compile.md``). Both give the same meta-gradient.
         **compile_kwargs: passed to ``torch.compile``; ``fullgraph=True`` by default.
 
     Returns:

@@ -22,13 +22,13 @@ from metaopt.learned.features import sample_columns
 from metaopt.learned.network import TokenCoefficients
 from metaopt.learned.rule import (
     TensorFields,
-    _coefficient_lists,
-    _factored_moment,
-    _token_views,
-    _Views,
+    TokenViews,
     advanced_leaves,
+    coefficient_lists,
     direction_of,
+    factored_moment,
     stacked_fields,
+    token_views,
 )
 from metaopt.learned.state import LearnedState, is_factored
 from metaopt.rules.base import Scalar
@@ -78,8 +78,13 @@ def fused_learned_step_(
         leaves: their :class:`LearnedState` (contiguous moments, no pending boundary);
             ``exp_avg`` and a dense ``exp_avg_sq`` are updated in place.
         run_net: ``(tokens [T, F], task [F_task]) -> TokenCoefficients``.
-        lr, b1, b2, eps, max_block, sample_size, topk_fraction: as in
-            :func:`metaopt.learned.learned_rule`.
+        lr: learning rate (a number or a 0-d tensor).
+        b1: Adam's first-moment decay rate.
+        b2: Adam's second-moment decay rate.
+        eps: Adam's denominator constant.
+        max_block: target elements per token (see :func:`metaopt.learned.learned_rule`).
+        sample_size: elements sampled per token for its statistics.
+        topk_fraction: hard selection of the fraction of tokens that move, or ``None``.
         net_dtype: the dtype the net computes in.
         importance_free: every importance buffer is zero (skip its terms).
         core: the arithmetic on the ``[n_tokens, length]`` views, ``fused_core_`` or a
@@ -97,7 +102,7 @@ def fused_learned_step_(
             "fused_learned_step_ needs contiguous parameters and moments and no pending "
             "task boundary"
         )
-    views = _token_views(grads, params, leaves, max_block)
+    views = token_views(grads, params, leaves, max_block)
     v_dense = [
         None if is_factored(s) else s.exp_avg_sq.view(tuple(lay))
         for s, lay in zip(leaves, views.layouts, strict=True)
@@ -134,7 +139,7 @@ def compiled_fused_step(**compile_options: Any) -> Callable[..., list[LearnedSta
 
 
 def fused_core_(
-    views: _Views,
+    views: TokenViews,
     v_dense: list[torch.Tensor | None],
     row_col: list[torch.Tensor | None],
     fields: TensorFields,
@@ -160,8 +165,14 @@ def fused_core_(
         fields: the states' counters, loss statistics and descriptors.
         shapes: the parameters' shapes.
         run_net: as in :func:`fused_learned_step_`.
-        lr, b1, b2, eps, sample_size, topk_fraction, net_dtype, importance_free: as in
-            :func:`fused_learned_step_`.
+        lr: as in :func:`fused_learned_step_`.
+        b1: as in :func:`fused_learned_step_`.
+        b2: as in :func:`fused_learned_step_`.
+        eps: as in :func:`fused_learned_step_`.
+        sample_size: as in :func:`fused_learned_step_`.
+        topk_fraction: as in :func:`fused_learned_step_`.
+        net_dtype: as in :func:`fused_learned_step_`.
+        importance_free: as in :func:`fused_learned_step_`.
 
     Returns:
         The new step counters ``[n tensors]``, the in-task steps before this update
@@ -175,7 +186,7 @@ def fused_core_(
     v_state: list[torch.Tensor | None] = []
     for g, old, lay, shape in zip(views.grads, row_col, views.layouts, shapes, strict=True):
         if old is not None:
-            new, full = _factored_moment(g.reshape(shape), old, b2)
+            new, full = factored_moment(g.reshape(shape), old, b2)
             v_full.append(full.reshape(tuple(lay)))
             v_state.append(new)
         else:
@@ -196,7 +207,7 @@ def fused_core_(
     i_s = [_sampled(i, col) for i, col in zip(views.importance, columns, strict=True)]
     samples = tuple(torch.cat(x).to(net_dtype) for x in (g_s, m_s, v_s, w_s, a_s, i_s))
     wide = torch.float64 if any(w.dtype == torch.float64 for w in views.params) else torch.float32
-    coefficients, steps, task_steps = _coefficient_lists(
+    coefficients, steps, task_steps = coefficient_lists(
         views,
         fields,
         samples,

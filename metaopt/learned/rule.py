@@ -252,10 +252,13 @@ def direction_of(
     """The per-element update of one tensor, out of place (differentiable).
 
     Args:
-        g, w: the gradient and the parameter as ``[n_tokens, length]`` views.
-        m, v: the updated moments, same views.
-        anchor, imp: the anchor and importance (``aux_dtype``), same views.
-        c: the seven per-token coefficients ``[n_tokens, 1]`` (see ``_coefficient_lists``).
+        g: the gradient as a ``[n_tokens, length]`` view.
+        w: the parameter, same view.
+        m: the updated first moment, same view.
+        v: the updated second moment, same view.
+        anchor: the anchor (``aux_dtype``), same view.
+        imp: the importance (``aux_dtype``), same view.
+        c: the seven per-token coefficients ``[n_tokens, 1]`` (see ``coefficient_lists``).
         importance_free: every importance is 0: skip the terms that vanish then.
 
     Returns:
@@ -337,7 +340,7 @@ def _elementwise_no_grad(
     return out
 
 
-def _factored_moment(
+def factored_moment(
     grad: torch.Tensor, row_col: torch.Tensor, b2: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Adafactor's second moment: updated ``[rows + cols]`` row and column means of
@@ -350,7 +353,7 @@ def _factored_moment(
     return torch.cat([row, col]), full.reshape(grad.shape)
 
 
-class _Views(NamedTuple):
+class TokenViews(NamedTuple):
     """One update's tensors as ``[n_tokens, length]`` views (see ``layout_of``)."""
 
     layouts: list[Layout]
@@ -362,12 +365,14 @@ class _Views(NamedTuple):
     importance: list[torch.Tensor]
 
 
-def _token_views(
+def token_views(
     grads: list[torch.Tensor],
     params: list[torch.Tensor],
     leaves: list[LearnedState],
     max_block: int,
-) -> _Views:
+) -> TokenViews:
+    """Each tensor's token layout and its gradient, parameter, first moment, anchor and
+    importance as ``[n_tokens, length]`` views (reshapes; views of contiguous tensors)."""
     layouts: list[Layout] = [
         uncached_when_compiling(layout_of)(g.numel(), max_block, g.shape[0] if g.ndim else 1)
         for g in grads
@@ -377,7 +382,7 @@ def _token_views(
     def view(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return [x.reshape(shape) for x, shape in zip(tensors, shapes, strict=True)]
 
-    return _Views(
+    return TokenViews(
         layouts,
         [lay.n_tokens for lay in layouts],
         view(grads),
@@ -406,8 +411,8 @@ def stacked_fields(leaves: list[LearnedState]) -> TensorFields:
     )
 
 
-def _coefficient_lists(
-    views: _Views,
+def coefficient_lists(
+    views: TokenViews,
     fields: TensorFields,
     samples: tuple[torch.Tensor, ...],
     run_net: Callable[[torch.Tensor, torch.Tensor], TokenCoefficients],
@@ -547,7 +552,7 @@ def _learned_step(
     importance_free: bool,
 ) -> tuple[list[torch.Tensor], list[LearnedState]]:
     """The arithmetic of one update over lists of tensors (see the module docstring)."""
-    views = _token_views(grads, params, leaves, max_block)
+    views = token_views(grads, params, leaves, max_block)
     g_v, w_v, m_old = views.grads, views.params, views.exp_avg
     shapes = [tuple(lay) for lay in views.layouts]
     no_grad = not torch.is_grad_enabled()
@@ -579,7 +584,7 @@ def _learned_step(
         v_state[i] = leaves[i].exp_avg_sq if in_place else v
     for i, s in enumerate(leaves):
         if is_factored(s):
-            v_state[i], full = _factored_moment(grads[i], s.exp_avg_sq, b2)
+            v_state[i], full = factored_moment(grads[i], s.exp_avg_sq, b2)
             v_new[i] = full.reshape(shapes[i])
 
     # 2. tokens: statistics of a fixed subsample of each block; 3. coefficients
@@ -589,7 +594,7 @@ def _learned_step(
         _samples(buffers, columns, net_dtype)
         for buffers in (g_v, m_new, v_new, w_v, views.anchor, views.importance)
     )
-    coefficients, steps, task_steps = _coefficient_lists(
+    coefficients, steps, task_steps = coefficient_lists(
         views,
         stacked_fields(leaves),
         samples,
