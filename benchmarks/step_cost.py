@@ -152,8 +152,6 @@ def bench_model(
     compiled: bool = False,
 ) -> dict[str, object]:
     torch.manual_seed(0)
-    if compiled:  # a fresh Dynamo cache per model: many models would hit its recompile limit
-        torch._dynamo.reset()
     model = MODELS[kind](SIZES[size])
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:

@@ -30,6 +30,7 @@ from torch import nn
 from torch.func import grad, grad_and_value, vjp
 from torch.utils import _pytree as pytree
 
+from metaopt._own_cache import with_own_cache
 from metaopt.compile.step import Batch, LossFn, loss_and_buffers
 from metaopt.rules.base import State, UpdateRule, apply_updates
 from metaopt.tree import Params
@@ -205,13 +206,15 @@ class MetaStep:
         with torch.enable_grad():
             meta = {k: v.detach().requires_grad_() for k, v in meta_params.items()}
             start = {k: v.detach().requires_grad_() for k, v in params.items()}
-            z = (
-                start,
-                buffers,
-                pytree.tree_map(
-                    lambda x: x.detach() if isinstance(x, torch.Tensor) else x, opt_state
+            # floating state leaves require grad from the start, as they do after a step:
+            # every step then meets the same compiled graph (no second compilation)
+            state = pytree.tree_map(
+                lambda x: (
+                    x.detach().requires_grad_(_is_float(x)) if isinstance(x, torch.Tensor) else x
                 ),
+                opt_state,
             )
+            z = (start, buffers, state)
             losses = []
             for batch in train_batches:
                 *z, loss = self.inner(meta, *z, batch)
@@ -289,4 +292,4 @@ def make_meta_step(
             raise TypeError(f"compile_kwargs {sorted(compile_kwargs)} need compile=True")
         return MetaStep(pieces, lambda fn: fn, remat)
     compile_kwargs.setdefault("fullgraph", True)
-    return MetaStep(pieces, lambda fn: torch.compile(fn, **compile_kwargs), remat)
+    return MetaStep(pieces, lambda fn: torch.compile(with_own_cache(fn), **compile_kwargs), remat)

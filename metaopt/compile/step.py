@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value
 from torch.utils import _pytree as pytree
 
+from metaopt._own_cache import with_own_cache
 from metaopt.rules.base import State, UpdateRule, apply_updates
 from metaopt.tree import Params
 
@@ -218,7 +219,9 @@ def make_step(
             raise TypeError(f"compile_kwargs {sorted(compile_kwargs)} need compile=True")
         return InnerStep(eager, eager, rule, compiled=False)
     compile_kwargs.setdefault("fullgraph", True)
-    return InnerStep(torch.compile(eager, **compile_kwargs), eager, rule, compiled=True)
+    return InnerStep(
+        torch.compile(with_own_cache(eager), **compile_kwargs), eager, rule, compiled=True
+    )
 
 
 def tensor_hyper(

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from metaopt._own_cache import with_own_cache
 from metaopt.learned.features import sample_columns
 from metaopt.learned.network import TokenCoefficients
 from metaopt.learned.rule import (
@@ -134,7 +135,7 @@ def compiled_fused_step(**compile_options: Any) -> Callable[..., list[LearnedSta
     """:func:`fused_learned_step_` with its core compiled by ``torch.compile``
     (``fullgraph=True`` unless ``compile_options`` say otherwise)."""
     options = {"fullgraph": True, "options": {"size_asserts": False}, **compile_options}
-    core = torch.compile(fused_core_, **options)
+    core = torch.compile(with_own_cache(fused_core_), **options)
     return functools.partial(fused_learned_step_, core=core)
 
 

@@ -62,7 +62,7 @@ def test_fit_compiled_matches_eager():
     params = [p.detach().clone() for p in models[0].parameters()]
     state = torch.utils._pytree.tree_map(torch.clone, compiled.opt_state)
     bad = [(torch.randn(8, 5), torch.randint(0, 3, (8,)))]  # wrong input width
-    with pytest.raises(Exception, match="shape|size"):
+    with pytest.raises(Exception, match=r"shape|size"):
         fit(models[0], data + bad, rule, epochs=1, opt_state=compiled.opt_state)
     for p, q in zip(models[0].parameters(), params, strict=True):
         assert torch.equal(p.detach(), q)

@@ -1,0 +1,34 @@
+"""Give a function its own ``torch.compile`` cache.
+
+Dynamo keeps compiled graphs per *code object* and recompiles at most
+``torch._dynamo.config.recompile_limit`` times (8 by default) per code object; with
+``fullgraph=True`` the next recompilation is a hard error. Every step metaopt builds
+(``make_step``, ``make_meta_step``, a compiled optimizer) runs the same few Python
+functions, so without this a process that builds steps for nine models would fail. A copy
+with its own code object starts its own cache.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+__all__ = ["with_own_cache"]
+
+
+def with_own_cache(fn: F) -> F:
+    """A copy of ``fn`` (a plain function, or a method bound to an object) with a code
+    object of its own, hence a ``torch.compile`` cache of its own."""
+    if isinstance(fn, types.MethodType):
+        return types.MethodType(with_own_cache(fn.__func__), fn.__self__)  # type: ignore[return-value]
+    if not isinstance(fn, types.FunctionType):
+        raise TypeError(f"with_own_cache needs a Python function, got {type(fn).__name__}")
+    copy = types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__, copy.__doc__, copy.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
+    return copy  # type: ignore[return-value]
