@@ -69,7 +69,7 @@ def fused_learned_step_(
     topk_fraction: float | None,
     net_dtype: torch.dtype,
     importance_free: bool,
-    core: Callable[..., list[LearnedState]] | None = None,
+    core: Callable[..., tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]] | None = None,
 ) -> list[LearnedState]:
     """One learned-rule update written into ``params`` and the leaves' moments in place.
 
