@@ -69,6 +69,11 @@ def _is_float(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
 
 
+def _detached(tree: Any) -> Any:
+    """``tree`` with every tensor leaf detached."""
+    return pytree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
+
+
 def _split_state(opt_state: State) -> tuple[list[torch.Tensor], list[Any], Any]:
     """Floating leaves of the state (differentiated), the other leaves, and the spec."""
     leaves, spec = pytree.tree_flatten(opt_state)
@@ -171,11 +176,7 @@ class MetaStep:
         meta = {k: v.detach() for k, v in meta_params.items()}
         trajectory = []
         losses = []
-        z = (
-            {k: v.detach() for k, v in params.items()},
-            buffers,
-            pytree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, opt_state),
-        )
+        z = (_detached(params), buffers, _detached(opt_state))
         for batch in train_batches:
             trajectory.append(z)
             *z, loss = self.inner(meta, *z, batch)
@@ -227,17 +228,13 @@ class MetaStep:
         ]
         meta_grads = dict(zip(meta, grads[: len(meta)], strict=True))
         init_grads = dict(zip(start, grads[len(meta) :], strict=True))
-
-        def detached(tree: Any) -> Any:
-            return pytree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
-
         return MetaStepResult(
             meta_loss.detach(),
             meta_grads,
             init_grads,
-            detached(z[0]),
-            detached(z[1]),
-            detached(z[2]),
+            _detached(z[0]),
+            _detached(z[1]),
+            _detached(z[2]),
             torch.stack(losses),
         )
 
