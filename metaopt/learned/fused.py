@@ -70,6 +70,7 @@ def fused_learned_step_(
     net_dtype: torch.dtype,
     importance_free: bool,
     core: Callable[..., tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]] | None = None,
+    view_cache: dict[str, Any] | None = None,
 ) -> list[LearnedState]:
     """One learned-rule update written into ``params`` and the leaves' moments in place.
 
@@ -93,6 +94,9 @@ def fused_learned_step_(
             here, outside it, so that a compiled core sees them as its inputs and loops
             over tokens and their elements (each token's coefficients then load once per
             token, not once per element).
+        view_cache: a dict owned by the caller, reused across calls: the views of the
+            parameters and state buffers are kept there and reused while those are the
+            same tensors (a reshape per tensor and buffer costs more than the check).
 
     Returns:
         The new leaves (new counters; the moments are the given tensors, or new row and
@@ -103,11 +107,7 @@ def fused_learned_step_(
             "fused_learned_step_ needs contiguous parameters and moments and no pending "
             "task boundary"
         )
-    views = token_views(grads, params, leaves, max_block)
-    v_dense = [
-        None if is_factored(s) else s.exp_avg_sq.view(tuple(lay))
-        for s, lay in zip(leaves, views.layouts, strict=True)
-    ]
+    views, v_dense = _views(grads, params, leaves, max_block, view_cache)
     # the core sees each buffer once, as a view, and the small per-tensor fields stacked:
     # fewer inputs, cheaper guards and wrappers
     row_col = [s.exp_avg_sq if is_factored(s) else None for s in leaves]
@@ -129,6 +129,40 @@ def fused_learned_step_(
     )
     v_state = [s.exp_avg_sq if f is None else f for s, f in zip(leaves, factored_sq, strict=True)]
     return advanced_leaves(leaves, steps, task_steps, [s.exp_avg for s in leaves], v_state)
+
+
+def _views(
+    grads: list[torch.Tensor],
+    params: list[torch.Tensor],
+    leaves: list[LearnedState],
+    max_block: int,
+    cache: dict[str, Any] | None,
+) -> tuple[TokenViews, list[torch.Tensor | None]]:
+    """:func:`token_views` and the dense second moments' views, from ``cache`` where the
+    parameters and buffers are the tensors of the previous call (the cache holds them, so
+    their ids cannot be reused by other tensors meanwhile)."""
+    held = (
+        *params,
+        *(s.exp_avg for s in leaves),
+        *(s.exp_avg_sq for s in leaves),
+        *(s.anchor for s in leaves),
+        *(s.importance for s in leaves),
+    )
+    key = (max_block, *map(id, held))
+    if cache is not None and cache.get("key") == key:
+        views, v_dense = cache["views"], cache["v_dense"]
+        shapes = [tuple(lay) for lay in views.layouts]
+        grad_views = [g.reshape(shape) for g, shape in zip(grads, shapes, strict=True)]
+        return views._replace(grads=grad_views), v_dense
+    views = token_views(grads, params, leaves, max_block)
+    v_dense = [
+        None if is_factored(s) else s.exp_avg_sq.view(tuple(lay))
+        for s, lay in zip(leaves, views.layouts, strict=True)
+    ]
+    if cache is not None:  # without the gradients: they are new tensors at every step
+        cache.clear()
+        cache.update(key=key, held=held, views=views._replace(grads=[]), v_dense=v_dense)
+    return views, v_dense
 
 
 def compiled_fused_step(**compile_options: Any) -> Callable[..., list[LearnedState]]:

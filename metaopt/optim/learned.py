@@ -109,6 +109,7 @@ class LearnedOptimizer(FunctionalOptimizer):
         )
         self._eager_fast_paths = not compile
         self._fused_step = compiled_fused_step() if compile else None
+        self._view_caches: dict[int, dict[str, Any]] = {}  # per group, for the fused step
         self._workspace: dict[Any, list[torch.Tensor]] | None = (
             {} if reuse_buffers and not compile else None
         )
@@ -238,6 +239,7 @@ class LearnedOptimizer(FunctionalOptimizer):
             topk_fraction=group["topk_fraction"],
             net_dtype=net_dtype_of(self.net, None),
             importance_free=self._task_index == 0 and not any(folded),
+            view_cache=self._view_caches.setdefault(id(group), {}),
         )
         for p, leaf in zip(params, new_leaves, strict=True):
             self._store(p, leaf)

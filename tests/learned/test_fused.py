@@ -22,7 +22,9 @@ def _grads(params, seed):
     return {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in params.items()}
 
 
-def _fused(net, keys, params, state, grads, *, max_block, topk_fraction=None, free=False):
+def _fused(
+    net, keys, params, state, grads, *, max_block, topk_fraction=None, free=False, view_cache=None
+):
     """One fused step over the dicts; returns the new state dict (params mutated)."""
     leaves = [state[k] for k in keys]
     new = fused_learned_step_(
@@ -39,6 +41,7 @@ def _fused(net, keys, params, state, grads, *, max_block, topk_fraction=None, fr
         topk_fraction=topk_fraction,
         net_dtype=net_dtype_of(net, None),
         importance_free=free,
+        view_cache=view_cache,
     )
     return dict(zip(keys, new, strict=True))
 
@@ -120,3 +123,41 @@ def test_fusable_and_clear_error_when_not():
     torch.testing.assert_close(strided, before)
     folded = fold_task(pending, weight)
     assert fusable([weight], [folded])
+
+
+def test_view_cache_gives_the_same_steps_and_follows_replaced_buffers():
+    """With a view cache: same numbers as without; a replaced buffer (new anchors at a
+    task boundary) or new parameters are seen, not the cached views of the old ones."""
+    net = perturbed_net(dtype=torch.float64)
+    keys = list(mlp_params(torch.float64))
+    runs = []
+    for cache in (None, {}):
+        params = mlp_params(torch.float64)
+        state = learned_rule(net, max_block=16).init(params)
+        with torch.no_grad():
+            for t in range(5):
+                if t == 2:  # new anchor and importance tensors
+                    state = new_task(state, params)
+                state = _fused(
+                    net,
+                    keys,
+                    params,
+                    state,
+                    _grads(params, t),
+                    max_block=16,
+                    free=t < 2,
+                    view_cache=cache,
+                )
+        runs.append(params)
+        if cache is not None:
+            held = cache["held"]
+            assert any(x is state[k].anchor for k in keys for x in held)  # the new anchors
+            # another set of parameters: the cache is rebuilt for them
+            other = {k: v.clone() for k, v in params.items()}
+            before = {k: v.clone() for k, v in params.items()}
+            _fused(net, keys, other, state, _grads(params, 9), max_block=16, view_cache=cache)
+            assert any(x is other[keys[0]] for x in cache["held"])
+            assert not torch.equal(other[keys[0]], before[keys[0]])  # the step wrote there
+            assert all(torch.equal(params[k], before[k]) for k in keys)  # not here
+    for k in keys:
+        torch.testing.assert_close(runs[1][k], runs[0][k], rtol=0, atol=0)
