@@ -30,6 +30,7 @@ from metaopt.learned.rule import (
     factored_moment,
     stacked_fields,
     token_views,
+    wide_dtype,
 )
 from metaopt.learned.state import LearnedState, is_factored
 from metaopt.rules.base import Scalar
@@ -241,7 +242,7 @@ def fused_core_(
     a_s = [_sampled(a, col) for a, col in zip(views.anchor, columns, strict=True)]
     i_s = [_sampled(i, col) for i, col in zip(views.importance, columns, strict=True)]
     samples = tuple(torch.cat(x).to(net_dtype) for x in (g_s, m_s, v_s, w_s, a_s, i_s))
-    wide = torch.float64 if any(w.dtype == torch.float64 for w in views.params) else torch.float32
+    wide = wide_dtype(views.params)
     coefficients, steps, task_steps = coefficient_lists(
         views,
         fields,

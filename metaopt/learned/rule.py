@@ -222,6 +222,12 @@ def run_on_net_device(
     return TokenCoefficients(*(c.to(tokens.device) for c in coef))
 
 
+def wide_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    """float64 when any of ``tensors`` is float64, else float32: the dtype the rule's
+    per-tensor coefficient arithmetic runs in."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
 def net_dtype_of(
     net: LearnedRuleNet, meta_params: Mapping[str, torch.Tensor] | None
 ) -> torch.dtype:
@@ -310,9 +316,10 @@ def _elementwise_no_grad(
     workspace: dict[Any, list[torch.Tensor]] | None,
     importance_free: bool,
 ) -> list[torch.Tensor]:
-    """The same arithmetic as :func:`direction_of` (over lists) with autograd off, in place on two
-    buffers per tensor (from ``workspace`` when given: first-touching fresh memory costs
-    more than several passes over it). The result lives in ``workspace["out"]``."""
+    """The same arithmetic as :func:`direction_of` (over lists) with autograd off, in
+    place on two buffers per tensor (from ``workspace`` when given: first-touching fresh
+    memory costs more than several passes over it). The result lives in
+    ``workspace["out"]``."""
     c_m, c_g, c_w, c_d, c_lam, c_rho, c_eps = c
     out = _scratch(workspace, "out", w)
     tmp = _scratch(workspace, "tmp", w)
@@ -588,7 +595,7 @@ def _learned_step(
             v_new[i] = full.reshape(shapes[i])
 
     # 2. tokens: statistics of a fixed subsample of each block; 3. coefficients
-    wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    wide = wide_dtype(params)
     columns = [sample_columns(lay, sample_size, g_v[0].device) for lay in views.layouts]
     samples = tuple(
         _samples(buffers, columns, net_dtype)

@@ -10,7 +10,7 @@ import torch
 from metaopt.learned.checkpoint import load_pretrained
 from metaopt.learned.fused import compiled_fused_step, fusable
 from metaopt.learned.network import LearnedRuleNet
-from metaopt.learned.rule import learned_rule, net_dtype_of, run_on_net_device
+from metaopt.learned.rule import learned_rule, net_dtype_of, run_on_net_device, wide_dtype
 from metaopt.learned.state import LearnedState
 from metaopt.learned.tasks import (
     check_importance,
@@ -223,7 +223,7 @@ class LearnedOptimizer(FunctionalOptimizer):
         if not fusable(params, leaves):
             super()._step_group(group, keys, params)
             return
-        wide = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        wide = wide_dtype(params)
         b1, b2 = group["betas"]
         new_leaves = self._fused_step(
             [p.grad for p in params],
