@@ -68,6 +68,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--mlp-hidden", nargs="+", type=int, default=[32], help="hidden widths of the MLPs"
     )
+    p.add_argument(
+        "--init",
+        metavar="CHECKPOINT",
+        help="start from this learned checkpoint (a shipped name such as 'default', or a "
+        ".pt path) instead of the Adam-identity initialisation",
+    )
     p.add_argument("--data-dir", help="MNIST folder (default $METAOPT_DATA_DIR)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--no-resume", action="store_true", help="start afresh (overwrites)")
@@ -114,6 +120,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ckpt_every=args.ckpt_every,
         seed=args.seed,
         family=family.to_dict(),
+        init=args.init,
     )
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from metaopt.learned import LearnedRuleNet, learned_rule, save_checkpoint
+from metaopt.learned import LearnedRuleNet, learned_rule, load_pretrained, save_checkpoint
 from metaopt.meta.distributed import DistributedContext, all_reduce_mean, shard
 from metaopt.meta.es import ES, PES
 from metaopt.meta.objective import ContinualProblem, evaluate_rule
@@ -66,6 +66,10 @@ class TrainConfig:
         net: keyword arguments of :class:`LearnedRuleNet`.
         rule_options: extra keyword arguments of :func:`metaopt.learned.learned_rule`.
         family: the task family ranges (:class:`FamilyConfig` as a dict).
+        init: start from this learned checkpoint instead of the Adam-identity
+            initialisation: a shipped name (e.g. ``"default"``) or a ``.pt`` path (see
+            :func:`metaopt.learned.load_pretrained`); its network must have the
+            configuration ``net`` describes. ``None``: a fresh net seeded by ``seed``.
     """
 
     steps: int = 200
@@ -84,6 +88,7 @@ class TrainConfig:
     net: dict[str, Any] = field(default_factory=dict)
     rule_options: dict[str, Any] = field(default_factory=dict)
     family: dict[str, Any] = field(default_factory=lambda: FamilyConfig().to_dict())
+    init: str | None = None
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -116,6 +121,18 @@ def _family_config(data: dict[str, Any]) -> FamilyConfig:
             for name, kw in tuples["model_sizes"].items()
         }
     return FamilyConfig(**tuples)
+
+
+def _load_init(net: LearnedRuleNet, name: str) -> None:
+    """Copy the weights of the learned checkpoint ``name`` into ``net`` (same config)."""
+    start = load_pretrained(name)
+    if start.config != net.config:
+        differs = sorted(k for k in net.config if start.config.get(k) != net.config[k])
+        raise ValueError(
+            f"init checkpoint {name!r} has another network configuration than "
+            f"TrainConfig.net (differs in {differs})"
+        )
+    net.load_state_dict(start.state_dict())
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -162,6 +179,8 @@ class MetaTrainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.net = LearnedRuleNet(**config.net)
+        if config.init is not None:
+            _load_init(self.net, config.init)
         self.meta_optimizer = torch.optim.Adam(self.net.parameters(), lr=config.meta_lr)
         self.sampler = torch.Generator().manual_seed(config.seed)
         self.noise = torch.Generator()  # reseeded per task sample (see meta_gradient)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from metaopt.learned import load_checkpoint
+from metaopt.learned import CheckpointError, load_checkpoint
+from metaopt.meta.cli import config_from_args, register
 from metaopt.meta.tasks import FamilyConfig
 from metaopt.meta.trainer import MetaTrainer, TrainConfig
 
@@ -89,6 +91,35 @@ def test_resume_refuses_another_configuration(uninterrupted):
     with pytest.raises(ValueError, match="meta_lr"):
         other.resume(uninterrupted.checkpoint_path)
     assert states_equal(before, other.net.state_dict()) and other.step == 0
+
+
+def test_init_starts_from_a_learned_checkpoint(uninterrupted, tmp_path):
+    """``init``: the net starts at the checkpoint's weights (here the trained rule's), and
+    training from there moves them; the setting is part of the resumable config."""
+    path = uninterrupted.export(tmp_path / "start.pt", {})
+    started = MetaTrainer(tiny_config(init=str(path), steps=1), tmp_path / "run", progress=False)
+    assert states_equal(started.net.state_dict(), uninterrupted.best["state"])
+    started.train()
+    assert not states_equal(started.net.state_dict(), uninterrupted.best["state"])
+    plain = MetaTrainer(tiny_config(steps=1), tmp_path / "plain", progress=False)
+    with pytest.raises(ValueError, match="init"):
+        plain.resume(started.checkpoint_path)
+
+
+def test_init_with_a_mismatched_or_missing_checkpoint_fails_clearly(uninterrupted, tmp_path):
+    path = uninterrupted.export(tmp_path / "start.pt", {})
+    with pytest.raises(ValueError, match="another network configuration"):
+        MetaTrainer(tiny_config(init=str(path), net={"d_model": 8}), tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="no pretrained checkpoint"):
+        MetaTrainer(tiny_config(init="no-such-rule"), tmp_path, progress=False)
+
+
+def test_cli_init_option_reaches_the_config(tmp_path):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["meta-train", "--out", str(tmp_path), "--init", "default"])
+    assert config_from_args(args).init == "default"
+    assert config_from_args(parser.parse_args(["meta-train", "--out", "x"])).init is None
 
 
 @pytest.mark.parametrize("bad", [{"estimator": "sgd"}, {"steps": 0}, {"clip": 0.0}])
