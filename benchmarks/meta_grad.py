@@ -12,6 +12,9 @@ so that load changes on a shared machine hit all of them alike.
 Usage::
 
     python benchmarks/meta_grad.py --steps 10 --repeats 7 --threads 1
+
+Rows ``metaopt-compiled[-noremat][-xC]``: ``make_meta_step`` with ``remat=True`` (or
+False) and ``steps_per_call=C`` (default C in 1 and 2; ``--steps-per-call``).
 """
 
 from __future__ import annotations
@@ -84,13 +87,17 @@ def torchopt_grad(model, batches, meta, rule_name: str) -> list[torch.Tensor]:
 
 
 def compiled_metaopt(
-    model: nn.Module, rule_name: str, remat: bool = True
+    model: nn.Module, rule_name: str, remat: bool = True, steps_per_call: int = 1
 ) -> Callable[..., list[torch.Tensor]]:
     """metaopt.compile.make_meta_step on the same problem, gradient w.r.t. the initial
     weights from ``init_grads``. ``remat``: one compiled inner step, its vjp and the
-    validation gradient (memory flat in K); else the compiled steps under autograd."""
+    validation gradient (memory flat in K); else the compiled steps under autograd.
+    ``steps_per_call``: inner steps per compiled call."""
     rule = _metaopt_rule(rule_name)
-    step = make_meta_step(model, F.cross_entropy, lambda meta_params: rule, remat=remat)
+    step = make_meta_step(
+        model, F.cross_entropy, lambda meta_params: rule, remat=remat,
+        steps_per_call=steps_per_call,
+    )
     params, buffers = module_state(model)
 
     def meta_grad(model, batches, meta, rule_name) -> list[torch.Tensor]:
@@ -130,6 +137,11 @@ def main() -> None:
     parser.add_argument(
         "--no-compiled", action="store_true", help="skip metaopt's compiled meta step"
     )
+    parser.add_argument("--rules", nargs="+", choices=("sgd", "adam"), default=["sgd", "adam"])
+    parser.add_argument(
+        "--steps-per-call", type=int, nargs="+", default=[1, 2],
+        help="inner steps per compiled call to time (make_meta_step(steps_per_call=...))",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, batches, meta = make_problem(args.width, args.steps, args.batch)
@@ -138,17 +150,21 @@ def main() -> None:
         f"one unrolled meta-gradient, K={args.steps}, MLP 64-{args.width}-{args.width}-10, "
         f"batch {args.batch}, {args.threads} thread(s), median of {args.repeats}"
     )
-    for rule_name in ("sgd", "adam"):
+    for rule_name in args.rules:
         reference = metaopt_grad(model, batches, meta, rule_name)
         scale = max(float(b.abs().max()) for b in reference)
         libs_here = dict(libs)
-        if not args.no_compiled:
-            for name, remat in (("metaopt-compiled", True), ("metaopt-compiled-noremat", False)):
-                start = time.perf_counter()
-                libs_here[name] = compiled_metaopt(model, rule_name, remat)
-                libs_here[name](model, batches, meta, rule_name)
-                seconds = time.perf_counter() - start
-                print(f"  {rule_name:4s} {name}: first call (compiles) {seconds:.1f} s")
+        compiled = [
+            (f"metaopt-compiled{'' if remat else '-noremat'}{f'-x{c}' if c > 1 else ''}", remat, c)
+            for c in args.steps_per_call
+            for remat in (True, False)
+        ]
+        for name, remat, c in [] if args.no_compiled else compiled:
+            start = time.perf_counter()
+            libs_here[name] = compiled_metaopt(model, rule_name, remat, c)
+            libs_here[name](model, batches, meta, rule_name)
+            seconds = time.perf_counter() - start
+            print(f"  {rule_name:4s} {name}: first call (compiles) {seconds:.1f} s")
         errors = {}
         for name, fn in libs_here.items():
             grads = fn(model, batches, meta, rule_name)
@@ -164,7 +180,7 @@ def main() -> None:
         )
         for name, seconds in timings.items():
             print(
-                f"  {rule_name:4s} {name:24s} {seconds * 1e3:8.1f} ms   "
+                f"  {rule_name:4s} {name:28s} {seconds * 1e3:8.1f} ms   "
                 f"ratio to higher {seconds / timings['higher']:.2f}x   "
                 f"max |grad - metaopt's| / max |grad| = {errors[name]:.1e}"
             )

@@ -16,6 +16,9 @@ Python::
 This is the same meta-gradient as backpropagating through the unroll (exact, not an
 approximation) at the cost of one extra inner forward per step (the vjp recomputes its
 step, like activation checkpointing), with three graphs compiled once whatever ``K``.
+``steps_per_call = c`` makes the compiled step (and its vjp) ``c`` inner steps long, so
+the fixed cost of a compiled call is paid ``K / c`` times instead of ``K`` (compile time
+grows with ``c``, still not with ``K``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from torch import nn
 from torch.func import grad, grad_and_value, vjp
 from torch.utils import _pytree as pytree
 
-from metaopt._own_cache import with_own_cache
+from metaopt._own_cache import compile_own
 from metaopt.compile.step import Batch, LossFn, loss_and_buffers
 from metaopt.rules.base import State, UpdateRule, apply_updates
 from metaopt.tree import Params
@@ -94,25 +97,36 @@ class _Pieces:
         self.loss = functools.partial(loss_and_buffers, model, loss_fn)
         self.rule_factory = rule_factory
 
-    def inner(self, meta: dict, params: Params, buffers: Params, opt_state: State, batch):
-        """One inner step: ``(params, buffers, opt_state, loss)`` after it."""
-        grads, (loss, new_buffers) = grad_and_value(self.loss, has_aux=True)(params, buffers, batch)
-        updates, new_state = self.rule_factory(meta).update(grads, opt_state, params)
-        return apply_updates(params, updates), new_buffers, new_state, loss
+    def inner(self, meta: dict, params: Params, buffers: Params, opt_state: State, batches):
+        """``len(batches)`` inner steps: ``(params, buffers, opt_state, losses)`` after
+        them, ``losses[i]`` the training loss of step ``i`` before its update."""
+        losses = []
+        for batch in batches:
+            grads, (loss, buffers) = grad_and_value(self.loss, has_aux=True)(
+                params, buffers, batch
+            )
+            updates, opt_state = self.rule_factory(meta).update(grads, opt_state, params)
+            params = apply_updates(params, updates)
+            losses.append(loss)
+        return params, buffers, opt_state, torch.stack(losses)
 
-    def inner_vjp(self, meta, params, buffers, opt_state, batch, cot_params, cot_state):
-        """Pull ``(cot_params, cot_state)`` (cotangents of the step's output parameters and
-        floating state leaves) back to ``(meta, params, floating state leaves)``."""
+    def inner_vjp(self, meta, params, buffers, opt_state, batches, cot_params, cot_state):
+        """Pull ``(cot_params, cot_state)`` (cotangents of the parameters and floating
+        state leaves after the ``len(batches)`` steps of :meth:`inner`) back to ``(meta,
+        params, floating state leaves)`` before them."""
         floats, others, spec = _split_state(opt_state)
         leaves = pytree.tree_leaves(opt_state)
 
-        def step(m, p, f):
+        def steps(m, p, f):
             state = _join_state(f, others, leaves, spec)
-            grads = grad(lambda q: self.loss(q, buffers, batch)[0])(p)
-            updates, new_state = self.rule_factory(m).update(grads, state, p)
-            return apply_updates(p, updates), _split_state(new_state)[0]
+            b = buffers
+            for batch in batches:
+                grads, b = grad(self.loss, has_aux=True)(p, b, batch)
+                updates, state = self.rule_factory(m).update(grads, state, p)
+                p = apply_updates(p, updates)
+            return p, _split_state(state)[0]
 
-        _, pullback = vjp(step, meta, params, floats)
+        _, pullback = vjp(steps, meta, params, floats)
         return pullback((cot_params, cot_state))
 
     def val_grad(self, params: Params, buffers: Params, batch: Batch):
@@ -131,8 +145,15 @@ class MetaStep:
     val_batch)``; build it with :func:`make_meta_step`.
     """
 
-    def __init__(self, pieces: _Pieces, wrap: Callable[[Callable], Callable], remat: bool):
+    def __init__(
+        self,
+        pieces: _Pieces,
+        wrap: Callable[[Callable], Callable],
+        remat: bool,
+        steps_per_call: int = 1,
+    ):
         self.remat = remat
+        self.steps_per_call = steps_per_call
         self.inner = wrap(pieces.inner)
         if remat:
             self.inner_vjp = wrap(pieces.inner_vjp)
@@ -174,24 +195,31 @@ class MetaStep:
                 meta_params, params, buffers, opt_state, train_batches, val_batch
             )
         meta = {k: v.detach() for k, v in meta_params.items()}
+        chunks = self._chunks(train_batches)
         trajectory = []
         losses = []
         z = (_detached(params), buffers, _detached(opt_state))
-        for batch in train_batches:
+        for chunk in chunks:
             trajectory.append(z)
-            *z, loss = self.inner(meta, *z, batch)
-            losses.append(loss)
+            *z, chunk_losses = self.inner(meta, *z, chunk)
+            losses.append(chunk_losses)
         cot_params, meta_loss = self.val_grad(z[0], z[1], val_batch)
         cot_state = [torch.zeros_like(x) for x in _split_state(z[2])[0]]
         meta_grads = {k: torch.zeros_like(v) for k, v in meta.items()}
-        for (p, b, s), batch in zip(reversed(trajectory), reversed(train_batches), strict=True):
+        for (p, b, s), chunk in zip(reversed(trajectory), reversed(chunks), strict=True):
             g_meta, cot_params, cot_state = self.inner_vjp(
-                meta, p, b, s, batch, cot_params, cot_state
+                meta, p, b, s, chunk, cot_params, cot_state
             )
             meta_grads = {k: meta_grads[k] + g_meta[k] for k in meta_grads}
         return MetaStepResult(
-            meta_loss, meta_grads, cot_params, z[0], z[1], z[2], torch.stack(losses)
+            meta_loss, meta_grads, cot_params, z[0], z[1], z[2], torch.cat(losses)
         )
+
+    def _chunks(self, train_batches: Sequence[Batch]) -> list[tuple[Batch, ...]]:
+        """The batches in groups of ``steps_per_call`` (the last may be shorter), one
+        group per call of the compiled inner step."""
+        n = self.steps_per_call
+        return [tuple(train_batches[i : i + n]) for i in range(0, len(train_batches), n)]
 
     def _through_autograd(
         self,
@@ -217,9 +245,9 @@ class MetaStep:
             )
             z = (start, buffers, state)
             losses = []
-            for batch in train_batches:
-                *z, loss = self.inner(meta, *z, batch)
-                losses.append(loss.detach())
+            for chunk in self._chunks(train_batches):
+                *z, chunk_losses = self.inner(meta, *z, chunk)
+                losses.append(chunk_losses.detach())
             meta_loss = self.val_loss(z[0], z[1], val_batch)
             inputs = [*meta.values(), *start.values()]
             grads = torch.autograd.grad(meta_loss, inputs, allow_unused=True)
@@ -235,7 +263,7 @@ class MetaStep:
             _detached(z[0]),
             _detached(z[1]),
             _detached(z[2]),
-            torch.stack(losses),
+            torch.cat(losses),
         )
 
 
@@ -246,6 +274,7 @@ def make_meta_step(
     *,
     compile: bool = True,
     remat: bool = True,
+    steps_per_call: int = 1,
     **compile_kwargs: Any,
 ) -> MetaStep:
     """Build a (compiled) unrolled meta-gradient step whose compile time does not grow
@@ -266,6 +295,12 @@ def make_meta_step(
             operations; on the small models of ``benchmarks/`` the autograd engine's
             per-call cost made it 0.96x to 1.8x the time of ``True``, see
             ``docs/compile.md``). Both give the same meta-gradient.
+        steps_per_call: inner steps per call of the compiled step (and of its vjp). Each
+            call has a fixed cost (guards, wrappers; about 0.1-0.2 ms on a CPU) that more
+            steps per call share; the compiled graph, and its compile time, grow about
+            linearly with it (the steps are inlined), not with ``K``. ``K`` need not be a
+            multiple: the last call takes the remaining steps (one more compilation when
+            ``K % steps_per_call != 0``). Same meta-gradient for every value.
         **compile_kwargs: passed to ``torch.compile``; ``fullgraph=True`` by default.
 
     Returns:
@@ -283,10 +318,17 @@ def make_meta_step(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not callable(rule_factory) or isinstance(rule_factory, UpdateRule):
         raise TypeError("rule_factory must be a function meta_params -> UpdateRule")
+    if type(steps_per_call) is not int or steps_per_call < 1:
+        raise ValueError(f"steps_per_call must be an integer >= 1, got {steps_per_call!r}")
     pieces = _Pieces(model, loss_fn, rule_factory)
     if not compile:
         if compile_kwargs:
             raise TypeError(f"compile_kwargs {sorted(compile_kwargs)} need compile=True")
-        return MetaStep(pieces, lambda fn: fn, remat)
+        return MetaStep(pieces, lambda fn: fn, remat, steps_per_call)
     compile_kwargs.setdefault("fullgraph", True)
-    return MetaStep(pieces, lambda fn: torch.compile(with_own_cache(fn), **compile_kwargs), remat)
+    return MetaStep(
+        pieces,
+        lambda fn: compile_own(fn, **compile_kwargs),
+        remat,
+        steps_per_call,
+    )

@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value
 from torch.utils import _pytree as pytree
 
-from metaopt._own_cache import with_own_cache
+from metaopt._own_cache import compile_own
 from metaopt.rules.base import State, UpdateRule, apply_updates
 from metaopt.tree import Params
 
@@ -220,7 +220,7 @@ def make_step(
         return InnerStep(eager, eager, rule, compiled=False)
     compile_kwargs.setdefault("fullgraph", True)
     return InnerStep(
-        torch.compile(with_own_cache(eager), **compile_kwargs), eager, rule, compiled=True
+        compile_own(eager, **compile_kwargs), eager, rule, compiled=True
     )
 
 

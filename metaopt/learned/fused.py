@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from metaopt._own_cache import with_own_cache
+from metaopt._own_cache import compile_own
 from metaopt.learned.features import sample_columns
 from metaopt.learned.network import TokenCoefficients
 from metaopt.learned.rule import (
@@ -169,8 +169,7 @@ def _views(
 def compiled_fused_step(**compile_options: Any) -> Callable[..., list[LearnedState]]:
     """:func:`fused_learned_step_` with its core compiled by ``torch.compile``
     (``fullgraph=True`` unless ``compile_options`` say otherwise)."""
-    options = {"fullgraph": True, "options": {"size_asserts": False}, **compile_options}
-    core = torch.compile(with_own_cache(fused_core_), **options)
+    core = compile_own(fused_core_, **{"fullgraph": True, **compile_options})
     return functools.partial(fused_learned_step_, core=core)
 
 

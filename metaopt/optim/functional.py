@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from metaopt._own_cache import with_own_cache
+from metaopt._own_cache import compile_own
 from metaopt.rules.base import UpdateRule
 
 __all__ = ["FunctionalOptimizer"]
@@ -104,7 +104,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         else:
             raise TypeError(f"rule must be an UpdateRule or a factory, got {type(rule).__name__}")
         self.check_finite = check_finite
-        self._update = torch.compile(with_own_cache(_update_group)) if compile else _update_group
+        self._update = compile_own(_update_group) if compile else _update_group
         self._specs: dict[torch.Tensor, Any] = {}
         self._rule_cache: dict[int, tuple[Any, UpdateRule]] = {}
         super().__init__(params, defaults)

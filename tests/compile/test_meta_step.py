@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch._dynamo.utils import counters
+from torch.utils import _pytree as pytree
 
 import metaopt
 from metaopt.compile import make_meta_step, module_state
@@ -122,6 +125,67 @@ def test_bad_inputs():
         step({**meta, "lr": torch.tensor(1)}, params, buffers, state, train, val)
     with pytest.raises(TypeError, match="meta_params -> UpdateRule"):
         make_meta_step(model, F.cross_entropy, metaopt.rules.sgd(lr=0.1))
+    for bad in (0, 1.5, True, None):
+        with pytest.raises(ValueError, match="steps_per_call"):
+            make_meta_step(model, F.cross_entropy, sgd_factory, steps_per_call=bad)
+
+
+def assert_same_result(a, b, rtol=1e-8):
+    """Two MetaStepResults equal to float64 rounding (gradients, losses, final state)."""
+    torch.testing.assert_close(b.meta_loss, a.meta_loss, atol=1e-12, rtol=rtol)
+    torch.testing.assert_close(b.inner_losses, a.inner_losses, atol=1e-12, rtol=rtol)
+    for got, want in ((b.meta_grads, a.meta_grads), (b.init_grads, a.init_grads)):
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], atol=1e-10, rtol=rtol)
+    for x, y in zip(
+        pytree.tree_leaves((b.params, b.buffers, b.opt_state)),
+        pytree.tree_leaves((a.params, a.buffers, a.opt_state)),
+        strict=True,
+    ):
+        torch.testing.assert_close(x, y, atol=1e-12, rtol=rtol)
+
+
+@settings(max_examples=12, deadline=None)
+@given(k=st.integers(1, 5), steps_per_call=st.integers(2, 6), remat=st.booleans())
+def test_steps_per_call_does_not_change_the_result(k, steps_per_call, remat):
+    """Grouping the K inner steps into calls of ``steps_per_call`` (the last one shorter
+    when K is not a multiple, or the only one when steps_per_call > K) gives the result
+    of one step per call (float64, Adam with meta-parameters)."""
+    meta = {
+        "lr": torch.tensor(0.01, dtype=torch.float64),
+        "b1": torch.tensor(0.8, dtype=torch.float64),
+    }
+    model, params, buffers, train, val = problem("mlp", k, torch.float64)
+    state = adam_factory(meta).init(params)
+    one = make_meta_step(model, F.cross_entropy, adam_factory, compile=False, remat=remat)
+    grouped = make_meta_step(
+        model, F.cross_entropy, adam_factory, compile=False, remat=remat,
+        steps_per_call=steps_per_call,
+    )
+    a = one(meta, params, buffers, state, train, val)
+    assert_same_result(a, grouped(meta, params, buffers, state, train, val))
+    assert a.inner_losses.shape == (k,)
+
+
+def test_steps_per_call_with_batchnorm_buffers():
+    """The buffers (batchnorm running statistics) carried from step to step inside a
+    call, with and without remat."""
+    meta = {
+        "lr": torch.tensor(0.01, dtype=torch.float64),
+        "b1": torch.tensor(0.8, dtype=torch.float64),
+    }
+    model, params, buffers, train, val = problem("cnn", 3, torch.float64)
+    state = adam_factory(meta).init(params)
+    for remat in (True, False):
+        one = make_meta_step(model, F.cross_entropy, adam_factory, compile=False, remat=remat)
+        two = make_meta_step(
+            model, F.cross_entropy, adam_factory, compile=False, remat=remat, steps_per_call=2
+        )
+        a = one(meta, params, buffers, state, train, val)
+        b = two(meta, params, buffers, state, train, val)
+        assert_same_result(a, b)
+        assert any(not torch.equal(a.buffers[n], buffers[n]) for n in buffers)
 
 
 @pytest.mark.slow
@@ -179,6 +243,41 @@ def test_without_remat_same_meta_and_init_gradients(kind):
         strict=True,
     ):
         torch.testing.assert_close(x, y, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("remat", [True, False])
+def test_compiled_steps_per_call_matches_eager(remat):
+    """Two inner steps per compiled call: equal to the eager one-step result; a longer
+    unroll that is a multiple reuses the graphs, a remainder compiles one more."""
+    meta = {"lr": torch.tensor(0.01), "b1": torch.tensor(0.9)}
+    model, params, buffers, train, val = problem("mlp", 5)
+    state = adam_factory(meta).init(params)
+    compiled = make_meta_step(
+        model, F.cross_entropy, adam_factory, remat=remat, steps_per_call=2
+    )
+    eager = make_meta_step(model, F.cross_entropy, adam_factory, compile=False, remat=remat)
+    breaks_before = graph_breaks()
+    graphs_before = counters["stats"]["unique_graphs"]
+    out = compiled(meta, params, buffers, state, train[:2], val)
+    first = counters["stats"]["unique_graphs"]
+    assert first - graphs_before <= (3 if remat else 2)
+    long = compiled(meta, params, buffers, state, train[:4], val)
+    assert counters["stats"]["unique_graphs"] == first  # K=4: the same two-step graphs
+    ragged = compiled(meta, params, buffers, state, train, val)  # K=5: 2 + 2 + 1
+    assert graph_breaks() == breaks_before, dict(counters["graph_break"])
+    for result, k in ((out, 2), (long, 4), (ragged, 5)):
+        ref = eager(meta, params, buffers, state, train[:k], val)
+        torch.testing.assert_close(result.meta_loss, ref.meta_loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result.inner_losses, ref.inner_losses, atol=1e-5, rtol=1e-5)
+        for name in meta:
+            torch.testing.assert_close(
+                result.meta_grads[name], ref.meta_grads[name], atol=1e-4, rtol=1e-4
+            )
+        for name in params:
+            torch.testing.assert_close(
+                result.init_grads[name], ref.init_grads[name], atol=1e-4, rtol=1e-4
+            )
 
 
 @pytest.mark.slow

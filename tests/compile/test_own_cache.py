@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import metaopt
-from metaopt._own_cache import with_own_cache
+from metaopt._own_cache import compile_own, with_own_cache
 from metaopt.compile import make_step
 
 LIMIT = torch._dynamo.config.recompile_limit
@@ -59,3 +59,34 @@ def test_more_compiled_steps_than_the_recompile_limit_in_one_process():
         new, _, _, metrics = step(params, buffers, state, batch)
         assert not torch.equal(new["weight"], params["weight"])
         assert metrics["loss"] > 0
+
+
+@pytest.mark.parametrize(
+    ("given", "expected_options"),
+    [
+        ({}, {"size_asserts": False}),
+        ({"fullgraph": True}, {"size_asserts": False}),
+        ({"options": {"max_autotune": True}}, {"max_autotune": True}),
+        ({"mode": "max-autotune-no-cudagraphs"}, None),
+        ({"backend": "aot_eager"}, None),
+    ],
+)
+def test_compile_own_adds_inductor_options_only_where_allowed(monkeypatch, given, expected_options):
+    seen = {}
+
+    def fake_compile(fn, **kwargs):
+        seen.update(kwargs, fn=fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    compiled = compile_own(_double, **given)
+    assert seen.get("options") == expected_options
+    assert compiled is seen["fn"] and compiled is not _double  # its own copy
+    assert {k: v for k, v in seen.items() if k not in ("fn", "options")} == {
+        k: v for k, v in given.items() if k != "options"
+    }
+
+
+def test_compile_own_compiles_and_runs():
+    out = compile_own(_double, backend="eager", fullgraph=True)(torch.arange(3.0))
+    assert torch.equal(out, torch.tensor([0.0, 2.0, 4.0]))
