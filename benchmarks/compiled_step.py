@@ -11,7 +11,10 @@ Every number is measured in this process; ratios are medians over repeats.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -218,6 +221,74 @@ def bench_meta(args: argparse.Namespace) -> dict[str, float]:
     return results
 
 
+LEARNED_META_OPTIONS = {
+    "default": None,
+    "no SIMD": {"cpp.vec_isa_ok": False, "size_asserts": False},
+}
+"""Inductor ``options`` of the learned-rule meta step variants (``None``: metaopt's)."""
+
+
+def bench_learned_meta(variant: str, args: argparse.Namespace) -> dict[str, float]:
+    """Cold compile time and run time of the learned rule's compiled meta step
+    (``remat=False``, MLP 64-64-10, K = 3 inner steps, meta-gradient w.r.t. every
+    LearnedRuleNet parameter) with the Inductor options of ``variant``; and the eager
+    meta step's run time, timed round-robin with it."""
+    from metaopt.learned import LearnedRuleNet, learned_rule
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    net = LearnedRuleNet().to(device)
+    with torch.no_grad():  # away from the Adam identity, so every coefficient is used
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)).to(device)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    data = [
+        (torch.randn(32, 64, device=device), torch.randint(0, 10, (32,), device=device))
+        for _ in range(4)
+    ]
+    meta = {k: v.detach() for k, v in net.named_parameters()}
+
+    def factory(m):
+        return learned_rule(net, lr=1e-2, meta_params=m)
+
+    state = factory(meta).init(params)
+    options = LEARNED_META_OPTIONS[variant]
+    compiled = make_meta_step(
+        model, F.cross_entropy, factory, remat=False, **({"options": options} if options else {})
+    )
+    eager = make_meta_step(model, F.cross_entropy, factory, compile=False, remat=False)
+    start = time.perf_counter()
+    compiled(meta, params, {}, state, data[:3], data[3])
+    sync()
+    results = {"compile time (s)": time.perf_counter() - start}
+    results.update(median_times(
+        {
+            "compiled": lambda: compiled(meta, params, {}, state, data[:3], data[3]),
+            "eager": lambda: eager(meta, params, {}, state, data[:3], data[3]),
+        },
+        1,
+        args.repeats,
+    ))
+    return results
+
+
+def print_learned_meta(args: argparse.Namespace) -> None:
+    """Run :func:`bench_learned_meta` for every variant in a fresh process (cold caches,
+    nothing shared between variants) and print the results."""
+    print("\nlearned-rule meta step (remat=False), MLP 64-64-10, K=3, cold compile per process:")
+    for variant in LEARNED_META_OPTIONS:
+        command = [sys.executable, __file__, "--learned-meta-variant", variant,
+                   "--device", args.device, "--repeats", str(args.repeats)]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        print(f"  {variant:<8} options {LEARNED_META_OPTIONS[variant]}: compile time "
+              f"{r['compile time (s)']:.1f} s; meta step {1e3 * r['compiled']:.1f} ms vs "
+              f"eager {1e3 * r['eager']:.1f} ms (x{r['compiled'] / r['eager']:.2f})")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small models, fewer repeats")
@@ -235,6 +306,14 @@ def main(argv: list[str] | None = None) -> None:
         help="let Inductor reuse its on-disk caches (default: off, compile times are cold)",
     )
     parser.add_argument(
+        "--learned-meta", action="store_true",
+        help="also the learned rule's meta step: cold compile and run time per Inductor "
+        "option set (each in a fresh process; about a minute each on a 2-core CPU)",
+    )
+    parser.add_argument(
+        "--learned-meta-variant", choices=tuple(LEARNED_META_OPTIONS), help=argparse.SUPPRESS
+    )
+    parser.add_argument(
         "--full-unroll-compile", action="store_true",
         help="also torch.compile the whole K-step unroll (slow: minutes on CPU)",
     )
@@ -246,10 +325,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if not args.warm_cache:
         torch._inductor.config.force_disable_caches = True
+    if args.learned_meta_variant:  # a child process of print_learned_meta
+        print(json.dumps(bench_learned_meta(args.learned_meta_variant, args)))
+        return
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
           f"batch {args.batch}, {args.steps} steps x {args.repeats} repeats (medians), "
           f"inductor caches {'on' if args.warm_cache else 'off'}")
-    for kind in args.models.split(","):
+    for kind in filter(None, args.models.split(",")):  # --models "": none
         r = bench_model(kind, args)
         fastest = min(("torch Adam for-loop", "torch Adam foreach", "torch Adam fused"),
                       key=r.__getitem__)
@@ -269,6 +351,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  compile time without remat: {r.pop('remat=False compile time (s)'):.1f} s")
         for name, seconds in r.items():
             print(f"  {name:<36} {1e3 * seconds:8.2f} ms   x{seconds / base:.2f} of eager unroll")
+    if args.learned_meta:
+        print_learned_meta(args)
 
 
 if __name__ == "__main__":
