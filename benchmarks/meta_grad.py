@@ -127,7 +127,7 @@ def time_round_robin(fns: dict[str, Callable[[], object]], repeats: int) -> dict
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="inner steps K")
     parser.add_argument("--width", type=int, default=128)
@@ -142,7 +142,7 @@ def main() -> None:
         "--steps-per-call", type=int, nargs="+", default=[1, 2],
         help="inner steps per compiled call to time (make_meta_step(steps_per_call=...))",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, batches, meta = make_problem(args.width, args.steps, args.batch)
     libs = {"metaopt": metaopt_grad, "higher": higher_grad, "torchopt": torchopt_grad}
