@@ -100,12 +100,13 @@ class _Pieces:
     def inner(self, meta: dict, params: Params, buffers: Params, opt_state: State, batches):
         """``len(batches)`` inner steps: ``(params, buffers, opt_state, losses)`` after
         them, ``losses[i]`` the training loss of step ``i`` before its update."""
+        rule = self.rule_factory(meta)
         losses = []
         for batch in batches:
             grads, (loss, buffers) = grad_and_value(self.loss, has_aux=True)(
                 params, buffers, batch
             )
-            updates, opt_state = self.rule_factory(meta).update(grads, opt_state, params)
+            updates, opt_state = rule.update(grads, opt_state, params)
             params = apply_updates(params, updates)
             losses.append(loss)
         return params, buffers, opt_state, torch.stack(losses)
@@ -119,10 +120,11 @@ class _Pieces:
 
         def steps(m, p, f):
             state = _join_state(f, others, leaves, spec)
+            rule = self.rule_factory(m)
             b = buffers
             for batch in batches:
                 grads, b = grad(self.loss, has_aux=True)(p, b, batch)
-                updates, state = self.rule_factory(m).update(grads, state, p)
+                updates, state = rule.update(grads, state, p)
                 p = apply_updates(p, updates)
             return p, _split_state(state)[0]
 
