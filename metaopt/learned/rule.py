@@ -20,6 +20,7 @@ With the net's zero-initialised output layer, ``s = a = b = c = lambda = rho = 0
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -418,6 +419,15 @@ def stacked_fields(leaves: list[LearnedState]) -> TensorFields:
     )
 
 
+@functools.lru_cache(maxsize=1024)
+def _token_owner_cpu(counts: tuple[int, ...]) -> torch.Tensor:
+    """``[sum(counts)]`` int64: the tensor each token belongs to (``counts[i]`` tokens of
+    tensor ``i``). A constant under ``torch.compile``, so a per-tensor value spread over
+    the tokens is a gather fused into its consumer (``repeat_interleave`` compiled to a
+    cumulative sum and a binary search at every step)."""
+    return torch.arange(len(counts)).repeat_interleave(torch.tensor(counts, dtype=torch.long))
+
+
 def coefficient_lists(
     views: TokenViews,
     fields: TensorFields,
@@ -451,11 +461,11 @@ def coefficient_lists(
     steps = fields.step + 1.0
     bc1 = 1.0 - b1 ** steps.to(wide)  # [n tensors]
     bc2 = 1.0 - b2 ** steps.to(wide)
-    repeats = torch.tensor(counts, device=steps.device)
-    n_tokens = sum(counts)  # static output size: no data-dependent shape for Dynamo
+    owner = uncached_when_compiling(_token_owner_cpu)(tuple(counts))
+    owner = owner if owner.device == steps.device else owner.to(steps.device)
 
     def per_token(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return x.to(dtype).repeat_interleave(repeats, dim=0, output_size=n_tokens)
+        return x.to(dtype).index_select(0, owner)
 
     g_s, m_s, v_s, w_s, a_s, i_s = samples
     stats = token_statistics(

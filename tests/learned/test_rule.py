@@ -278,3 +278,10 @@ def test_observe_loss_ignores_non_finite_losses():
         after = observe_loss(state, bad)
         for k in state:
             assert torch.equal(after[k].loss_stats, state[k].loss_stats)
+
+
+def test_token_owner_spreads_tensors_over_their_tokens():
+    from metaopt.learned.rule import _token_owner_cpu
+
+    assert _token_owner_cpu((2, 1, 3)).tolist() == [0, 0, 1, 2, 2, 2]
+    assert _token_owner_cpu((1,)).tolist() == [0]
