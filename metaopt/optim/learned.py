@@ -108,7 +108,9 @@ class LearnedOptimizer(FunctionalOptimizer):
             self.net, lr, betas=betas, eps=eps, topk_fraction=topk_fraction, **self._options
         )
         self._eager_fast_paths = not compile
-        self._fused_step = compiled_fused_step() if compile else None
+        self._fused_steps: dict[str, Callable[..., list[LearnedState]]] | None = (
+            {} if compile else None
+        )  # one compiled step per device type
         self._view_caches: dict[int, dict[str, Any]] = {}  # per group, for the fused step
         self._workspace: dict[Any, list[torch.Tensor]] | None = (
             {} if reuse_buffers and not compile else None
@@ -207,7 +209,7 @@ class LearnedOptimizer(FunctionalOptimizer):
     ) -> None:
         """The fused in-place step (``compile=True``) where it applies, else the
         functional one of :class:`metaopt.FunctionalOptimizer`."""
-        if self._fused_step is None or not all(p.is_contiguous() for p in params):
+        if self._fused_steps is None or not all(p.is_contiguous() for p in params):
             super()._step_group(group, keys, params)
             return
         rule = super().rule_for(group)  # only initialises missing state here
@@ -225,7 +227,11 @@ class LearnedOptimizer(FunctionalOptimizer):
             return
         wide = wide_dtype(params)
         b1, b2 = group["betas"]
-        new_leaves = self._fused_step(
+        device_type = params[0].device.type
+        fused_step = self._fused_steps.get(device_type)
+        if fused_step is None:
+            fused_step = self._fused_steps[device_type] = compiled_fused_step(device_type)
+        new_leaves = fused_step(
             [p.grad for p in params],
             params,
             leaves,
