@@ -161,3 +161,25 @@ def test_view_cache_gives_the_same_steps_and_follows_replaced_buffers():
             assert all(torch.equal(params[k], before[k]) for k in keys)  # not here
     for k in keys:
         torch.testing.assert_close(runs[1][k], runs[0][k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("device_type", "kwargs", "expected_options"),
+    [
+        ("cpu", {}, {"cpp_wrapper": True, "size_asserts": False}),
+        ("cuda", {}, None),  # compile_own's defaults
+        ("cpu", {"options": {"max_autotune": True}}, {"max_autotune": True}),
+        ("cpu", {"mode": "max-autotune"}, None),
+        ("cpu", {"backend": "eager"}, None),
+    ],
+)
+def test_compiled_fused_step_picks_cpp_wrapper_on_cpu_only(
+    monkeypatch, device_type, kwargs, expected_options
+):
+    import metaopt.learned.fused as fused
+
+    seen = {}
+    monkeypatch.setattr(fused, "compile_own", lambda fn, **kw: seen.update(kw) or fn)
+    fused.compiled_fused_step(device_type, **kwargs)
+    assert seen["fullgraph"] is True
+    assert seen.get("options") == expected_options
