@@ -28,7 +28,6 @@ from metaopt.learned.rule import (
     coefficient_lists,
     direction_of,
     factored_moment,
-    stacked_fields,
     token_views,
     wide_dtype,
 )
@@ -125,12 +124,13 @@ def fused_learned_step_(
     views, v_dense = _views(grads, params, leaves, max_block, view_cache)
     # the core sees each buffer once, as a view, and the small per-tensor fields stacked:
     # fewer inputs, cheaper guards and wrappers
+    fields, leaves = _stacked_fields(leaves, view_cache)
     row_col = [s.exp_avg_sq if is_factored(s) else None for s in leaves]
     steps, task_steps, factored_sq = (core or fused_core_)(
         views,
         v_dense,
         row_col,
-        stacked_fields(leaves),
+        fields,
         [tuple(p.shape) for p in params],
         run_net,
         lr=lr,
@@ -143,7 +143,49 @@ def fused_learned_step_(
         importance_free=importance_free,
     )
     v_state = [s.exp_avg_sq if f is None else f for s, f in zip(leaves, factored_sq, strict=True)]
-    return advanced_leaves(leaves, steps, task_steps, [s.exp_avg for s in leaves], v_state)
+    next_task_steps = task_steps + 1.0
+    new_leaves = advanced_leaves(
+        leaves, steps, next_task_steps, [s.exp_avg for s in leaves], v_state
+    )
+    if view_cache is not None:
+        stacks = fields._replace(step=steps, task_step=next_task_steps)
+        view_cache["fields"] = {
+            name: (stacked, tuple(getattr(s, name) for s in new_leaves))
+            for name, stacked in zip(TensorFields._fields, stacks, strict=True)
+        }
+    return new_leaves
+
+
+def _stacked_fields(
+    leaves: list[LearnedState], cache: dict[str, Any] | None
+) -> tuple[TensorFields, list[LearnedState]]:
+    """:func:`~metaopt.learned.rule.stacked_fields`, reusing the stacks of the previous
+    call where the leaves still hold the very tensors that call left in them.
+
+    Those tensors are views of the stacks (the counters a step returns are rows of its
+    ``[n]`` outputs; a field stacked here is handed back as rows of its stack), so an
+    in-place edit of one, e.g. ``optimizer.state[p]["task_index"].fill_(2)``, is seen by
+    the cached stack. A field whose tensors were replaced (``load_state_dict``,
+    ``new_task``, a loss observed, an emptied state) is stacked again.
+
+    Returns:
+        The stacked fields and the leaves (fields stacked anew replaced by their rows).
+    """
+    cached = cache.get("fields", {}) if cache is not None else {}
+    stacks = []
+    for name in TensorFields._fields:
+        per_leaf = [getattr(s, name) for s in leaves]
+        hit = cached.get(name)
+        if hit is not None and len(hit[1]) == len(per_leaf):
+            if all(a is b for a, b in zip(hit[1], per_leaf, strict=True)):
+                stacks.append(hit[0])
+                continue
+        stacked = torch.stack(per_leaf)
+        stacks.append(stacked)
+        if cache is not None:
+            rows = stacked.unbind(0)
+            leaves = [s._replace(**{name: r}) for s, r in zip(leaves, rows, strict=True)]
+    return TensorFields(*stacks), leaves
 
 
 def _views(

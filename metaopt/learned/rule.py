@@ -536,7 +536,16 @@ def advanced_leaves(
     exp_avg: list[torch.Tensor],
     exp_avg_sq: list[torch.Tensor],
 ) -> list[LearnedState]:
-    """The leaves after one update: new counters and moments (in the state's shapes)."""
+    """The leaves after one update: new counters and moments (in the state's shapes).
+
+    Args:
+        leaves: the leaves before the update.
+        steps: the new step counters ``[n]``; each leaf's ``step`` becomes a view of it.
+        task_steps: the new in-task step counters ``[n]`` (after the update); each leaf's
+            ``task_step`` becomes a view of it.
+        exp_avg: the new first moments, one per leaf.
+        exp_avg_sq: the new second moments (or row and column means), one per leaf.
+    """
     return [
         s._replace(
             step=step,
@@ -545,7 +554,7 @@ def advanced_leaves(
             exp_avg_sq=v if v.shape == s.exp_avg_sq.shape else v.reshape(s.exp_avg_sq.shape),
         )
         for s, step, task_step, m, v in zip(
-            leaves, steps.unbind(0), (task_steps + 1.0).unbind(0), exp_avg, exp_avg_sq, strict=True
+            leaves, steps.unbind(0), task_steps.unbind(0), exp_avg, exp_avg_sq, strict=True
         )
     ]
 
@@ -634,4 +643,4 @@ def _learned_step(
         out = [direction_of(*xs, list(c), importance_free) for *xs, c in per_tensor]
     updates = [u.reshape(g.shape) for u, g in zip(out, grads, strict=True)]
     m_state = [s.exp_avg for s in leaves] if in_place else m_new  # in place: the same tensors
-    return updates, advanced_leaves(leaves, steps, task_steps, m_state, v_state)
+    return updates, advanced_leaves(leaves, steps, task_steps + 1.0, m_state, v_state)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metaopt.learned import learned_rule, new_task
+from metaopt.learned import learned_rule, new_task, observe_loss
 from metaopt.learned.fused import fusable, fused_learned_step_
 from metaopt.learned.rule import net_dtype_of, run_on_net_device
 from metaopt.learned.tasks import fold_task
@@ -161,6 +161,43 @@ def test_view_cache_gives_the_same_steps_and_follows_replaced_buffers():
             assert all(torch.equal(params[k], before[k]) for k in keys)  # not here
     for k in keys:
         torch.testing.assert_close(runs[1][k], runs[0][k], rtol=0, atol=0)
+
+
+def test_cached_field_stacks_follow_replaced_and_edited_counters():
+    """The per-tensor fields stacked once and reused: the same numbers as stacking them at
+    every step, through a loss observed, a task boundary, an in-place edit of a counter
+    in the state and a counter replaced by a new tensor."""
+    net = perturbed_net(dtype=torch.float64)
+    keys = list(mlp_params(torch.float64))
+    runs = []
+    for cache in (None, {}):
+        params = mlp_params(torch.float64)
+        state = learned_rule(net, max_block=16).init(params)
+        with torch.no_grad():
+            for t in range(7):
+                if t == 1:
+                    state = observe_loss(state, torch.tensor(2.5))
+                if t == 2:
+                    state = new_task(state, params)
+                if t == 4:  # in place, as code holding optimizer.state[p] might do
+                    state[keys[0]].task_index.fill_(5.0)
+                    state[keys[1]].step.add_(10.0)
+                if t == 5:
+                    state[keys[2]] = state[keys[2]]._replace(task_step=torch.tensor(0.0))
+                descriptors = cache.get("fields", {}).get("descriptor") if cache else None
+                state = _fused(
+                    net, keys, params, state, _grads(params, t), max_block=16, view_cache=cache
+                )
+                if cache is not None and t in (1, 6):  # plain steps reuse the static stack
+                    assert cache["fields"]["descriptor"][0] is descriptors[0]
+        runs.append((params, state))
+    (p0, s0), (p1, s1) = runs
+    for k in keys:
+        torch.testing.assert_close(p1[k], p0[k], rtol=0, atol=0)
+        for name in ("step", "task_step", "task_index", "loss_stats"):
+            torch.testing.assert_close(getattr(s1[k], name), getattr(s0[k], name))
+    assert float(s1[keys[0]].task_index) == 5.0
+    assert float(s1[keys[1]].step) == float(s1[keys[3]].step) + 10.0
 
 
 @pytest.mark.parametrize(
