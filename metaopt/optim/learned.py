@@ -63,10 +63,11 @@ class LearnedOptimizer(FunctionalOptimizer):
             tensor (:func:`metaopt.learned.fused.fused_learned_step_`: parameters and moments
             read and written once, as ``torch.optim.Adam(fused=True)`` does); groups with
             non-contiguous parameters or moments use the compiled functional update of
-            :class:`metaopt.FunctionalOptimizer` instead. The first step compiles (tens of
-            seconds on a CPU), the first step after the first task boundary once more
-            (importance terms switch on); the learning rate is a graph input, so
-            schedulers do not recompile.
+            :class:`metaopt.FunctionalOptimizer` instead. On a CPU it is compiled with
+            Inductor's C++ wrapper (:data:`metaopt.learned.fused.CPU_FUSED_OPTIONS`). The
+            first step compiles (tens of seconds on a CPU), the first step after the
+            first task boundary once more (importance terms switch on); the learning
+            rate is a graph input, so schedulers do not recompile.
 
     Example:
         >>> opt = LearnedOptimizer.from_pretrained("default", model.parameters(), lr=1e-3)
