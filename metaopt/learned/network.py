@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from metaopt.learned.features import N_TASK_FEATURES, N_TOKEN_FEATURES
 
@@ -104,7 +105,12 @@ class LearnedRuleNet(nn.Module):
         if tokens.ndim != 2 or tokens.shape[1] != N_TOKEN_FEATURES:
             raise ValueError(f"tokens must be [T, {N_TOKEN_FEATURES}], got {tuple(tokens.shape)}")
         x = torch.cat([self.task_embed(task)[None], self.token_embed(tokens)], dim=0)
-        context = self.norm(self.encoder(x[None]))[0, 1:]
+        if torch.compiler.is_compiling():
+            for layer in self.encoder.layers:
+                x = _encoder_layer(layer, x)
+        else:
+            x = self.encoder(x[None])[0]
+        context = self.norm(x)[1:]
         raw = self.head(context)
         log_scale, grad, param, drift, gate, lam, rho = raw.unbind(1)
         # clamp (not softplus) keeps the identity exact at init and passes gradient at 0
@@ -117,3 +123,24 @@ class LearnedRuleNet(nn.Module):
             gate_lambda=lam.clamp(min=0.0),
             rho=self.rho_scale * rho.clamp(min=0.0),
         )
+
+
+def _encoder_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x[None])[0]`` for the pre-norm, ReLU, dropout-free layers of
+    :class:`LearnedRuleNet`, written out op by op on ``x [T, d_model]``; used under
+    ``torch.compile``.
+
+    Without gradients ``nn.TransformerEncoderLayer`` takes a fused "fast path"
+    (``torch._transformer_encoder_layer_fwd``) that a compiled graph keeps as one opaque
+    call, which Inductor's C++ wrapper can only reach through Python (its "proxy
+    executor", with a warning at compile time). Written out, every operation is compiled.
+    Eagerly the module stays: its fast path was faster there for a few hundred tokens.
+    """
+    attn = layer.self_attn
+    n_tokens, width = x.shape
+    qkv = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias)
+    heads = qkv.view(n_tokens, 3, attn.num_heads, width // attn.num_heads).permute(1, 2, 0, 3)
+    q, k, v = heads.unbind(0)
+    mixed = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(n_tokens, width)
+    x = x + attn.out_proj(mixed)
+    return x + layer.linear2(F.relu(layer.linear1(layer.norm2(x))))
