@@ -125,15 +125,20 @@ def test_fusable_and_clear_error_when_not():
     assert fusable([weight], [folded])
 
 
+def _without_and_with_cache():
+    """``(net, keys, cache, params, state)`` twice: without a view cache, then with one."""
+    net = perturbed_net(dtype=torch.float64)
+    keys = list(mlp_params(torch.float64))
+    for cache in (None, {}):
+        params = mlp_params(torch.float64)
+        yield net, keys, cache, params, learned_rule(net, max_block=16).init(params)
+
+
 def test_view_cache_gives_the_same_steps_and_follows_replaced_buffers():
     """With a view cache: same numbers as without; a replaced buffer (new anchors at a
     task boundary) or new parameters are seen, not the cached views of the old ones."""
-    net = perturbed_net(dtype=torch.float64)
-    keys = list(mlp_params(torch.float64))
     runs = []
-    for cache in (None, {}):
-        params = mlp_params(torch.float64)
-        state = learned_rule(net, max_block=16).init(params)
+    for net, keys, cache, params, state in _without_and_with_cache():
         with torch.no_grad():
             for t in range(5):
                 if t == 2:  # new anchor and importance tensors
@@ -167,12 +172,8 @@ def test_cached_field_stacks_follow_replaced_and_edited_counters():
     """The per-tensor fields stacked once and reused: the same numbers as stacking them at
     every step, through a loss observed, a task boundary, an in-place edit of a counter
     in the state and a counter replaced by a new tensor."""
-    net = perturbed_net(dtype=torch.float64)
-    keys = list(mlp_params(torch.float64))
     runs = []
-    for cache in (None, {}):
-        params = mlp_params(torch.float64)
-        state = learned_rule(net, max_block=16).init(params)
+    for net, keys, cache, params, state in _without_and_with_cache():
         with torch.no_grad():
             for t in range(7):
                 if t == 1:
