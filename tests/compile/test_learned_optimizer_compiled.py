@@ -129,3 +129,42 @@ def test_compiled_matches_eager_groups_frozen_dtypes_closure_and_emptied_state(d
             assert not torch.equal(p, p0)  # trained
     assert torch.equal(models[0][2].weight, frozen)
     assert opts[0].task_index == 1
+
+
+@pytest.mark.slow
+def test_compiled_learned_optimizer_resumes_from_a_saved_state_dict():
+    """Saved after a task boundary (counters held as rows of the step's stacks), loaded
+    into a new compiled optimizer with ``weights_only=True``: the run continues as an
+    uninterrupted eager one, with the counters where they should be."""
+    import io
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    eager = metaopt.LearnedOptimizer(twin.parameters(), lr=1e-2)
+    compiled = metaopt.LearnedOptimizer(model.parameters(), lr=1e-2, compile=True)
+    for step in range(8):
+        if step == 3:
+            eager.new_task()
+            compiled.new_task()
+        if step == 5:
+            buffer = io.BytesIO()
+            torch.save(compiled.state_dict(), buffer)
+            buffer.seek(0)
+            compiled = metaopt.LearnedOptimizer(model.parameters(), lr=1e-2, compile=True)
+            compiled.load_state_dict(torch.load(buffer, weights_only=True))
+        for net, opt in ((model, compiled), (twin, eager)):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(net(x), y)
+            loss.backward()
+            opt.step(lambda loss=loss: loss)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+    state = compiled.state[next(model.parameters())]
+    assert (float(state[".step"]), float(state[".task_step"]), float(state[".task_index"])) == (
+        8.0,
+        5.0,
+        1.0,
+    )
+    assert compiled.task_index == 1
