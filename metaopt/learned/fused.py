@@ -150,8 +150,9 @@ def fused_learned_step_(
     if view_cache is not None:
         stacks = fields._replace(step=steps, task_step=next_task_steps)
         view_cache["fields"] = {
-            name: (stacked, tuple(getattr(s, name) for s in new_leaves))
+            name: (stacked, rows, tuple(r.data_ptr() for r in rows))
             for name, stacked in zip(TensorFields._fields, stacks, strict=True)
+            for rows in [tuple(getattr(s, name) for s in new_leaves)]
         }
     return new_leaves
 
@@ -166,7 +167,8 @@ def _stacked_fields(
     ``[n]`` outputs; a field stacked here is handed back as rows of its stack), so an
     in-place edit of one, e.g. ``optimizer.state[p]["task_index"].fill_(2)``, is seen by
     the cached stack. A field whose tensors were replaced (``load_state_dict``,
-    ``new_task``, a loss observed, an emptied state) is stacked again.
+    ``new_task``, a loss observed, an emptied state) or given other storage
+    (``t.data = x``) is stacked again.
 
     Returns:
         The stacked fields and the leaves (fields stacked anew replaced by their rows).
@@ -177,8 +179,11 @@ def _stacked_fields(
         per_leaf = [getattr(s, name) for s in leaves]
         hit = cached.get(name)
         if hit is not None and len(hit[1]) == len(per_leaf):
-            if all(a is b for a, b in zip(hit[1], per_leaf, strict=True)):
-                stacks.append(hit[0])
+            stacked, rows, addresses = hit
+            if all(a is b for a, b in zip(rows, per_leaf, strict=True)) and addresses == tuple(
+                r.data_ptr() for r in per_leaf
+            ):
+                stacks.append(stacked)
                 continue
         stacked = torch.stack(per_leaf)
         stacks.append(stacked)
@@ -196,8 +201,9 @@ def _views(
     cache: dict[str, Any] | None,
 ) -> tuple[TokenViews, list[torch.Tensor | None]]:
     """:func:`token_views` and the dense second moments' views, from ``cache`` where the
-    parameters and buffers are the tensors of the previous call (the cache holds them, so
-    their ids cannot be reused by other tensors meanwhile)."""
+    parameters and buffers are the tensors of the previous call, on the same storages (the
+    cache holds them and the views, so neither their ids nor those storages' addresses
+    can be reused by other tensors meanwhile)."""
     held = (
         *params,
         *(s.exp_avg for s in leaves),
@@ -205,7 +211,9 @@ def _views(
         *(s.anchor for s in leaves),
         *(s.importance for s in leaves),
     )
-    key = (max_block, *map(id, held))
+    # the storages too: `p.data = x` keeps the tensor object (and its id) but not the
+    # storage the cached views point into
+    key = (max_block, *map(id, held), *(t.data_ptr() for t in held))
     if cache is not None and cache.get("key") == key:
         views, v_dense = cache["views"], cache["v_dense"]
         shapes = [tuple(lay) for lay in views.layouts]

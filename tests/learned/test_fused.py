@@ -168,6 +168,26 @@ def test_view_cache_gives_the_same_steps_and_follows_replaced_buffers():
         torch.testing.assert_close(runs[1][k], runs[0][k], rtol=0, atol=0)
 
 
+def test_view_cache_follows_storage_swapped_under_the_same_tensor():
+    """``p.data = x`` (``module.to(...)`` does this) keeps the tensor object but not its
+    storage: the cached views of the old storage must not be written instead."""
+    runs = []
+    for net, keys, cache, params, state in _without_and_with_cache():
+        with torch.no_grad():
+            for t in range(4):
+                if t == 2:
+                    params[keys[0]].data = params[keys[0]].data.clone()
+                    state[keys[1]].exp_avg.data = state[keys[1]].exp_avg.data.clone()
+                state = _fused(
+                    net, keys, params, state, _grads(params, t), max_block=16, view_cache=cache
+                )
+        runs.append((params, state))
+    (p0, s0), (p1, s1) = runs
+    for k in keys:
+        torch.testing.assert_close(p1[k], p0[k], rtol=0, atol=0)
+        torch.testing.assert_close(s1[k].exp_avg, s0[k].exp_avg, rtol=0, atol=0)
+
+
 def test_cached_field_stacks_follow_replaced_and_edited_counters():
     """The per-tensor fields stacked once and reused: the same numbers as stacking them at
     every step, through a loss observed, a task boundary, an in-place edit of a counter
@@ -185,6 +205,7 @@ def test_cached_field_stacks_follow_replaced_and_edited_counters():
                     state[keys[1]].step.add_(10.0)
                 if t == 5:
                     state[keys[2]] = state[keys[2]]._replace(task_step=torch.tensor(0.0))
+                    state[keys[3]].task_index.data = torch.tensor(7.0)  # same object
                 descriptors = cache.get("fields", {}).get("descriptor") if cache else None
                 state = _fused(
                     net, keys, params, state, _grads(params, t), max_block=16, view_cache=cache
@@ -198,6 +219,7 @@ def test_cached_field_stacks_follow_replaced_and_edited_counters():
         for name in ("step", "task_step", "task_index", "loss_stats"):
             torch.testing.assert_close(getattr(s1[k], name), getattr(s0[k], name))
     assert float(s1[keys[0]].task_index) == 5.0
+    assert float(s1[keys[3]].task_index) == 7.0
     assert float(s1[keys[1]].step) == float(s1[keys[3]].step) + 10.0
 
 
