@@ -44,11 +44,17 @@ def with_own_cache(fn: F) -> F:
     return copy  # type: ignore[return-value]
 
 
-def compile_own(fn: Callable[..., Any], **compile_kwargs: Any) -> Callable[..., Any]:
-    """``torch.compile(with_own_cache(fn), **compile_kwargs)``, with
-    :data:`INDUCTOR_OPTIONS` added when the backend is Inductor (the default) and neither
-    ``options`` nor ``mode`` is given (``torch.compile`` accepts only one of the two)."""
+def compile_own(
+    fn: Callable[..., Any],
+    *,
+    default_options: dict[str, Any] = INDUCTOR_OPTIONS,
+    **compile_kwargs: Any,
+) -> Callable[..., Any]:
+    """``torch.compile(with_own_cache(fn), **compile_kwargs)``, with ``default_options``
+    (:data:`INDUCTOR_OPTIONS` unless given) added when the backend is Inductor (the
+    default) and neither ``options`` nor ``mode`` is given (``torch.compile`` accepts only
+    one of the two)."""
     inductor = compile_kwargs.get("backend", "inductor") == "inductor"
     if inductor and "options" not in compile_kwargs and "mode" not in compile_kwargs:
-        compile_kwargs["options"] = dict(INDUCTOR_OPTIONS)
+        compile_kwargs["options"] = dict(default_options)
     return torch.compile(with_own_cache(fn), **compile_kwargs)

@@ -149,11 +149,11 @@ def fused_learned_step_(
     )
     if view_cache is not None:
         stacks = fields._replace(step=steps, task_step=next_task_steps)
-        view_cache["fields"] = {
-            name: (stacked, rows, tuple(r.data_ptr() for r in rows))
-            for name, stacked in zip(TensorFields._fields, stacks, strict=True)
-            for rows in [tuple(getattr(s, name) for s in new_leaves)]
-        }
+        entries = {}
+        for name, stacked in zip(TensorFields._fields, stacks, strict=True):
+            rows = tuple(getattr(s, name) for s in new_leaves)
+            entries[name] = (stacked, rows, tuple(r.data_ptr() for r in rows))
+        view_cache["fields"] = entries
     return new_leaves
 
 
@@ -242,11 +242,11 @@ def compiled_fused_step(
             ``mode`` or another backend.
         **compile_options: keyword arguments of ``torch.compile``.
     """
-    own_choice = {"options", "mode"} & compile_options.keys()
-    inductor = compile_options.get("backend", "inductor") == "inductor"
-    if device_type == "cpu" and inductor and not own_choice:
-        compile_options["options"] = dict(CPU_FUSED_OPTIONS)
-    core = compile_own(fused_core_, **{"fullgraph": True, **compile_options})
+    core = compile_own(
+        fused_core_,
+        default_options=CPU_FUSED_OPTIONS if device_type == "cpu" else INDUCTOR_OPTIONS,
+        **{"fullgraph": True, **compile_options},
+    )
     return functools.partial(fused_learned_step_, core=core)
 
 
