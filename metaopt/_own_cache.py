@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from metaopt._inductor import inductor
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = ["compile_own", "with_own_cache"]
@@ -53,8 +55,11 @@ def compile_own(
     """``torch.compile(with_own_cache(fn), **compile_kwargs)``, with ``default_options``
     (:data:`INDUCTOR_OPTIONS` unless given) added when the backend is Inductor (the
     default) and neither ``options`` nor ``mode`` is given (``torch.compile`` accepts only
-    one of the two)."""
-    inductor = compile_kwargs.get("backend", "inductor") == "inductor"
-    if inductor and "options" not in compile_kwargs and "mode" not in compile_kwargs:
-        compile_kwargs["options"] = dict(default_options)
+    one of the two). Inductor is :func:`metaopt._inductor.inductor` (Inductor without
+    torch 2.13's wrong max-pool backward decomposition), with the same ``mode`` and
+    ``options``."""
+    if compile_kwargs.get("backend", "inductor") == "inductor":
+        compile_kwargs["backend"] = inductor
+        if "options" not in compile_kwargs and "mode" not in compile_kwargs:
+            compile_kwargs["options"] = dict(default_options)
     return torch.compile(with_own_cache(fn), **compile_kwargs)

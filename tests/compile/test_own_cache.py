@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import metaopt
+from metaopt._inductor import inductor
 from metaopt._own_cache import compile_own, with_own_cache
 from metaopt.compile import make_step
 
@@ -82,8 +83,10 @@ def test_compile_own_adds_inductor_options_only_where_allowed(monkeypatch, given
     compiled = compile_own(_double, **given)
     assert seen.get("options") == expected_options
     assert compiled is seen["fn"] and compiled is not _double  # its own copy
-    assert {k: v for k, v in seen.items() if k not in ("fn", "options")} == {
-        k: v for k, v in given.items() if k != "options"
+    # Inductor (the default backend) is metaopt's: Inductor minus a wrong decomposition
+    assert seen["backend"] is (given["backend"] if "backend" in given else inductor)
+    assert {k: v for k, v in seen.items() if k not in ("fn", "options", "backend")} == {
+        k: v for k, v in given.items() if k not in ("options", "backend")
     }
 
 
