@@ -10,10 +10,12 @@ Every estimator shares one interface::
 * :class:`ES` / :class:`PES` — antithetic and persistent evolution strategies, no graph.
 
 Meta-training the learned rule: :class:`ContinualProblem` (the continual meta-objective),
-:class:`TaskFamily` (random task sequences from digits / MNIST training images) and
-:class:`MetaTrainer` (``metaopt meta-train``).
+:class:`TaskFamily` (random task sequences from digits / MNIST training images),
+:class:`MetaTrainer` (``metaopt meta-train``) and :class:`CompiledContinualSteps`
+(its compiled inner steps, ``--compile``).
 """
 
+from metaopt.meta.compiled import CompiledContinualSteps
 from metaopt.meta.es import ES, PES
 from metaopt.meta.functional import PureModel, detach_tree
 from metaopt.meta.implicit import Implicit, ImplicitProblem, conjugate_gradient, implicit_root
@@ -32,6 +34,7 @@ from metaopt.meta.unroll import InnerCarry, Unrolled, inner_step
 __all__ = [
     "ES",
     "PES",
+    "CompiledContinualSteps",
     "ContinualProblem",
     "Estimator",
     "FamilyConfig",

@@ -44,10 +44,11 @@ from metaopt.meta.unroll import InnerCarry, inner_step
 from metaopt.rules.base import State, UpdateRule
 from metaopt.tree import Params
 
-__all__ = ["ContinualProblem", "evaluate_rule"]
+__all__ = ["ContinualProblem", "evaluate_rule", "has_learned_state"]
 
 
-def _has_learned_state(state: State) -> bool:
+def has_learned_state(state: State) -> bool:
+    """Whether ``state`` (of any rule) holds learned-rule leaf states."""
     return any(learned_leaves(leaf) for leaf in state.values())
 
 
@@ -163,12 +164,36 @@ class ContinualProblem(InnerProblem):
         return total
 
     def prepare_state(self, state: State, step: int, loss: torch.Tensor) -> State:
-        if not _has_learned_state(state):
+        if not has_learned_state(state):
             return state
+        return observe_loss(self.begin_step(state, step), loss)
+
+    def begin_step(self, state: State, step: int) -> State:
+        """The rule state to start inner step ``step`` from: a task boundary
+        (:func:`metaopt.learned.new_task`) at the first step of every task after the first,
+        for rules that hold learned state; otherwise ``state`` itself."""
         t, k = self.task_of(step)
-        if k == 0 and t > 0:
-            state = new_task(state)
-        return observe_loss(state, loss)
+        if k == 0 and t > 0 and has_learned_state(state):
+            return new_task(state)
+        return state
+
+    def step_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The data of inner step ``step`` as tensors only (what a compiled step takes).
+
+        Returns:
+            ``(x, y, logit_range)``: the inputs ``[B, C, H, W]``, the labels ``[B]``
+            counted from ``logit_range[0]`` (int64), and ``logit_range`` = ``[offset,
+            offset + n_classes]`` (int64, shape ``[2]``): the logits the task is scored
+            on (:meth:`metaopt.continual.streams.Task.logits`).
+        """
+        t, k = self.task_of(step)
+        task, index = self.tasks[t], self._batches[t][k]
+        first = task.logit_offset
+        return (
+            task.x_train[index],
+            task.y_train[index],
+            torch.tensor([first, first + task.n_classes], dtype=torch.int64),
+        )
 
 
 def evaluate_rule(rule: UpdateRule, problem: ContinualProblem) -> dict[str, float]:

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from metaopt.learned import LearnedRuleNet, learned_rule, load_pretrained, save_checkpoint
+from metaopt.meta.compiled import CompiledContinualSteps
 from metaopt.meta.distributed import DistributedContext, all_reduce_mean, shard
 from metaopt.meta.es import ES, PES
 from metaopt.meta.objective import ContinualProblem, evaluate_rule
@@ -153,6 +154,11 @@ class MetaTrainer:
         ctx: distributed context (default: single process).
         data_dir: MNIST folder (only read when the family uses MNIST).
         progress: show a tqdm progress bar (main rank only).
+        compile: run the unrolled estimator's inner steps through ``torch.compile``
+            (:class:`~metaopt.meta.compiled.CompiledContinualSteps`): the same
+            meta-gradients up to float rounding, faster per meta-step once each shape
+            signature (dataset x model x batch size of the family) has compiled, which
+            takes minutes each on a CPU (see ``docs/meta.md``). Unrolled estimator only.
 
     Example:
         >>> trainer = MetaTrainer(TrainConfig(steps=100), "runs/a")
@@ -168,8 +174,14 @@ class MetaTrainer:
         ctx: DistributedContext | None = None,
         data_dir: str | None = None,
         progress: bool = True,
+        compile: bool = False,
     ) -> None:
+        if compile and config.estimator != "unrolled":
+            raise ValueError(
+                f"compile=True needs the unrolled estimator, got estimator={config.estimator!r}"
+            )
         self.config = config
+        self.compile = compile
         self.out_dir = Path(out_dir)
         self.ctx = ctx or DistributedContext()
         self.progress = progress
@@ -202,7 +214,8 @@ class MetaTrainer:
     def _make_estimator(self) -> Callable[[Params, ContinualProblem], MetaGradient]:
         cfg = self.config
         if cfg.estimator == "unrolled":
-            return Unrolled(self.rule_fn, cfg.truncation)
+            steps = CompiledContinualSteps(self.rule_fn) if self.compile else None
+            return Unrolled(self.rule_fn, cfg.truncation, step_fn=steps)
         if cfg.estimator == "es":
             return ES(self.rule_fn, cfg.sigma, cfg.es_pairs, self.noise)
         return PES(self.rule_fn, cfg.truncation or 10, cfg.sigma, cfg.es_pairs, self.noise)

@@ -10,6 +10,7 @@ O(num_steps), and the estimate is the usual truncated-BPTT one (exact when
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from metaopt.meta.problem import InnerProblem, MetaGradient, RuleFactory
 from metaopt.rules.base import State, UpdateRule, apply_updates
 from metaopt.tree import Params
 
-__all__ = ["InnerCarry", "Unrolled", "inner_step", "leaf_meta_params"]
+__all__ = ["InnerCarry", "StepFn", "Unrolled", "inner_step", "leaf_meta_params"]
 
 
 @dataclass
@@ -72,6 +73,11 @@ def inner_step(
     return InnerCarry(new_params, buffers, state), loss.detach()
 
 
+StepFn = Callable[[Params, InnerProblem, InnerCarry, int], tuple[InnerCarry, torch.Tensor]]
+"""``(meta_params, problem, carry, step) -> (new carry, inner loss)``: one differentiable
+inner update (see :class:`Unrolled`)."""
+
+
 class Unrolled:
     """Meta-gradient by (truncated) backpropagation through the inner updates.
 
@@ -86,13 +92,26 @@ class Unrolled:
 
     Attention inside the inner model runs on PyTorch's math kernel during the unroll
     (the fused CPU/flash kernels have no double backward).
+
+    ``step_fn(meta_params, problem, carry, step) -> (carry, loss)`` replaces the eager
+    :func:`inner_step` (``create_graph=True``) when given, e.g. the compiled steps of
+    :class:`metaopt.meta.compiled.CompiledContinualSteps`; it must keep the new carry
+    differentiable with respect to ``meta_params`` and the old carry.
     """
 
-    def __init__(self, rule_fn: RuleFactory, truncation: int | None = None) -> None:
+    def __init__(
+        self,
+        rule_fn: RuleFactory,
+        truncation: int | None = None,
+        step_fn: StepFn | None = None,
+    ) -> None:
         if truncation is not None and truncation < 1:
             raise ValueError(f"truncation must be >= 1 or None, got {truncation}")
+        if step_fn is not None and not callable(step_fn):
+            raise TypeError(f"step_fn must be callable, got {type(step_fn).__name__}")
         self.rule_fn = rule_fn
         self.truncation = truncation
+        self.step_fn = step_fn
 
     def __call__(self, meta_params: Params, problem: InnerProblem) -> MetaGradient:
         with sdpa_kernel(SDPBackend.MATH):
@@ -110,7 +129,10 @@ class Unrolled:
         for step in range(problem.num_steps):
             if step % window == 0 and step > 0:  # the previous window's graph is freed
                 rule = self.rule_fn(mp)
-            carry, _ = inner_step(rule, problem, carry, step, create_graph=True)
+            if self.step_fn is None:
+                carry, _ = inner_step(rule, problem, carry, step, create_graph=True)
+            else:
+                carry, _ = self.step_fn(mp, problem, carry, step)
             contribution = problem.meta_loss(carry.params, carry.buffers, step)
             if contribution is not None:
                 window_loss = contribution if window_loss is None else window_loss + contribution

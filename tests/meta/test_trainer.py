@@ -122,6 +122,33 @@ def test_cli_init_option_reaches_the_config(tmp_path):
     assert config_from_args(parser.parse_args(["meta-train", "--out", "x"])).init is None
 
 
+def test_compile_option_reaches_the_unrolled_estimator(tmp_path, monkeypatch):
+    from metaopt.meta import cli
+    from metaopt.meta.compiled import CompiledContinualSteps
+
+    compiled = MetaTrainer(tiny_config(), tmp_path, progress=False, compile=True)
+    assert isinstance(compiled.estimator.step_fn, CompiledContinualSteps)
+    assert compiled.estimator.step_fn.rule_fn == compiled.rule_fn
+    assert MetaTrainer(tiny_config(), tmp_path, progress=False).estimator.step_fn is None
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_trainer(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(cli, "MetaTrainer", fake_trainer)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    for argv, expected in ((["--compile"], True), ([], False)):
+        with pytest.raises(Stop):
+            cli.meta_train_command(parser.parse_args(["meta-train", "--out", "x", *argv]))
+        assert seen["compile"] is expected
+
+
 @pytest.mark.parametrize("bad", [{"estimator": "sgd"}, {"steps": 0}, {"clip": 0.0}])
 def test_bad_config(bad):
     with pytest.raises(ValueError):
