@@ -457,14 +457,6 @@ def test_functional_weight_decay_schedule_between_nonzero_values_matches_torch()
     torch.testing.assert_close(ours_p, ref_p, rtol=0, atol=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="metaopt.rules.alias._weight_decay omits the decay transform when weight_decay "
-    "== 0, so the chain's state layout changes when group['weight_decay'] goes 0 <-> "
-    "non-zero; FunctionalOptimizer._leaf_state unflattens the old state with the cached "
-    "spec (_specs) and the step dies with AttributeError: 'tuple' object has no attribute "
-    "'step' (torch.optim.Adam accepts the change)",
-)
 @pytest.mark.parametrize(("before", "after"), [(0.0, 0.1), (0.1, 0.0)])
 def test_functional_weight_decay_may_change_to_and_from_zero(before, after):
     ours_p = nn.Parameter(torch.ones(3, dtype=F64))
@@ -710,3 +702,45 @@ def test_compiled_functional_with_cycling_betas_matches_adam():
                 s.step()
     assert ours.param_groups[0]["betas"] == ref.param_groups[0]["betas"]
     _assert_same_params(ours_model, ref_model, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- fixes pinned
+# Checks beyond the cases above for the fixes of the bugs those cases found.
+
+
+# weight decay and momentum changed between steps
+@pytest.mark.parametrize(
+    ("factory", "reference", "hyper"),
+    [
+        (metaopt.rules.adamw, torch.optim.AdamW, {}),
+        (metaopt.rules.rmsprop, torch.optim.RMSprop, {"momentum": 0.5, "centered": True}),
+        (metaopt.rules.sgd, torch.optim.SGD, {"momentum": 0.9}),
+        (metaopt.rules.adam, torch.optim.Adam, {"amsgrad": True}),
+    ],
+    ids=["adamw", "rmsprop", "sgd", "adam-amsgrad"],
+)
+def test_weight_decay_may_change_to_and_from_zero_for_every_alias(factory, reference, hyper):
+    ours_p = nn.Parameter(torch.ones(3, dtype=F64))
+    ref_p = nn.Parameter(torch.ones(3, dtype=F64))
+    ours = FunctionalOptimizer([ours_p], factory, lr=1e-2, weight_decay=0.0, **hyper)
+    ref = reference([ref_p], lr=1e-2, weight_decay=0.0, **hyper)
+    for i, wd in enumerate([0.0, 0.1, 0.1, 0.0, 0.2]):
+        for p, o in ((ours_p, ours), (ref_p, ref)):
+            o.param_groups[0]["weight_decay"] = wd
+            p.grad = torch.tensor([1.0, -2.0, 3.0], dtype=F64) * (i + 1)
+            o.step()
+    torch.testing.assert_close(ours_p, ref_p, rtol=0, atol=1e-12)
+
+
+def test_sgd_momentum_may_change_to_and_from_zero_like_torch():
+    """torch.optim.SGD keeps the momentum buffer while momentum is 0 and continues it."""
+    ours_p = nn.Parameter(torch.ones(3, dtype=F64))
+    ref_p = nn.Parameter(torch.ones(3, dtype=F64))
+    ours = FunctionalOptimizer([ours_p], metaopt.rules.sgd, lr=1e-2)
+    ref = torch.optim.SGD([ref_p], lr=1e-2)
+    for i, momentum in enumerate([0.0, 0.9, 0.9, 0.0, 0.0, 0.5]):
+        for p, o in ((ours_p, ours), (ref_p, ref)):
+            o.param_groups[0]["momentum"] = momentum
+            p.grad = torch.tensor([1.0, -2.0, 3.0], dtype=F64) * (i + 1)
+            o.step()
+    torch.testing.assert_close(ours_p, ref_p, rtol=0, atol=1e-12)

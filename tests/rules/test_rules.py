@@ -187,3 +187,48 @@ def test_tree_helpers():
     assert all(torch.equal(zeros[k], torch.zeros_like(v)) for k, v in a.items())
     keyed = metaopt.tree.map_with_keys(lambda k, v: v * (2 if k == "x" else 3), a)
     assert torch.equal(keyed["y"], torch.tensor([12.0]))
+
+
+_DECAYED = {
+    "sgd": lambda wd: rules.sgd(lr=0.1, momentum=0.9, weight_decay=wd),
+    "sgd-no-momentum": lambda wd: rules.sgd(lr=0.1, weight_decay=wd),
+    "adam": lambda wd: rules.adam(lr=0.1, weight_decay=wd),
+    "adam-amsgrad": lambda wd: rules.adam(lr=0.1, weight_decay=wd, amsgrad=True),
+    "adamw": lambda wd: rules.adamw(lr=0.1, weight_decay=wd),
+    "rmsprop": lambda wd: rules.rmsprop(lr=0.1, weight_decay=wd, momentum=0.5, centered=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_DECAYED))
+def test_state_layout_does_not_depend_on_weight_decay(name):
+    """A weight decay of 0 and a non-zero one give the same state tree (same pytree spec,
+    same tensors), so the state of one continues under the other (FunctionalOptimizer with
+    a group["weight_decay"] that changes between steps)."""
+    from torch.utils import _pytree as pytree
+
+    params = {"w": torch.randn(3, dtype=torch.float64), "b": torch.randn(2, dtype=torch.float64)}
+    layouts = []
+    for wd in (0.0, 0, 0.1, torch.tensor(0.1)):
+        state = _DECAYED[name](wd).init(params)
+        leaves, spec = pytree.tree_flatten_with_path(state)
+        layouts.append((spec, [(pytree.keystr(k), tuple(v.shape)) for k, v in leaves]))
+    assert all(layout == layouts[0] for layout in layouts)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "rmsprop", "sgd"])
+def test_weight_decay_changed_between_updates_continues_the_state(name):
+    """The state of a weight_decay=0 rule fed to a weight_decay=0.1 rule and back equals
+    one rule whose decay is a tensor changed in place (the same arithmetic)."""
+    params = {"w": torch.randn(4, dtype=torch.float64)}
+    wd = torch.tensor(0.0, dtype=torch.float64)
+    reference = _DECAYED[name](wd)
+    ref_params, ref_state = params, reference.init(params)
+    ours_params, ours_state = params, _DECAYED[name](0.0).init(params)
+    for i, value in enumerate([0.0, 0.1, 0.1, 0.0, 0.2]):
+        grads = {"w": torch.full((4,), float(i + 1), dtype=torch.float64)}
+        wd.fill_(value)
+        updates, ref_state = reference.update(grads, ref_state, ref_params)
+        ref_params = metaopt.apply_updates(ref_params, updates)
+        updates, ours_state = _DECAYED[name](value).update(grads, ours_state, ours_params)
+        ours_params = metaopt.apply_updates(ours_params, updates)
+    torch.testing.assert_close(ours_params["w"], ref_params["w"], rtol=0, atol=1e-14)
