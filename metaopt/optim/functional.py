@@ -9,6 +9,7 @@ on: ``param_groups`` with their own hyper-parameters (read at every step, so eve
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -73,10 +74,25 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         **hyper: hyper-parameters for ``rule`` (a factory); missing ones take the
             factory's defaults, so ``group["lr"]`` always exists when the factory has ``lr``.
 
+    Copies (``copy.deepcopy``, ``pickle``) step like the original; step hooks are not copied
+    (as in ``torch.optim``), compiled functions are rebuilt, and a ready ``UpdateRule``
+    made of closures can be deep-copied but not pickled (pass a factory for that).
+
     Example:
         >>> opt = FunctionalOptimizer(model.parameters(), metaopt.rules.adam, lr=1e-3)
         >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10)
     """
+
+    _PICKLED: tuple[str, ...] = (
+        "check_finite",
+        "_compile",
+        "_factory",
+        "_fixed_rule",
+        "_hyper_names",
+    )
+    """Attributes that ``copy.deepcopy`` / ``pickle`` carry besides ``torch.optim``'s
+    ``defaults``, ``state`` and ``param_groups``; the others are rebuilt
+    (:meth:`_reset_transient`)."""
 
     def __init__(
         self,
@@ -104,10 +120,25 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         else:
             raise TypeError(f"rule must be an UpdateRule or a factory, got {type(rule).__name__}")
         self.check_finite = check_finite
-        self._update = compile_own(_update_group) if compile else _update_group
+        self._compile = compile
+        self._reset_transient()
+        super().__init__(params, defaults)
+
+    def _reset_transient(self) -> None:
+        """(Re)build what is not copied with the optimizer: the (compiled) update function
+        and the caches keyed by tensors and groups."""
+        self._update = compile_own(_update_group) if self._compile else _update_group
         self._specs: dict[torch.Tensor, Any] = {}
         self._rule_cache: dict[int, tuple[Any, UpdateRule]] = {}
-        super().__init__(params, defaults)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({name: self.__dict__[name] for name in self._PICKLED})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._reset_transient()
 
     @staticmethod
     def _factory_defaults(factory: RuleFactory, hyper: dict[str, Any]) -> dict[str, Any]:
@@ -257,6 +288,12 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         Returns:
             The closure's loss, or ``None``.
         """
+        return self._step(closure)
+
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
+        """The body of :meth:`step`, without ``torch.optim``'s step hooks: ``torch.optim``
+        wraps every class's own ``step`` with the hook runner, so a subclass's ``step``
+        calls this, not ``super().step()``, or the hooks would run twice."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -293,13 +330,59 @@ class FunctionalOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict()``; raises ``ValueError`` and changes nothing when it does
-        not fit this optimizer (other parameter shapes, another rule, other groups)."""
-        self._validate_state_dict(state_dict)
-        super().load_state_dict(state_dict)
+        not fit this optimizer (other parameter shapes, another rule, other groups).
+
+        As in ``torch.optim``, the load-state-dict pre-hooks run first (the dict they
+        return is the one checked and loaded) and the post-hooks last, once the state is
+        fully restored. Each state tensor gets the dtype the rule gives it (``torch.optim``
+        casts every floating state but ``"step"`` to the parameter's dtype; metaopt's
+        counters, such as Adam's ``"[0].step"``, stay float32)."""
+        state_dict = state_dict.copy()  # shallow, as torch.optim (the hooks may edit it)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        dtypes = self._validate_state_dict(state_dict)
+        pre, post = (
+            self._optimizer_load_state_dict_pre_hooks,
+            self._optimizer_load_state_dict_post_hooks,
+        )
+        # torch.optim's loader would run the hooks again, and the post-hooks too early
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre
+            self._optimizer_load_state_dict_post_hooks = post
         self._specs.clear()
         self._rule_cache.clear()
+        self._after_load(dtypes)
+        for post_hook in post.values():
+            post_hook(self)
 
-    def _validate_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _after_load(self, dtypes: dict[torch.Tensor, dict[str, torch.dtype]]) -> None:
+        """Restore what ``torch.optim``'s loader changed: each state tensor's dtype (as
+        :meth:`_validate_state_dict` found the rule gives it)."""
+        for p, expected in dtypes.items():
+            flat = self.state.get(p)
+            if flat:
+                self.state[p] = {
+                    k: v.to(expected[k])
+                    if isinstance(v, torch.Tensor) and k in expected and v.dtype != expected[k]
+                    else v
+                    for k, v in flat.items()
+                }
+
+    def _validate_state_dict(
+        self, state_dict: dict[str, Any]
+    ) -> dict[torch.Tensor, dict[str, torch.dtype]]:
+        """Check that ``state_dict`` fits (``ValueError`` otherwise).
+
+        Returns:
+            For each parameter with saved state: the dtype of each of its state tensors
+            as the rule initialises them.
+        """
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("not an optimizer state_dict: needs 'state' and 'param_groups'")
         saved_groups = state_dict["param_groups"]
@@ -308,6 +391,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
                 f"state_dict has {len(saved_groups)} parameter groups, the optimizer has "
                 f"{len(self.param_groups)}"
             )
+        dtypes: dict[torch.Tensor, dict[str, torch.dtype]] = {}
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
@@ -330,3 +414,5 @@ class FunctionalOptimizer(torch.optim.Optimizer):
                         f"{tuple(p.shape)}): the rule expects state {_describe(expected)}, "
                         f"the state_dict holds {_describe(got)}"
                     )
+                dtypes[p] = {k: v.dtype for k, v in expected.items()}
+        return dtypes

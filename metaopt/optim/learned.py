@@ -20,7 +20,7 @@ from metaopt.learned.tasks import (
     new_task,
     observe_loss,
 )
-from metaopt.optim.functional import FunctionalOptimizer, _flatten_leaf_state
+from metaopt.optim.functional import FunctionalOptimizer
 from metaopt.rules.base import UpdateRule
 
 __all__ = ["LearnedOptimizer"]
@@ -69,6 +69,10 @@ class LearnedOptimizer(FunctionalOptimizer):
             first task boundary once more (importance terms switch on); the learning
             rate is a graph input, so schedulers do not recompile.
 
+    Copies (``copy.deepcopy``, ``pickle``) carry the net, the options and the task index
+    and step like the original; step hooks, scratch buffers and compiled steps are not
+    copied.
+
     Example:
         >>> opt = LearnedOptimizer.from_pretrained("default", model.parameters(), lr=1e-3)
         >>> for task in stream:
@@ -109,16 +113,8 @@ class LearnedOptimizer(FunctionalOptimizer):
             self.net, lr, betas=betas, eps=eps, topk_fraction=topk_fraction, **self._options
         )
         self._eager_fast_paths = not compile
-        self._fused_steps: dict[str, Callable[..., list[LearnedState]]] | None = (
-            {} if compile else None
-        )  # one compiled step per device type
-        self._view_caches: dict[int, dict[str, Any]] = {}  # per group, for the fused step
-        self._workspace: dict[Any, list[torch.Tensor]] | None = (
-            {} if reuse_buffers and not compile else None
-        )
-        self._depth: dict[torch.Tensor, float] = {}
+        self._reuse_buffers = reuse_buffers
         self._task_index = 0
-        self._loss: torch.Tensor | None = None
         super().__init__(
             params,
             self._rule_factory(),
@@ -129,6 +125,31 @@ class LearnedOptimizer(FunctionalOptimizer):
             eps=eps,
             topk_fraction=topk_fraction,
         )
+
+    _PICKLED = (
+        *(name for name in FunctionalOptimizer._PICKLED if name != "_factory"),
+        "net",
+        "_options",
+        "_eager_fast_paths",
+        "_reuse_buffers",
+        "_task_index",
+    )
+
+    def _reset_transient(self) -> None:
+        super()._reset_transient()
+        self._fused_steps: dict[str, Callable[..., list[LearnedState]]] | None = (
+            {} if self._compile else None
+        )  # one compiled step per device type
+        self._view_caches: dict[int, dict[str, Any]] = {}  # per group, for the fused step
+        self._workspace: dict[Any, list[torch.Tensor]] | None = (
+            {} if self._reuse_buffers and not self._compile else None
+        )
+        self._loss: torch.Tensor | None = None
+        self._set_depths()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._factory = self._rule_factory()  # a closure over this optimizer
 
     @classmethod
     def from_pretrained(
@@ -172,7 +193,11 @@ class LearnedOptimizer(FunctionalOptimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.add_param_group``; also updates parameter depths."""
         super().add_param_group(param_group)
-        ordered = [p for group in self.param_groups for p in group["params"]]
+        self._set_depths()
+
+    def _set_depths(self) -> None:
+        """Each parameter's depth: its position among all groups' parameters, in [0, 1]."""
+        ordered = [p for group in getattr(self, "param_groups", []) for p in group["params"]]
         n = len(ordered)
         self._depth = {p: i / (n - 1) if n > 1 else 0.5 for i, p in enumerate(ordered)}
 
@@ -258,14 +283,16 @@ class LearnedOptimizer(FunctionalOptimizer):
         Returns:
             The closure's loss, or ``None``; a scalar tensor loss feeds the task token.
         """
+        # self._step, not super().step(): torch.optim wraps FunctionalOptimizer.step with
+        # the hook runner as well, and the hooks would run twice
         if closure is None:
-            return super().step()
+            return self._step(None)
         with torch.enable_grad():
             loss = closure()
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             self._loss = loss.detach()
         try:
-            return super().step(lambda: loss)
+            return self._step(lambda: loss)
         finally:
             self._loss = None
 
@@ -289,19 +316,18 @@ class LearnedOptimizer(FunctionalOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``torch.optim``; keeps the auxiliary buffers in ``aux_dtype`` and the counters
         in float32 (``torch.optim`` would cast every floating state to the parameter's
-        dtype) and restores the task index."""
+        dtype) and restores the task index, all before the load-state-dict post-hooks
+        run."""
         super().load_state_dict(state_dict)
+
+    def _after_load(self, dtypes: dict[torch.Tensor, dict[str, torch.dtype]]) -> None:
+        super()._after_load(dtypes)
         task_index = 0.0
         for group in self.param_groups:
             rule = self.rule_for(group)
             for key, p in zip(self.param_keys(group), group["params"], strict=True):
-                flat = self.state.get(p)
-                if not flat:
+                if not self.state.get(p):
                     continue
-                expected, _ = _flatten_leaf_state(rule.init({key: p})[key])
-                self.state[p] = {
-                    k: v.to(expected[k].dtype) if k in expected else v for k, v in flat.items()
-                }
                 leaf = self._leaf_state(rule, key, p)
                 found = [float(s.task_index) for s in learned_leaves(leaf)]
                 task_index = max([task_index, *found])

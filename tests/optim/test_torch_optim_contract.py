@@ -17,6 +17,10 @@ from collections import defaultdict
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 import metaopt
 from metaopt import FunctionalOptimizer, LearnedOptimizer
@@ -247,13 +251,6 @@ def test_state_dict_hooks_are_called(kind):
     assert calls == ["sd_pre", "sd_post", "load_pre", "load_post"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FunctionalOptimizer.load_state_dict validates the state_dict "
-    "(_validate_state_dict) before torch.optim runs the load_state_dict pre-hooks, so a "
-    "pre-hook that converts a checkpoint (documented torch.optim use) is never consulted: "
-    "ValueError",
-)
 def test_load_state_dict_pre_hook_may_convert_the_state_dict():
     """Convert a torch.optim.Adam checkpoint into FunctionalOptimizer(adam)'s layout."""
     ref_model, ours_model = _model(), _model()
@@ -278,13 +275,6 @@ def test_load_state_dict_pre_hook_may_convert_the_state_dict():
     _assert_same_params(ours_model, ref_model)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LearnedOptimizer.load_state_dict restores the aux dtypes (anchor/importance in "
-    "bfloat16, counters float32) and the task index only after torch.optim's load_state_dict "
-    "has returned, i.e. after the load_state_dict post-hooks ran: they see bfloat16 buffers "
-    "cast to the parameter dtype and the old task index",
-)
 def test_learned_load_state_dict_post_hook_sees_the_loaded_state():
     p = nn.Parameter(torch.randn(4))
     opt = LearnedOptimizer([p])
@@ -305,13 +295,6 @@ def test_learned_load_state_dict_post_hook_sees_the_loaded_state():
     assert seen == {"anchor": torch.bfloat16, "task_index": 1}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch.optim.Optimizer.load_state_dict casts every floating state tensor except "
-    "the key 'step' to the parameter's dtype; FunctionalOptimizer stores Adam's counter as "
-    "'[0].step', so after a reload with bfloat16 parameters the counter is bfloat16 and "
-    "stops counting at 256 (float16: 2048), freezing Adam's bias correction",
-)
 def test_functional_step_counter_keeps_counting_after_reload_in_bfloat16():
     p = nn.Parameter(torch.randn(4, dtype=torch.bfloat16))
     opt = _functional([p])
@@ -376,13 +359,6 @@ def test_functional_step_hooks_behave_like_torch(kind):
     assert calls == ["closure", "post"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LearnedOptimizer.step calls FunctionalOptimizer.step (super().step); torch.optim "
-    "wraps each class's step with the hook runner once an instance of that class exists "
-    "(Optimizer._patch_step_function), so once any FunctionalOptimizer was built, every "
-    "step/pre/post hook (also the global ones) runs twice per LearnedOptimizer.step",
-)
 def test_learned_step_hooks_run_once_per_step():
     _functional([nn.Parameter(torch.ones(1))])  # any FunctionalOptimizer in the process
     model = _model()
@@ -589,12 +565,6 @@ def test_meta_parameters_step_like_torch(kind):
 
 
 # ---------------------------------------------------------------------------- copies
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch.optim.Optimizer.__getstate__ keeps only defaults/state/param_groups; "
-    "FunctionalOptimizer/LearnedOptimizer do not extend it, so a deepcopy lacks "
-    "check_finite, _factory, _update, net, ... and step() raises AttributeError",
-)
 @pytest.mark.parametrize("kind", sorted(ADAM_LIKE))
 def test_deepcopy_of_the_optimizer_steps_like_the_original(kind):
     model = _model()
@@ -608,11 +578,6 @@ def test_deepcopy_of_the_optimizer_steps_like_the_original(kind):
     _assert_same_params(model, twin_model, atol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="same cause as the deepcopy failure: an unpickled FunctionalOptimizer has no "
-    "check_finite/_factory/_update (torch.optim.Adam pickles and steps)",
-)
 def test_pickled_functional_optimizer_steps_like_the_original():
     model = _model()
     opt = _functional(model.parameters())
@@ -706,6 +671,129 @@ def test_compiled_functional_with_cycling_betas_matches_adam():
 
 # ---------------------------------------------------------------------------- fixes pinned
 # Checks beyond the cases above for the fixes of the bugs those cases found.
+
+
+# copies
+def test_pickled_learned_optimizer_keeps_its_net_and_task_index():
+    model = _model()
+    opt = LearnedOptimizer(model.parameters(), lr=1e-2)  # the shipped net: a non-trivial rule
+    _step(model, opt)
+    opt.new_task()
+    _step(model, opt)
+    both = pickle.loads(pickle.dumps({"model": model, "opt": opt}))
+    twin_model, twin = both["model"], both["opt"]
+    assert twin.task_index == 1 and twin.net is not opt.net
+    for a, b in zip(opt.net.parameters(), twin.net.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for m, o in ((model, opt), (twin_model, twin)):
+        for _ in range(2):
+            _step(m, o)
+    _assert_same_params(model, twin_model, atol=0)
+
+
+def test_deepcopy_of_a_compiled_functional_optimizer_compiles_its_own_update():
+    model, x = _model(dtype=torch.float32), _batch(torch.float32)
+    opt = _functional(model.parameters(), compile=True)
+    for m, o in ((model, opt),):
+        o.zero_grad()
+        _loss(m, x).backward()
+        o.step()
+    both = copy.deepcopy({"model": model, "opt": opt})
+    assert both["opt"]._update is not opt._update
+    for m, o in ((model, opt), (both["model"], both["opt"])):
+        o.zero_grad()
+        _loss(m, x).backward()
+        o.step()
+    _assert_same_params(model, both["model"], atol=0)
+
+
+def test_deepcopy_of_an_optimizer_with_a_ready_rule_steps_like_the_original():
+    model = _model()
+    opt = FunctionalOptimizer(model.parameters(), metaopt.rules.adam(lr=1e-2))
+    _step(model, opt)
+    both = copy.deepcopy({"model": model, "opt": opt})
+    for m, o in ((model, opt), (both["model"], both["opt"])):
+        _step(m, o)
+    _assert_same_params(model, both["model"], atol=0)
+
+
+# step hooks
+@pytest.mark.parametrize("kind", sorted(ADAM_LIKE))
+def test_global_and_closure_step_hooks_run_once_per_step(kind):
+    for other in ADAM_LIKE.values():  # both classes' step wrapped by torch.optim
+        other([nn.Parameter(torch.ones(1))])
+    model = _model()
+    opt = ADAM_LIKE[kind](model.parameters())
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        loss = _loss(model)
+        loss.backward()
+        return loss
+
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global_pre")),
+        register_optimizer_step_post_hook(lambda o, a, k: calls.append("global_post")),
+        opt.register_step_pre_hook(lambda o, a, k: calls.append("pre")),
+        opt.register_step_post_hook(lambda o, a, k: calls.append("post")),
+    ]
+    try:
+        opt.step(closure)
+        opt.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == ["global_pre", "pre", "post", "global_post"] * 2
+
+
+# load_state_dict
+@pytest.mark.parametrize("kind", sorted(ADAM_LIKE))
+def test_a_bad_state_dict_from_a_pre_hook_raises_and_changes_nothing(kind):
+    model = _model()
+    opt = ADAM_LIKE[kind](model.parameters())
+    _step(model, opt)
+    sd = _saved(opt.state_dict())
+    before = _snapshot(opt)
+    calls = []
+
+    def drop_a_tensor(o, state_dict):
+        state = {i: dict(list(s.items())[1:]) for i, s in state_dict["state"].items()}
+        return {**state_dict, "state": state}
+
+    opt.register_load_state_dict_pre_hook(drop_a_tensor)
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("post"))
+    with pytest.raises(ValueError, match="does not fit"):
+        opt.load_state_dict(sd)
+    _assert_snapshot_equal(before, _snapshot(opt))
+    assert calls == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_functional_reload_keeps_float32_counters_and_casts_moments_like_torch(dtype):
+    """A float32 checkpoint loaded for low-precision parameters: moments in the
+    parameters' dtype (as torch.optim casts them), the counter float32, and the post-hook
+    sees it so."""
+    src = nn.Parameter(torch.randn(4))
+    src_opt = _functional([src])
+    src.grad = torch.ones(4)
+    src_opt.step()
+    p = nn.Parameter(src.detach().to(dtype))
+    opt = _functional([p])
+    seen = []
+    opt.register_load_state_dict_post_hook(lambda o: seen.append(o.state[p]["[0].step"].dtype))
+    opt.load_state_dict(_saved(src_opt.state_dict()))
+    assert seen == [torch.float32]
+    assert {k: v.dtype for k, v in opt.state[p].items()} == {
+        "[0].step": torch.float32,
+        "[0].exp_avg": dtype,
+        "[0].exp_avg_sq": dtype,
+        "[0].max_exp_avg_sq": dtype,
+    }
+    for _ in range(3):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    assert float(opt.state[p]["[0].step"]) == 4.0
 
 
 # weight decay and momentum changed between steps
