@@ -212,7 +212,22 @@ def run_on_net_device(
     task: torch.Tensor,
 ) -> TokenCoefficients:
     """``net(tokens, task)`` (with ``meta_params`` through ``functional_call`` when given)
-    on the net's own device; the coefficients come back to the tokens' device."""
+    on the net's own device; the coefficients come back to the tokens' device.
+
+    Tokens on the ``meta`` device (parameters on ``meta``: shapes only, no values to copy
+    to the net) run through a ``meta`` copy of the net's parameters and buffers instead.
+    """
+    if tokens.device.type == "meta":
+        tensors = (
+            dict(meta_params)
+            if meta_params is not None
+            else {
+                **dict(net.named_parameters()),
+                **dict(net.named_buffers()),
+            }
+        )
+        on_meta = {name: t.to("meta") for name, t in tensors.items()}
+        return TokenCoefficients(*functional_call(net, on_meta, (tokens, task.to("meta"))))
     source = meta_params.values() if meta_params is not None else net.parameters()
     net_device = next(iter(source)).device
     inputs = (tokens.to(net_device), task.to(net_device))

@@ -56,6 +56,37 @@ def _update_group(
     return new_state
 
 
+def _as_real(x: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as its ``torch.view_as_real`` view (``[..., 2]``), others as is."""
+    return torch.view_as_real(x) if x.is_complex() else x
+
+
+def _as_complex_like(new: Any, old: Any) -> Any:
+    """``new`` (a leaf state computed on real views) with every tensor that is complex in
+    ``old`` (the leaf state it came from) turned back into a complex tensor."""
+    new_leaves, spec = pytree.tree_flatten(new)
+    old_leaves, old_spec = pytree.tree_flatten(old)
+    if spec != old_spec:  # another layout: nothing to match the leaves by
+        return new
+    return pytree.tree_unflatten(
+        [
+            torch.view_as_complex(n.contiguous())
+            if isinstance(o, torch.Tensor)
+            and o.is_complex()
+            and isinstance(n, torch.Tensor)
+            and not n.is_complex()
+            else n
+            for n, o in zip(new_leaves, old_leaves, strict=True)
+        ],
+        spec,
+    )
+
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of ``torch.view_as_real`` of a tensor of ``dtype`` (itself if real)."""
+    return torch.empty((), dtype=dtype).real.dtype if dtype.is_complex else dtype
+
+
 class FunctionalOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs a functional update rule.
 
@@ -71,10 +102,15 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         compile: run each group's update (``rule.update`` over all its parameters and the
             in-place addition) through ``torch.compile``. A float ``lr`` is then passed to
             the factory as a 0-d tensor, so learning-rate schedulers do not recompile.
+            Parameters on the ``meta`` device are updated eagerly.
         **hyper: hyper-parameters for ``rule`` (a factory); missing ones take the
             factory's defaults, so ``group["lr"]`` always exists when the factory has ``lr``.
 
-    Copies (``copy.deepcopy``, ``pickle``) step like the original; step hooks are not copied
+    Complex parameters are updated as ``torch.optim`` does: the rule runs on
+    ``torch.view_as_real`` views of the parameters, gradients and complex state (the state
+    stays complex in ``optimizer.state[p]``). Parameters on the ``meta`` device are
+    stepped (shapes only; the finite check skips them). Copies
+    (``copy.deepcopy``, ``pickle``) step like the original; step hooks are not copied
     (as in ``torch.optim``), compiled functions are rebuilt, and a ready ``UpdateRule``
     made of closures can be deep-copied but not pickled (pass a factory for that).
 
@@ -262,7 +298,9 @@ class FunctionalOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _raise_if_nonfinite(plan: list[tuple[dict[str, Any], list[str], list[torch.Tensor]]]):
-        grads = [p.grad for _, _, params in plan for p in params]
+        """``FloatingPointError`` naming the first parameter with a NaN/inf gradient.
+        Gradients on the ``meta`` device hold no values and are not checked."""
+        grads = [p.grad for _, _, params in plan for p in params if p.grad.device.type != "meta"]
         if not grads:
             return
         device = grads[0].device
@@ -271,6 +309,8 @@ class FunctionalOptimizer(torch.optim.Optimizer):
             return
         for gi, (_, keys, params) in enumerate(plan):
             for key, p in zip(keys, params, strict=True):
+                if p.grad.device.type == "meta":
+                    continue
                 if not bool(torch.isfinite(p.grad).all()):
                     raise FloatingPointError(
                         f"non-finite gradient (NaN or inf) for parameter {key!r} in group "
@@ -310,9 +350,24 @@ class FunctionalOptimizer(torch.optim.Optimizer):
     ) -> None:
         rule = self.rule_for(group)
         state = {k: self._leaf_state(rule, k, p) for k, p in zip(keys, params, strict=True)}
-        if self._update is not _update_group:
+        update = self._update
+        if params[0].device.type == "meta":  # shapes only: nothing to compile
+            update = _update_group
+        elif update is not _update_group:
             rule = self._tensor_lr_rule(group, rule)
-        new_state = self._update(rule, keys, params, [p.grad for p in params], state)
+        grads = [p.grad for p in params]
+        complex_keys = [k for k, p in zip(keys, params, strict=True) if p.is_complex()]
+        if complex_keys:  # as torch.optim: complex numbers as pairs of reals
+            real_state = dict(state)
+            for k in complex_keys:
+                real_state[k] = pytree.tree_map_only(torch.Tensor, _as_real, state[k])
+            new_state = update(
+                rule, keys, [_as_real(p) for p in params], [_as_real(g) for g in grads], real_state
+            )
+            for k in complex_keys:
+                new_state[k] = _as_complex_like(new_state[k], state[k])
+        else:
+            new_state = update(rule, keys, params, grads, state)
         for k, p in zip(keys, params, strict=True):
             self._store(p, new_state[k])
 
@@ -324,7 +379,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
             return rule
         first = group["params"][0]
         kwargs = {k: group[k] for k in self._hyper_names if k in group}
-        kwargs["lr"] = torch.tensor(lr, dtype=first.dtype, device=first.device)
+        kwargs["lr"] = torch.tensor(lr, dtype=_real_dtype(first.dtype), device=first.device)
         return self._factory(**kwargs)
 
     # ------------------------------------------------------------------ state_dict

@@ -67,11 +67,13 @@ class LearnedOptimizer(FunctionalOptimizer):
             Inductor's C++ wrapper (:data:`metaopt.learned.fused.CPU_FUSED_OPTIONS`). The
             first step compiles (tens of seconds on a CPU), the first step after the
             first task boundary once more (importance terms switch on); the learning
-            rate is a graph input, so schedulers do not recompile.
+            rate is a graph input, so schedulers do not recompile. Parameters on the
+            ``meta`` device are updated eagerly.
 
-    Copies (``copy.deepcopy``, ``pickle``) carry the net, the options and the task index
-    and step like the original; step hooks, scratch buffers and compiled steps are not
-    copied.
+    Parameters on the ``meta`` device are stepped as by ``torch.optim.Adam`` (shapes and
+    dtypes only; the net then runs on the ``meta`` device too). Copies (``copy.deepcopy``,
+    ``pickle``) carry the net, the options and the task index and step like the
+    original; step hooks, scratch buffers and compiled steps are not copied.
 
     Example:
         >>> opt = LearnedOptimizer.from_pretrained("default", model.parameters(), lr=1e-3)
@@ -235,7 +237,11 @@ class LearnedOptimizer(FunctionalOptimizer):
     ) -> None:
         """The fused in-place step (``compile=True``) where it applies, else the
         functional one of :class:`metaopt.FunctionalOptimizer`."""
-        if self._fused_steps is None or not all(p.is_contiguous() for p in params):
+        if (
+            self._fused_steps is None
+            or params[0].device.type == "meta"
+            or not all(p.is_contiguous() for p in params)
+        ):
             super()._step_group(group, keys, params)
             return
         rule = super().rule_for(group)  # only initialises missing state here
@@ -329,7 +335,11 @@ class LearnedOptimizer(FunctionalOptimizer):
                 if not self.state.get(p):
                     continue
                 leaf = self._leaf_state(rule, key, p)
-                found = [float(s.task_index) for s in learned_leaves(leaf)]
+                found = [
+                    float(s.task_index)
+                    for s in learned_leaves(leaf)
+                    if s.task_index.device.type != "meta"  # no value to read
+                ]
                 task_index = max([task_index, *found])
         self._task_index = int(task_index)
         self._rule_cache.clear()

@@ -512,13 +512,6 @@ def test_complex_parameters_are_rejected_clearly_by_the_learned_optimizer():
     assert torch.equal(p, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="metaopt.rules.scale_by_adam computes v = b2 v + (1 - b2) g*g and sqrt(v) on the "
-    "complex gradient (g*g, not |g|^2), so FunctionalOptimizer(adam) silently gives a wrong "
-    "update for complex parameters (only the real part moves); torch.optim.Adam treats them "
-    "as view_as_real",
-)
 def test_complex_parameters_with_functional_adam_match_torch_or_raise():
     ours_p = nn.Parameter(torch.randn(4, dtype=torch.complex128))
     ref_p = nn.Parameter(ours_p.detach().clone())
@@ -544,13 +537,6 @@ def test_functional_steps_meta_parameters_without_the_finite_check():
     assert all(v.device.type == "meta" for v in opt.state[p].values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch.optim.Adam steps parameters on the meta device; FunctionalOptimizer's "
-    "default finite check (_raise_if_nonfinite: bool(...)) raises 'Tensor.item() cannot be "
-    "called on meta tensors', and LearnedOptimizer fails even with check_finite=False "
-    "('Cannot copy out of meta tensor')",
-)
 @pytest.mark.parametrize("kind", sorted(ADAM_LIKE))
 def test_meta_parameters_step_like_torch(kind):
     ref_p = nn.Parameter(torch.empty(3, device="meta"))
@@ -832,3 +818,104 @@ def test_sgd_momentum_may_change_to_and_from_zero_like_torch():
             p.grad = torch.tensor([1.0, -2.0, 3.0], dtype=F64) * (i + 1)
             o.step()
     torch.testing.assert_close(ours_p, ref_p, rtol=0, atol=1e-12)
+
+
+# complex parameters
+COMPLEX_PAIRS = {
+    "adam-amsgrad-wd": (
+        lambda ps: _functional(ps, amsgrad=True, weight_decay=0.1),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True, weight_decay=0.1),
+    ),
+    "adamw": (
+        lambda ps: FunctionalOptimizer(ps, metaopt.rules.adamw, lr=1e-2),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+    ),
+    "rmsprop": (
+        lambda ps: FunctionalOptimizer(
+            ps, metaopt.rules.rmsprop, lr=1e-2, centered=True, momentum=0.5
+        ),
+        lambda ps: torch.optim.RMSprop(ps, lr=1e-2, centered=True, momentum=0.5),
+    ),
+}
+
+
+@pytest.mark.parametrize("pair", sorted(COMPLEX_PAIRS))
+def test_complex_parameters_match_torch_with_a_real_one_in_the_group(pair):
+    make_ours, make_ref = COMPLEX_PAIRS[pair]
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 3, dtype=torch.complex128, generator=gen)
+    r = torch.randn(3, dtype=F64, generator=gen)
+    ours_ps = [nn.Parameter(z.clone()), nn.Parameter(r.clone())]
+    ref_ps = [nn.Parameter(z.clone()), nn.Parameter(r.clone())]
+    ours, ref = make_ours(ours_ps), make_ref(ref_ps)
+    for _ in range(4):
+        for ps, o in ((ours_ps, ours), (ref_ps, ref)):
+            o.zero_grad()
+            ((ps[0].abs() ** 2).sum() * ps[1].sum() + (ps[0] * ps[0]).real.sum()).backward()
+            o.step()
+    for a, b in zip(ours_ps, ref_ps, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # the state stays complex where the parameter is, as torch.optim's
+    assert all(v.is_complex() for k, v in ours.state[ours_ps[0]].items() if v.ndim)
+
+
+def test_complex_state_round_trips_through_a_state_dict():
+    z = torch.randn(4, dtype=torch.complex64, generator=torch.Generator().manual_seed(1))
+    p, q = nn.Parameter(z.clone()), nn.Parameter(z.clone())
+    opt, twin = _functional([p]), _functional([q])
+    for x, o in ((p, opt), (q, twin)):
+        o.zero_grad()
+        (x.abs() ** 2).sum().backward()
+        o.step()
+    twin.load_state_dict(_saved(opt.state_dict()))
+    assert {k: v.dtype for k, v in twin.state[q].items()} == {
+        k: v.dtype for k, v in opt.state[p].items()
+    }
+    for x, o in ((p, opt), (q, twin)):
+        for _ in range(2):
+            o.zero_grad()
+            (x.abs() ** 2).sum().backward()
+            o.step()
+    assert torch.equal(p, q)
+
+
+def test_compiled_functional_adam_on_complex_parameters_matches_torch():
+    z = torch.randn(4, dtype=torch.complex64, generator=torch.Generator().manual_seed(2))
+    ours_p, ref_p = nn.Parameter(z.clone()), nn.Parameter(z.clone())
+    ours = _functional([ours_p], compile=True)
+    ref = torch.optim.Adam([ref_p], lr=1e-2)
+    for _ in range(3):
+        for p, o in ((ours_p, ours), (ref_p, ref)):
+            o.zero_grad()
+            (p.abs() ** 2).sum().backward()
+            o.step()
+    torch.testing.assert_close(ours_p, ref_p, rtol=0, atol=1e-6)
+
+
+# meta parameters
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compile"])
+@pytest.mark.parametrize("kind", sorted(ADAM_LIKE))
+def test_meta_parameters_through_steps_task_boundaries_and_state_dicts(kind, compile):
+    p = nn.Parameter(torch.empty(4, 3, device="meta"))
+    opt = ADAM_LIKE[kind]([p], compile=compile)
+    for _ in range(2):
+        p.grad = torch.empty(4, 3, device="meta")
+        opt.step()
+        if kind == "learned":
+            opt.new_task()
+    opt.load_state_dict(opt.state_dict())
+    p.grad = torch.empty(4, 3, device="meta")
+    opt.step()
+    assert p.device.type == "meta"
+    assert opt.state[p] and all(v.device.type == "meta" for v in opt.state[p].values())
+
+
+def test_finite_check_still_checks_real_gradients_next_to_meta_ones():
+    p = nn.Parameter(torch.empty(3, device="meta"))
+    q = nn.Parameter(torch.ones(3))
+    opt = _functional([p, q])
+    p.grad = torch.empty(3, device="meta")
+    q.grad = torch.tensor([1.0, float("nan"), 0.0])
+    with pytest.raises(FloatingPointError, match="'1'"):
+        opt.step()
+    assert not opt.state.get(q) and torch.equal(q, torch.ones(3))
