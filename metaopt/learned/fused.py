@@ -75,9 +75,9 @@ def fused_learned_step_(
     run_net: Callable[[torch.Tensor, torch.Tensor], TokenCoefficients],
     *,
     lr: Scalar,
-    b1: float,
-    b2: float,
-    eps: float,
+    b1: Scalar,
+    b2: Scalar,
+    eps: Scalar,
     max_block: int,
     sample_size: int,
     topk_fraction: float | None,
@@ -95,9 +95,12 @@ def fused_learned_step_(
             ``exp_avg`` and a dense ``exp_avg_sq`` are updated in place.
         run_net: ``(tokens [T, F], task [F_task]) -> TokenCoefficients``.
         lr: learning rate (a number or a 0-d tensor).
-        b1: Adam's first-moment decay rate.
-        b2: Adam's second-moment decay rate.
-        eps: Adam's denominator constant.
+        b1: Adam's first-moment decay rate (a number or a 0-d tensor).
+        b2: Adam's second-moment decay rate (a number or a 0-d tensor).
+        eps: Adam's denominator constant (a number or a 0-d tensor). Under
+            ``torch.compile`` a number is a constant of the graph, a tensor an input:
+            ``LearnedOptimizer`` passes tensors, so schedulers that change ``betas``
+            (``OneCycleLR``) do not recompile.
         max_block: target elements per token (see :func:`metaopt.learned.learned_rule`).
         sample_size: elements sampled per token for its statistics.
         topk_fraction: hard selection of the fraction of tokens that move, or ``None``.
@@ -259,9 +262,9 @@ def fused_core_(
     run_net: Callable[[torch.Tensor, torch.Tensor], TokenCoefficients],
     *,
     lr: Scalar,
-    b1: float,
-    b2: float,
-    eps: float,
+    b1: Scalar,
+    b2: Scalar,
+    eps: Scalar,
     sample_size: int,
     topk_fraction: float | None,
     net_dtype: torch.dtype,
@@ -356,6 +359,8 @@ def fused_core_(
     return steps, task_steps, v_state
 
 
-def _new_v(v: torch.Tensor, g: torch.Tensor, b2: float) -> torch.Tensor:
+def _new_v(v: torch.Tensor, g: torch.Tensor, b2: Scalar) -> torch.Tensor:
     """Adam's second-moment update ``b2 v + (1 - b2) g^2``."""
+    if isinstance(b2, torch.Tensor):  # addcmul's value must be a number
+        return torch.addcmul(v * b2, g * (1.0 - b2), g)
     return torch.addcmul(v * b2, g, g, value=1.0 - b2)

@@ -364,7 +364,7 @@ def _elementwise_no_grad(
 
 
 def factored_moment(
-    grad: torch.Tensor, row_col: torch.Tensor, b2: float
+    grad: torch.Tensor, row_col: torch.Tensor, b2: Scalar
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Adafactor's second moment: updated ``[rows + cols]`` row and column means of
     ``g^2``, and the full ``v_ij = r_i c_j / mean(r)`` they stand for (shape of ``grad``)."""
@@ -450,9 +450,9 @@ def coefficient_lists(
     run_net: Callable[[torch.Tensor, torch.Tensor], TokenCoefficients],
     *,
     lr: Scalar,
-    b1: float,
-    b2: float,
-    eps: float,
+    b1: Scalar,
+    b2: Scalar,
+    eps: Scalar,
     topk_fraction: float | None,
     net_dtype: torch.dtype,
     wide: torch.dtype,
@@ -474,8 +474,9 @@ def coefficient_lists(
     """
     counts = views.counts
     steps = fields.step + 1.0
-    bc1 = 1.0 - b1 ** steps.to(wide)  # [n tensors]
-    bc2 = 1.0 - b2 ** steps.to(wide)
+    # a tensor b1 (a graph input) in `wide` first, as a number is: the same rounding
+    bc1 = 1.0 - _in_dtype(b1, wide) ** steps.to(wide)  # [n tensors]
+    bc2 = 1.0 - _in_dtype(b2, wide) ** steps.to(wide)
     owner = uncached_when_compiling(_token_owner_cpu)(tuple(counts))
     owner = owner if owner.device == steps.device else owner.to(steps.device)
 
@@ -542,6 +543,11 @@ def coefficient_lists(
     ]
     coefficients = [[t[:, j : j + 1] for t in per_tensor] for j in range(table.shape[1])]
     return coefficients, steps, task_steps
+
+
+def _in_dtype(x: Scalar, dtype: torch.dtype) -> Scalar:
+    """A tensor ``x`` cast to ``dtype``; a number as is."""
+    return x.to(dtype) if isinstance(x, torch.Tensor) else x
 
 
 def advanced_leaves(

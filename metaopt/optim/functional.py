@@ -100,8 +100,12 @@ class FunctionalOptimizer(torch.optim.Optimizer):
             gradient holds NaN or inf (default). ``False`` skips the check (one device
             sync per step) and lets non-finite values flow into parameters.
         compile: run each group's update (``rule.update`` over all its parameters and the
-            in-place addition) through ``torch.compile``. A float ``lr`` is then passed to
-            the factory as a 0-d tensor, so learning-rate schedulers do not recompile.
+            in-place addition) through ``torch.compile``. Every non-zero float
+            hyper-parameter (``lr``, each of ``betas``, ``eps``, ...) is then passed to the
+            factory as a 0-d tensor (float64 on CPU and CUDA, as precise as the number),
+            so schedulers that change them (``OneCycleLR`` cycles ``betas``) do not
+            recompile; zeros stay numbers (they may switch a transform off), so a change
+            to or from 0 compiles once more. A factory that refuses tensors gets numbers.
             Parameters on the ``meta`` device are updated eagerly.
         **hyper: hyper-parameters for ``rule`` (a factory); missing ones take the
             factory's defaults, so ``group["lr"]`` always exists when the factory has ``lr``.
@@ -118,6 +122,10 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         >>> opt = FunctionalOptimizer(model.parameters(), metaopt.rules.adam, lr=1e-3)
         >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10)
     """
+
+    _TENSOR_HYPERS: frozenset[str] | None = None
+    """With ``compile=True``: the hyper-parameters passed to the factory as 0-d tensors
+    when they are non-zero floats (``None``: all of them)."""
 
     _PICKLED: tuple[str, ...] = (
         "check_finite",
@@ -354,7 +362,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         if params[0].device.type == "meta":  # shapes only: nothing to compile
             update = _update_group
         elif update is not _update_group:
-            rule = self._tensor_lr_rule(group, rule)
+            rule = self._tensor_hyper_rule(group, rule)
         grads = [p.grad for p in params]
         complex_keys = [k for k, p in zip(keys, params, strict=True) if p.is_complex()]
         if complex_keys:  # as torch.optim: complex numbers as pairs of reals
@@ -371,16 +379,41 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         for k, p in zip(keys, params, strict=True):
             self._store(p, new_state[k])
 
-    def _tensor_lr_rule(self, group: dict[str, Any], rule: UpdateRule) -> UpdateRule:
-        """``rule`` rebuilt with the group's float ``lr`` as a 0-d tensor (a graph input of
-        the compiled update, where a float would be a constant that recompiles)."""
-        lr = group.get("lr")
-        if self._factory is None or "lr" not in self._hyper_names or not isinstance(lr, float):
+    def _tensor_hyper_rule(self, group: dict[str, Any], rule: UpdateRule) -> UpdateRule:
+        """``rule`` rebuilt with the group's non-zero float hyper-parameters (also inside
+        tuples such as ``betas``) as 0-d tensors: graph inputs of the compiled update,
+        where a float is a constant that recompiles (or, once Dynamo makes it a dynamic
+        float, can be left stale in the graph). ``rule`` itself when nothing is a float or
+        the factory does not take the tensors."""
+        if self._factory is None:
             return rule
+        names = self._hyper_names
+        if self._TENSOR_HYPERS is not None:
+            names = names & self._TENSOR_HYPERS
         first = group["params"][0]
+        # float64 (a Python float's precision) where the device has it: computed in
+        # float32, ``1 - b2`` would be off by 1e-5 (relative) from the eager ``1 - b2``
+        dtype = (
+            torch.float64
+            if first.device.type in ("cpu", "cuda")
+            else torch.promote_types(_real_dtype(first.dtype), torch.float32)
+        )
+
+        def as_tensor(value: Any) -> Any:
+            if type(value) is float and value != 0.0:
+                return torch.tensor(value, dtype=dtype, device=first.device)
+            if type(value) in (tuple, list) and any(type(v) is float and v != 0.0 for v in value):
+                return type(value)(as_tensor(v) for v in value)
+            return value
+
         kwargs = {k: group[k] for k in self._hyper_names if k in group}
-        kwargs["lr"] = torch.tensor(lr, dtype=_real_dtype(first.dtype), device=first.device)
-        return self._factory(**kwargs)
+        tensors = {k: as_tensor(v) if k in names else v for k, v in kwargs.items()}
+        if all(tensors[k] is kwargs[k] for k in kwargs):
+            return rule
+        try:
+            return self._factory(**tensors)
+        except Exception:  # a factory that needs numbers keeps them
+            return rule
 
     # ------------------------------------------------------------------ state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -67,8 +67,9 @@ class LearnedOptimizer(FunctionalOptimizer):
             Inductor's C++ wrapper (:data:`metaopt.learned.fused.CPU_FUSED_OPTIONS`). The
             first step compiles (tens of seconds on a CPU), the first step after the
             first task boundary once more (importance terms switch on); the learning
-            rate is a graph input, so schedulers do not recompile. Parameters on the
-            ``meta`` device are updated eagerly.
+            rate, ``betas`` and ``eps`` are graph inputs, so schedulers (``OneCycleLR``
+            cycles ``betas``) do not recompile. Parameters on the ``meta`` device are
+            updated eagerly.
 
     Parameters on the ``meta`` device are stepped as by ``torch.optim.Adam`` (shapes and
     dtypes only; the net then runs on the ``meta`` device too). Copies (``copy.deepcopy``,
@@ -128,6 +129,8 @@ class LearnedOptimizer(FunctionalOptimizer):
             topk_fraction=topk_fraction,
         )
 
+    _TENSOR_HYPERS = frozenset({"lr"})  # the rule needs betas, eps, topk_fraction as numbers
+
     _PICKLED = (
         *(name for name in FunctionalOptimizer._PICKLED if name != "_factory"),
         "net",
@@ -143,6 +146,7 @@ class LearnedOptimizer(FunctionalOptimizer):
             {} if self._compile else None
         )  # one compiled step per device type
         self._view_caches: dict[int, dict[str, Any]] = {}  # per group, for the fused step
+        self._adam_input_cache: dict[int, tuple[Any, tuple[torch.Tensor, ...]]] = {}
         self._workspace: dict[Any, list[torch.Tensor]] | None = (
             {} if self._reuse_buffers and not self._compile else None
         )
@@ -258,8 +262,9 @@ class LearnedOptimizer(FunctionalOptimizer):
             super()._step_group(group, keys, params)
             return
         wide = wide_dtype(params)
-        b1, b2 = group["betas"]
-        device_type = params[0].device.type
+        device = params[0].device
+        b1, b2, eps = self._adam_inputs(group, wide, device)
+        device_type = device.type
         fused_step = self._fused_steps.get(device_type)
         if fused_step is None:
             fused_step = self._fused_steps[device_type] = compiled_fused_step(device_type)
@@ -268,10 +273,10 @@ class LearnedOptimizer(FunctionalOptimizer):
             params,
             leaves,
             lambda tokens, task: run_on_net_device(self.net, None, tokens, task),
-            lr=torch.as_tensor(group["lr"], dtype=wide, device=params[0].device),
+            lr=torch.as_tensor(group["lr"], dtype=wide, device=device),
             b1=b1,
             b2=b2,
-            eps=group["eps"],
+            eps=eps,
             max_block=self._options["max_block"],
             sample_size=self._options["sample_size"],
             topk_fraction=group["topk_fraction"],
@@ -281,6 +286,29 @@ class LearnedOptimizer(FunctionalOptimizer):
         )
         for p, leaf in zip(params, new_leaves, strict=True):
             self._store(p, leaf)
+
+    def _adam_inputs(
+        self, group: dict[str, Any], dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, ...]:
+        """The group's ``betas`` and ``eps`` as 0-d tensors for the fused step: inputs of
+        its graph, so a scheduler that changes them (``OneCycleLR`` cycles ``betas``) does
+        not recompile. Kept while the values do not change (no new tensors per step).
+
+        In float64 where the device has it: ``1 - b2`` of a float32 ``b2`` is off by
+        1e-5 (relative) from the eager rule's ``1 - b2`` in Python floats."""
+        if device.type in ("cpu", "cuda"):
+            dtype = torch.float64
+        values = (*group["betas"], group["eps"])
+        key = (values, dtype, device)
+        if not all(isinstance(v, (int, float)) for v in values):
+            key = None  # tensors: compared by value only at a cost
+        cached = self._adam_input_cache.get(id(group))
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        tensors = tuple(torch.as_tensor(v, dtype=dtype, device=device) for v in values)
+        if key is not None:
+            self._adam_input_cache[id(group)] = (key, tensors)
+        return tensors
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -40,6 +40,14 @@ def _count_as(count: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return count.to(torch.promote_types(like.dtype, torch.float32))
 
 
+def _power(base: Scalar, exponent: torch.Tensor) -> torch.Tensor:
+    """``base ** exponent`` in ``exponent``'s dtype: a tensor ``base`` (a float64 one, say)
+    is cast to it first, so the result rounds as with a number ``base``."""
+    if isinstance(base, torch.Tensor):
+        base = base.to(exponent.dtype)
+    return base**exponent
+
+
 def _check_nonnegative(name: str, value: Any) -> None:
     if isinstance(value, (int, float)) and not value >= 0:
         raise ValueError(f"invalid {name}: {value} (must be >= 0)")
@@ -176,8 +184,8 @@ def scale_by_adam(
         if amsgrad:
             max_sq = torch.maximum(max_sq, v)
             second = max_sq
-        m_hat = m / (1 - b1**t).to(g.dtype)
-        v_hat = second / (1 - b2**t).to(g.dtype)
+        m_hat = m / (1 - _power(b1, t)).to(g.dtype)
+        v_hat = second / (1 - _power(b2, t)).to(g.dtype)
         direction = m_hat / (torch.sqrt(v_hat + eps_root) + eps)
         return direction, AdamState(step, m, v, max_sq)
 

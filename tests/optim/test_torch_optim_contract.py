@@ -3,7 +3,7 @@
 Where a behaviour is shared with ``torch.optim``, the two drop-ins are compared with
 ``torch.optim.Adam`` / ``torch.optim.SGD`` numerically: ``FunctionalOptimizer`` with
 ``metaopt.rules.adam`` / ``sgd``, and ``LearnedOptimizer`` with a fresh ``LearnedRuleNet()``
-(whose rule is Adam's at init). Tests marked ``xfail(strict=True)`` document library bugs.
+(whose rule is Adam's at init).
 """
 
 from __future__ import annotations
@@ -627,16 +627,6 @@ def test_compiled_functional_add_param_group_after_steps_matches_adam():
     _assert_same_params(ours_model, ref_model, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FunctionalOptimizer(compile=True) passes betas as Python floats captured in the "
-    "rule's closures; after the second distinct beta1 (OneCycleLR cycles momentum every "
-    "step) Dynamo makes it a dynamic float and the recompiled graph keeps the old beta1 in "
-    "Adam's bias correction 1 - b1**t (reproduced with plain torch.compile on a closure "
-    "computing m / (1 - b1 ** t)); parameters drift from torch.optim.Adam by 0.03-0.14 "
-    "over steps 3-6. "
-    "Only lr is turned into a tensor (_tensor_lr_rule)",
-)
 def test_compiled_functional_with_cycling_betas_matches_adam():
     ours_model, ref_model = _model(dtype=torch.float32), _model(dtype=torch.float32)
     x = _batch(torch.float32)
@@ -919,3 +909,70 @@ def test_finite_check_still_checks_real_gradients_next_to_meta_ones():
     with pytest.raises(FloatingPointError, match="'1'"):
         opt.step()
     assert not opt.state.get(q) and torch.equal(q, torch.ones(3))
+
+
+# compile=True: float hyper-parameters are graph inputs
+def test_compiled_functional_hyper_parameter_schedules_do_not_recompile():
+    from torch._dynamo.utils import counters
+
+    ours_model, ref_model = _model(dtype=torch.float32), _model(dtype=torch.float32)
+    x = _batch(torch.float32)
+    ours = _functional(ours_model.parameters(), compile=True, weight_decay=1e-3)
+    ref = torch.optim.Adam(ref_model.parameters(), lr=1e-2, weight_decay=1e-3)
+    scheds = [S.OneCycleLR(o, max_lr=0.1, total_steps=12) for o in (ours, ref)]
+    graphs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(6):
+            for m, o, s in zip((ours_model, ref_model), (ours, ref), scheds, strict=True):
+                if i == 3:  # any float hyper-parameter, not only the scheduled ones
+                    o.param_groups[0]["eps"] = 1e-6
+                    o.param_groups[0]["weight_decay"] = 2e-3
+                o.zero_grad()
+                _loss(m, x).backward()
+                o.step()
+                s.step()
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert ours.param_groups[0]["betas"] == ref.param_groups[0]["betas"]
+    assert graphs[-1] == graphs[0], f"recompiled: unique graphs after each step {graphs}"
+    _assert_same_params(ours_model, ref_model, atol=1e-5)
+
+
+def test_compiled_functional_gives_numbers_to_a_factory_that_refuses_tensors():
+    def strict_sgd(lr: float = 0.1, momentum: float = 0.5):
+        if not isinstance(momentum, float):
+            raise TypeError("momentum must be a float")
+        return metaopt.rules.sgd(lr, momentum)
+
+    ours_p, ref_p = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    ours = FunctionalOptimizer([ours_p], strict_sgd, compile=True)
+    ref = torch.optim.SGD([ref_p], lr=0.1, momentum=0.5)
+    for i in range(3):
+        for p, o in ((ours_p, ours), (ref_p, ref)):
+            p.grad = torch.tensor([1.0, -2.0, 3.0]) * (i + 1)
+            o.step()
+    torch.testing.assert_close(ours_p, ref_p, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_learned_with_cycling_betas_matches_adam_without_recompiling():
+    from torch._dynamo.utils import counters
+
+    ours_model, ref_model = _model(dtype=torch.float32), _model(dtype=torch.float32)
+    x = _batch(torch.float32)
+    ours = _learned(ours_model.parameters(), compile=True)
+    ref = torch.optim.Adam(ref_model.parameters(), lr=1e-2)
+    scheds = [S.OneCycleLR(o, max_lr=0.1, total_steps=12) for o in (ours, ref)]
+    graphs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(5):
+            for m, o, s in zip((ours_model, ref_model), (ours, ref), scheds, strict=True):
+                o.zero_grad()
+                _loss(m, x).backward()
+                o.step()
+                s.step()
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert ours.param_groups[0]["betas"] == ref.param_groups[0]["betas"]
+    assert graphs[-1] == graphs[0], f"recompiled: unique graphs after each step {graphs}"
+    _assert_same_params(ours_model, ref_model, atol=1e-5)

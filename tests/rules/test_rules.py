@@ -232,3 +232,27 @@ def test_weight_decay_changed_between_updates_continues_the_state(name):
         updates, ours_state = _DECAYED[name](value).update(grads, ours_state, ours_params)
         ours_params = metaopt.apply_updates(ours_params, updates)
     torch.testing.assert_close(ours_params["w"], ref_params["w"], rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_adam_with_float64_tensor_hyper_parameters_equals_adam_with_numbers(dtype):
+    """FunctionalOptimizer(compile=True) passes float hyper-parameters as float64 0-d tensors
+    (graph inputs); the update must round as with the numbers (the bias correction too).
+    (Not bfloat16: eager bfloat16 ops cast a 0-d tensor operand to bfloat16, and a
+    compiled bfloat16 update rounds once at the end anyway.)"""
+    params = {"w": torch.randn(5, generator=torch.Generator().manual_seed(0)).to(dtype)}
+    as_numbers = rules.adam(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+
+    def f64(x):
+        return torch.tensor(x, dtype=torch.float64)
+
+    as_tensors = rules.adam(
+        lr=f64(1e-2), betas=(f64(0.9), f64(0.999)), eps=f64(1e-8), weight_decay=f64(0.1)
+    )
+    s_num, s_ten = as_numbers.init(params), as_tensors.init(params)
+    for i in range(3):
+        grads = {"w": torch.linspace(-1, 1, 5).to(dtype) * (i + 1)}
+        u_num, s_num = as_numbers.update(grads, s_num, params)
+        u_ten, s_ten = as_tensors.update(grads, s_ten, params)
+        assert u_ten["w"].dtype == dtype
+        torch.testing.assert_close(u_ten["w"], u_num["w"], rtol=0, atol=0)
