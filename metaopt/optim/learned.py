@@ -209,11 +209,20 @@ class LearnedOptimizer(FunctionalOptimizer):
 
     def rule_for(self, group: dict[str, Any]) -> UpdateRule:
         """The group's rule; during ``step(closure)`` it first records the closure's loss."""
-        rule = super().rule_for(group)
+        return self._observing_loss(super().rule_for(group))
+
+    def _observing_loss(self, rule: UpdateRule) -> UpdateRule:
+        """``rule`` that first records the closure's loss (during ``step(closure)``)."""
         loss = self._loss
         if loss is None:
             return rule
         return UpdateRule(rule.init, lambda g, s, p=None: rule.update(g, observe_loss(s, loss), p))
+
+    def _tensor_hyper_rule(self, group: dict[str, Any], rule: UpdateRule) -> UpdateRule:
+        """As :class:`FunctionalOptimizer`'s (``lr`` only), rebuilt from the factory, so
+        the closure's loss is recorded again."""
+        tensor_rule = super()._tensor_hyper_rule(group, rule)
+        return rule if tensor_rule is rule else self._observing_loss(tensor_rule)
 
     def _leaf_state(self, rule: UpdateRule, key: str, p: torch.Tensor) -> Any:
         flat = self.state[p]

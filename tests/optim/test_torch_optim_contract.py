@@ -976,3 +976,34 @@ def test_compiled_learned_with_cycling_betas_matches_adam_without_recompiling():
     assert ours.param_groups[0]["betas"] == ref.param_groups[0]["betas"]
     assert graphs[-1] == graphs[0], f"recompiled: unique graphs after each step {graphs}"
     _assert_same_params(ours_model, ref_model, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_learned_fallback_step_records_the_closure_loss():
+    """Non-contiguous parameters take the compiled functional update instead of the fused
+    step; the loss of step(closure) must reach the rule there too (task token)."""
+
+    def make():
+        torch.manual_seed(0)
+        return [nn.Parameter(torch.randn(6, 4).t()), nn.Parameter(torch.randn(6))]
+
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    results = []
+    for compile in (False, True):
+        ps = make()
+        opt = LearnedOptimizer(ps, lr=1e-2, compile=compile)  # the shipped net reads the loss
+        for i in range(3):
+
+            def closure(ps=ps, opt=opt, i=i):
+                opt.zero_grad()
+                loss = ((x @ ps[0] + ps[1]) ** 2).mean() * 10**i
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        results.append((ps, opt.state[ps[0]][".loss_stats"]))
+    (eager, eager_stats), (compiled, compiled_stats) = results
+    assert bool(eager_stats.abs().sum() > 0)
+    torch.testing.assert_close(compiled_stats, eager_stats)
+    for p, q in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
