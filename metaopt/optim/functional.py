@@ -174,6 +174,9 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         self._update = compile_own(_update_group) if self._compile else _update_group
         self._specs: dict[torch.Tensor, Any] = {}
         self._rule_cache: dict[int, tuple[Any, UpdateRule]] = {}
+        # per group: the rule_for() rule it was built from (and dtype, device), the rule
+        # with tensor hyper-parameters (compile=True)
+        self._tensor_rules: dict[int, tuple[tuple[Any, ...], UpdateRule]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -384,7 +387,8 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         tuples such as ``betas``) as 0-d tensors: graph inputs of the compiled update,
         where a float is a constant that recompiles (or, once Dynamo makes it a dynamic
         float, can be left stale in the graph). ``rule`` itself when nothing is a float or
-        the factory does not take the tensors."""
+        the factory does not take the tensors. Kept while :meth:`rule_for` gives the same
+        ``rule`` (no new tensors or factory call per step while nothing changes)."""
         if self._factory is None:
             return rule
         names = self._hyper_names
@@ -398,6 +402,10 @@ class FunctionalOptimizer(torch.optim.Optimizer):
             if first.device.type in ("cpu", "cuda")
             else torch.promote_types(_real_dtype(first.dtype), torch.float32)
         )
+        built_for = (rule, dtype, first.device)
+        cached = self._tensor_rules.get(id(group))
+        if cached is not None and cached[0][0] is rule and cached[0][1:] == built_for[1:]:
+            return cached[1]
 
         def as_tensor(value: Any) -> Any:
             if type(value) is float and value != 0.0:
@@ -408,12 +416,14 @@ class FunctionalOptimizer(torch.optim.Optimizer):
 
         kwargs = {k: group[k] for k in self._hyper_names if k in group}
         tensors = {k: as_tensor(v) if k in names else v for k, v in kwargs.items()}
-        if all(tensors[k] is kwargs[k] for k in kwargs):
-            return rule
-        try:
-            return self._factory(**tensors)
-        except Exception:  # a factory that needs numbers keeps them
-            return rule
+        tensor_rule = rule
+        if any(tensors[k] is not kwargs[k] for k in kwargs):
+            try:
+                tensor_rule = self._factory(**tensors)
+            except Exception:  # a factory that needs numbers keeps them
+                pass
+        self._tensor_rules[id(group)] = (built_for, tensor_rule)
+        return tensor_rule
 
     # ------------------------------------------------------------------ state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -445,6 +455,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
             self._optimizer_load_state_dict_post_hooks = post
         self._specs.clear()
         self._rule_cache.clear()
+        self._tensor_rules.clear()  # torch.optim's loader made new group dicts
         self._after_load(dtypes)
         for post_hook in post.values():
             post_hook(self)

@@ -978,6 +978,30 @@ def test_compiled_learned_with_cycling_betas_matches_adam_without_recompiling():
     _assert_same_params(ours_model, ref_model, atol=1e-5)
 
 
+def test_compiled_functional_builds_its_rule_once_while_nothing_changes():
+    calls = []
+
+    def counted_adam(**hyper):
+        calls.append(sorted(type(v).__name__ for v in hyper.values()))
+        return metaopt.rules.adam(**hyper)
+
+    ours_p, ref_p = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    ours = FunctionalOptimizer([ours_p], counted_adam, compile=True, lr=1e-2)
+    ref = torch.optim.Adam([ref_p], lr=1e-2)
+    built = len(calls)  # the defaults and the group's rule
+    for i in range(4):
+        if i == 2:
+            for o in (ours, ref):
+                o.param_groups[0]["lr"] = 5e-3
+        for p, o in ((ours_p, ours), (ref_p, ref)):
+            p.grad = torch.tensor([1.0, -2.0, 3.0]) * (i + 1)
+            o.step()
+    # steps 0 and 2: the rule with numbers and the one with tensors; 1 and 3: cached
+    assert len(calls) == built + 3, calls
+    assert "Tensor" in calls[-1]
+    torch.testing.assert_close(ours_p, ref_p, rtol=0, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_compiled_learned_fallback_step_records_the_closure_loss():
     """Non-contiguous parameters take the compiled functional update instead of the fused
