@@ -627,22 +627,38 @@ def test_compiled_functional_add_param_group_after_steps_matches_adam():
     _assert_same_params(ours_model, ref_model, atol=1e-6)
 
 
-def test_compiled_functional_with_cycling_betas_matches_adam():
+def _one_cycle_against_adam(make_ours, steps, edit_at=None, **adam_kwargs):
+    """Train a float32 model with ``make_ours(params)`` and another with
+    ``torch.optim.Adam(lr=1e-2, **adam_kwargs)``, both under ``OneCycleLR`` (which cycles
+    ``betas``), calling ``edit_at[1](optimizer)`` on both before step ``edit_at[0]``; check
+    that both end with the same ``betas`` and parameters (1e-5) and return Dynamo's
+    unique-graph count after each step."""
+    from torch._dynamo.utils import counters
+
     ours_model, ref_model = _model(dtype=torch.float32), _model(dtype=torch.float32)
     x = _batch(torch.float32)
-    ours = _functional(ours_model.parameters(), compile=True)
-    ref = torch.optim.Adam(ref_model.parameters(), lr=1e-2)
+    ours = make_ours(ours_model.parameters())
+    ref = torch.optim.Adam(ref_model.parameters(), lr=1e-2, **adam_kwargs)
     scheds = [S.OneCycleLR(o, max_lr=0.1, total_steps=12) for o in (ours, ref)]
+    graphs = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for _ in range(5):
+        for i in range(steps):
             for m, o, s in zip((ours_model, ref_model), (ours, ref), scheds, strict=True):
+                if edit_at is not None and i == edit_at[0]:
+                    edit_at[1](o)
                 o.zero_grad()
                 _loss(m, x).backward()
                 o.step()
                 s.step()
+            graphs.append(counters["stats"]["unique_graphs"])
     assert ours.param_groups[0]["betas"] == ref.param_groups[0]["betas"]
     _assert_same_params(ours_model, ref_model, atol=1e-5)
+    return graphs
+
+
+def test_compiled_functional_with_cycling_betas_matches_adam():
+    _one_cycle_against_adam(lambda params: _functional(params, compile=True), steps=5)
 
 
 # ---------------------------------------------------------------------------- fixes pinned
@@ -913,29 +929,15 @@ def test_finite_check_still_checks_real_gradients_next_to_meta_ones():
 
 # compile=True: float hyper-parameters are graph inputs
 def test_compiled_functional_hyper_parameter_schedules_do_not_recompile():
-    from torch._dynamo.utils import counters
+    def edit(optimizer):  # any float hyper-parameter, not only the scheduled ones
+        optimizer.param_groups[0]["eps"] = 1e-6
+        optimizer.param_groups[0]["weight_decay"] = 2e-3
 
-    ours_model, ref_model = _model(dtype=torch.float32), _model(dtype=torch.float32)
-    x = _batch(torch.float32)
-    ours = _functional(ours_model.parameters(), compile=True, weight_decay=1e-3)
-    ref = torch.optim.Adam(ref_model.parameters(), lr=1e-2, weight_decay=1e-3)
-    scheds = [S.OneCycleLR(o, max_lr=0.1, total_steps=12) for o in (ours, ref)]
-    graphs = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for i in range(6):
-            for m, o, s in zip((ours_model, ref_model), (ours, ref), scheds, strict=True):
-                if i == 3:  # any float hyper-parameter, not only the scheduled ones
-                    o.param_groups[0]["eps"] = 1e-6
-                    o.param_groups[0]["weight_decay"] = 2e-3
-                o.zero_grad()
-                _loss(m, x).backward()
-                o.step()
-                s.step()
-            graphs.append(counters["stats"]["unique_graphs"])
-    assert ours.param_groups[0]["betas"] == ref.param_groups[0]["betas"]
+    graphs = _one_cycle_against_adam(
+        lambda params: _functional(params, compile=True, weight_decay=1e-3), steps=6,
+        edit_at=(3, edit), weight_decay=1e-3,
+    )
     assert graphs[-1] == graphs[0], f"recompiled: unique graphs after each step {graphs}"
-    _assert_same_params(ours_model, ref_model, atol=1e-5)
 
 
 def test_compiled_functional_gives_numbers_to_a_factory_that_refuses_tensors():
@@ -956,26 +958,8 @@ def test_compiled_functional_gives_numbers_to_a_factory_that_refuses_tensors():
 
 @pytest.mark.slow
 def test_compiled_learned_with_cycling_betas_matches_adam_without_recompiling():
-    from torch._dynamo.utils import counters
-
-    ours_model, ref_model = _model(dtype=torch.float32), _model(dtype=torch.float32)
-    x = _batch(torch.float32)
-    ours = _learned(ours_model.parameters(), compile=True)
-    ref = torch.optim.Adam(ref_model.parameters(), lr=1e-2)
-    scheds = [S.OneCycleLR(o, max_lr=0.1, total_steps=12) for o in (ours, ref)]
-    graphs = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(5):
-            for m, o, s in zip((ours_model, ref_model), (ours, ref), scheds, strict=True):
-                o.zero_grad()
-                _loss(m, x).backward()
-                o.step()
-                s.step()
-            graphs.append(counters["stats"]["unique_graphs"])
-    assert ours.param_groups[0]["betas"] == ref.param_groups[0]["betas"]
+    graphs = _one_cycle_against_adam(lambda params: _learned(params, compile=True), steps=5)
     assert graphs[-1] == graphs[0], f"recompiled: unique graphs after each step {graphs}"
-    _assert_same_params(ours_model, ref_model, atol=1e-5)
 
 
 def test_compiled_functional_builds_its_rule_once_while_nothing_changes():
