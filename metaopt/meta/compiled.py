@@ -35,12 +35,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad_and_value
+from torch.func import grad_and_value
 from torch.utils import _pytree as pytree
 
 from metaopt._own_cache import compile_own
 from metaopt.learned.tasks import observe_loss
-from metaopt.meta.functional import detach_tree
+from metaopt.meta.functional import detach_tree, pure_call
 from metaopt.meta.objective import ContinualProblem, has_learned_state
 from metaopt.meta.problem import RuleFactory
 from metaopt.meta.unroll import InnerCarry
@@ -86,8 +86,7 @@ def _continual_step(
     rule = rule_fn(meta)
 
     def loss_of(p: Params):
-        new_buffers = {k: b.clone() for k, b in buffers.items()}
-        out = functional_call(module, {**p, **new_buffers}, (x,), strict=True)
+        out, new_buffers = pure_call(module, p, buffers, x)
         return masked_cross_entropy(out, y, logit_range), new_buffers
 
     grads, (loss, new_buffers) = grad_and_value(loss_of, has_aux=True)(params)

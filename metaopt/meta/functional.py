@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 from metaopt.tree import Params
 
-__all__ = ["PureModel", "detach_tree"]
+__all__ = ["PureModel", "detach_tree", "pure_call"]
 
 
 def detach_tree(tree: Any) -> Any:
@@ -71,6 +71,14 @@ class PureModel:
         ``new_buffers`` and not in ``buffers``. The module's train/eval mode decides
         whether batch-norm uses batch statistics, as with an ordinary call.
         """
-        new_buffers = {k: b.clone() for k, b in buffers.items()}
-        out = functional_call(self.module, {**params, **new_buffers}, args, kwargs, strict=True)
-        return out, new_buffers
+        return pure_call(self.module, params, buffers, *args, **kwargs)
+
+
+def pure_call(module: nn.Module, params: Params, buffers: Params, *args: Any, **kwargs: Any):
+    """``module`` run with ``params`` and ``buffers`` (:func:`torch.func.functional_call`
+    on clones of the buffers); returns ``(output, new_buffers)``, ``buffers`` untouched.
+    What :class:`PureModel` calls; traceable by ``torch.compile`` with ``module`` as an
+    argument."""
+    new_buffers = {k: b.clone() for k, b in buffers.items()}
+    out = functional_call(module, {**params, **new_buffers}, args, kwargs, strict=True)
+    return out, new_buffers
