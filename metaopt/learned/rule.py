@@ -40,7 +40,7 @@ from metaopt.learned.features import (
 from metaopt.learned.network import LearnedRuleNet, TokenCoefficients
 from metaopt.learned.state import LearnedState, factored_shape, init_leaf, is_factored
 from metaopt.learned.tasks import check_importance, fold_task
-from metaopt.rules.base import Scalar, State, UpdateRule, _check_state_keys
+from metaopt.rules.base import Scalar, State, UpdateRule, _check_state_keys, scalar_power
 from metaopt.tree import named_leaves, rebuild
 
 __all__ = ["DepthFn", "learned_rule"]
@@ -474,9 +474,8 @@ def coefficient_lists(
     """
     counts = views.counts
     steps = fields.step + 1.0
-    # a tensor b1 (a graph input) in `wide` first, as a number is: the same rounding
-    bc1 = 1.0 - _in_dtype(b1, wide) ** steps.to(wide)  # [n tensors]
-    bc2 = 1.0 - _in_dtype(b2, wide) ** steps.to(wide)
+    bc1 = 1.0 - scalar_power(b1, steps.to(wide))  # [n tensors]
+    bc2 = 1.0 - scalar_power(b2, steps.to(wide))
     owner = uncached_when_compiling(_token_owner_cpu)(tuple(counts))
     owner = owner if owner.device == steps.device else owner.to(steps.device)
 
@@ -543,11 +542,6 @@ def coefficient_lists(
     ]
     coefficients = [[t[:, j : j + 1] for t in per_tensor] for j in range(table.shape[1])]
     return coefficients, steps, task_steps
-
-
-def _in_dtype(x: Scalar, dtype: torch.dtype) -> Scalar:
-    """A tensor ``x`` cast to ``dtype``; a number as is."""
-    return x.to(dtype) if isinstance(x, torch.Tensor) else x
 
 
 def advanced_leaves(

@@ -23,6 +23,17 @@ State = dict[str, Any]
 Scalar = float | torch.Tensor
 """A hyper-parameter: a Python number, or a 0-d tensor (differentiable if it requires grad)."""
 
+
+
+def scalar_power(base: Scalar, exponent: torch.Tensor) -> torch.Tensor:
+    """``base ** exponent`` in ``exponent``'s dtype: a tensor ``base`` (a float64
+    hyper-parameter, say) is cast to it first, so the result rounds as with a number
+    ``base`` (Adam's bias corrections ``1 - b ** t``)."""
+    if isinstance(base, torch.Tensor):
+        base = base.to(exponent.dtype)
+    return base**exponent
+
+
 Schedule = Callable[[torch.Tensor], Scalar]
 """A function of the step count (0-d tensor, starting at 0) returning a scalar."""
 
@@ -35,6 +46,7 @@ __all__ = [
     "chain",
     "identity",
     "per_leaf",
+    "scalar_power",
 ]
 
 

@@ -11,7 +11,15 @@ from typing import Any, NamedTuple
 
 import torch
 
-from metaopt.rules.base import Scalar, Schedule, State, UpdateRule, _check_state_keys, per_leaf
+from metaopt.rules.base import (
+    Scalar,
+    Schedule,
+    State,
+    UpdateRule,
+    _check_state_keys,
+    per_leaf,
+    scalar_power,
+)
 from metaopt.tree import named_leaves, rebuild
 
 __all__ = [
@@ -38,14 +46,6 @@ def _count_like(p: torch.Tensor) -> torch.Tensor:
 def _count_as(count: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``count`` in a dtype at least as precise as float32 and as ``like``."""
     return count.to(torch.promote_types(like.dtype, torch.float32))
-
-
-def _power(base: Scalar, exponent: torch.Tensor) -> torch.Tensor:
-    """``base ** exponent`` in ``exponent``'s dtype: a tensor ``base`` (a float64 one, say)
-    is cast to it first, so the result rounds as with a number ``base``."""
-    if isinstance(base, torch.Tensor):
-        base = base.to(exponent.dtype)
-    return base**exponent
 
 
 def _check_nonnegative(name: str, value: Any) -> None:
@@ -184,8 +184,8 @@ def scale_by_adam(
         if amsgrad:
             max_sq = torch.maximum(max_sq, v)
             second = max_sq
-        m_hat = m / (1 - _power(b1, t)).to(g.dtype)
-        v_hat = second / (1 - _power(b2, t)).to(g.dtype)
+        m_hat = m / (1 - scalar_power(b1, t)).to(g.dtype)
+        v_hat = second / (1 - scalar_power(b2, t)).to(g.dtype)
         direction = m_hat / (torch.sqrt(v_hat + eps_root) + eps)
         return direction, AdamState(step, m, v, max_sq)
 
