@@ -29,6 +29,12 @@ __all__ = ["EWC", "SI", "QuadraticRegularizer"]
 BaseFactory = Callable[..., torch.optim.Optimizer]
 
 
+def _trainable(params: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors of ``params`` (one tensor or several) that require gradients."""
+    tensors = [params] if isinstance(params, torch.Tensor) else list(params)
+    return [p for p in tensors if p.requires_grad]
+
+
 class QuadraticRegularizer(torch.optim.Optimizer):
     """A base optimizer plus a quadratic anchor penalty (shared machinery of EWC and SI).
 
@@ -55,9 +61,16 @@ class QuadraticRegularizer(torch.optim.Optimizer):
     ) -> None:
         if strength < 0:
             raise ValueError(f"strength must be >= 0, got {strength}")
-        params = [p for p in params if p.requires_grad]
+        params = list(params)
+        if params and isinstance(params[0], dict):
+            params = [{**group, "params": _trainable(group["params"])} for group in params]
+        else:
+            params = _trainable(params)
         self.base = base(params, **base_options)
-        super().__init__(params, {"strength": strength})
+        super().__init__(
+            [p for group in self.base.param_groups for p in group["params"]],
+            {"strength": strength},
+        )
         self.param_groups = self.base.param_groups
         self.strength = strength
         for p in self._params():
@@ -122,13 +135,29 @@ class QuadraticRegularizer(torch.optim.Optimizer):
     def _fold(self, accumulated: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         return accumulated + new
 
+    def _counters(self) -> dict[str, int]:
+        """Bookkeeping saved with the state dict besides the per-parameter buffers."""
+        return {"n_tasks_consolidated": self.n_tasks_consolidated}
+
+    def _load_counters(self, counters: dict[str, int]) -> None:
+        self.n_tasks_consolidated = counters["n_tasks_consolidated"]
+
     def state_dict(self) -> dict[str, Any]:
-        return {"base": self.base.state_dict(), "regularizer": super().state_dict()}
+        return {
+            "base": self.base.state_dict(),
+            "regularizer": super().state_dict(),
+            "counters": self._counters(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.base.load_state_dict(state_dict["base"])
         super().load_state_dict(state_dict["regularizer"])
         self.param_groups = self.base.param_groups
+        counters = state_dict.get("counters")
+        if counters is None:  # written before the counters were saved: infer them
+            consolidated = any(self.state[p]["importance"].any() for p in self._params())
+            counters = {**self._counters(), "n_tasks_consolidated": int(consolidated)}
+        self._load_counters(counters)
 
 
 class EWC(QuadraticRegularizer):
@@ -193,6 +222,13 @@ class EWC(QuadraticRegularizer):
         context.model.train(was_training)
         for p, f in zip(params, fisher, strict=True):
             self.state[p]["fisher"] = f / max(1, len(x))
+
+    def _counters(self) -> dict[str, int]:
+        return {**super()._counters(), "n_steps": self._n_steps}
+
+    def _load_counters(self, counters: dict[str, int]) -> None:
+        super()._load_counters(counters)
+        self._n_steps = counters["n_steps"]
 
     def _task_importance(self, p: torch.Tensor) -> torch.Tensor:
         st = self.state[p]
