@@ -117,6 +117,8 @@ def read_idx(path: str | os.PathLike[str]) -> torch.Tensor:
     expected = header + math.prod(shape) * itemsize
     if len(data) != expected:
         raise DataFileError(f"{path}: corrupt IDX file ({len(data)} bytes, header says {expected})")
+    if expected == header:  # no items: torch.frombuffer rejects an empty buffer
+        return torch.empty(shape, dtype=dtype)
     raw = torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8)
     if itemsize > 1 and sys.byteorder == "little":
         raw = raw.reshape(-1, itemsize).flip(-1).reshape(-1)

@@ -1,8 +1,9 @@
 """Optional download of MNIST / Fashion-MNIST IDX files, checksum-verified and atomic.
 
-Each file is fetched into a temporary file next to its destination, its checksum is
-checked, and only then is it moved into place with :func:`os.replace`, so an interrupted
-or corrupt download never leaves a half-written file under the final name. The checksum
+Each file is fetched into a temporary file next to its destination, its length (against
+the announced ``Content-Length``) and checksum are checked, and only then is it moved into
+place with :func:`os.replace`, so an interrupted or corrupt download never leaves a
+half-written file under the final name, nor a temporary one. The checksum
 is the SHA-256 of the *decompressed* IDX content, so a re-compressed mirror is accepted
 as long as the data are identical.
 """
@@ -11,12 +12,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import logging
 import os
-import tempfile
 import urllib.request
+import zlib
 from pathlib import Path
 
+from metaopt.continual._files import replace_atomically
 from metaopt.continual.data import IDX_FILES, DataFileError, resolve_data_dir
 
 __all__ = ["BASE_URLS", "SHA256", "ChecksumError", "download_dataset", "verify_file"]
@@ -67,13 +70,14 @@ class ChecksumError(DataFileError):
 
 
 def _content_sha256(path: Path) -> str:
-    opener = gzip.open if path.read_bytes()[:2] == b"\x1f\x8b" else open
+    with open(path, "rb") as handle:
+        compressed = handle.read(2) == b"\x1f\x8b"
     digest = hashlib.sha256()
     try:
-        with opener(path, "rb") as handle:
+        with (gzip.open if compressed else open)(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise ChecksumError(f"{path}: unreadable ({exc})") from exc
     return digest.hexdigest()
 
@@ -89,20 +93,26 @@ def verify_file(path: str | os.PathLike[str], expected_sha256: str) -> None:
 
 
 def _fetch(url: str, dest: Path, expected: str, timeout: float) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+        with (
+            replace_atomically(dest, check=lambda tmp: verify_file(tmp, expected)) as out,
+            urllib.request.urlopen(url, timeout=timeout) as resp,
+        ):
+            announced = resp.headers.get("Content-Length")
+            received = 0
             for block in iter(lambda: resp.read(1 << 20), b""):
                 out.write(block)
-        verify_file(tmp, expected)
-        os.replace(tmp, dest)
+                received += len(block)
+            if announced is not None and received != int(announced):
+                raise DataFileError(
+                    f"incomplete download: received {received} of {announced} bytes"
+                )
     except ChecksumError as exc:
         raise ChecksumError(f"download of {url} failed: {exc}") from exc
-    except OSError as exc:
+    except http.client.IncompleteRead as exc:
+        raise DataFileError(f"download of {url} failed: incomplete download ({exc})") from exc
+    except (OSError, http.client.HTTPException) as exc:
         raise DataFileError(f"download of {url} into {dest} failed: {exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def download_dataset(

@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from metaopt.continual._files import replace_atomically
 from metaopt.continual.selection import METRICS, summary_rows
 from metaopt.continual.suite import row_key
 
@@ -57,10 +57,8 @@ def save_results(path: str | os.PathLike[str], meta: dict[str, Any], rows: Seque
     """Write ``{"meta", "rows"}`` as JSON atomically (temp file + ``os.replace``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
+    with replace_atomically(path, "w") as handle:
         json.dump({"meta": meta, "rows": list(rows)}, handle, indent=1)
-    os.replace(tmp, path)
 
 
 def write_csv(path: str | os.PathLike[str], rows: Sequence[Row]) -> None:

@@ -3,13 +3,23 @@ data and machines relies on (hand-computed values, bad input, resumed and merged
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gzip
+import http.server
+import os
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from metaopt.continual.baselines import EWC, SI
+from metaopt.continual.data import DataFileError, load_mnist, read_idx
+from metaopt.continual.download import SHA256, download_dataset, verify_file
 from metaopt.continual.runner import TaskContext
 from metaopt.continual.streams import Task
 
@@ -98,3 +108,190 @@ def test_ewc_fisher_and_online_accumulation_by_hand() -> None:
         weight.add_(torch.tensor([[1.0], [-2.0]]))
     expected = 0.5 * 4.0 * ((0.5 * f1_w + f2_w) * torch.tensor([[1.0], [4.0]])).sum()
     assert opt.penalty().item() == pytest.approx(expected.item())
+
+
+# --------------------------------------------------------------------------- IDX files
+
+
+def _idx(shape: tuple[int, ...], payload: bytes) -> bytes:
+    return bytes([0, 0, 0x08, len(shape)]) + b"".join(n.to_bytes(4, "big") for n in shape) + payload
+
+
+def _corrupt_deflate(raw: bytes) -> bytes:
+    """A gzip file with a valid header whose compressed stream is garbage."""
+    data = bytearray(gzip.compress(raw))
+    data[12:40] = b"\xff" * 28
+    return bytes(data)
+
+
+def test_idx_with_zero_items_is_an_empty_tensor(tmp_path: Path) -> None:
+    (tmp_path / "none").write_bytes(_idx((0, 28, 28), b""))
+    assert read_idx(tmp_path / "none").shape == (0, 28, 28)
+
+
+def test_corrupt_deflate_stream_is_a_data_file_error(tmp_path: Path) -> None:
+    """A gzip file damaged inside its compressed data (not only truncated) names the file,
+    for the loader and for the checksum check alike."""
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(_corrupt_deflate(_idx((5000,), bytes(5000))))
+    with pytest.raises(DataFileError, match="train-labels"):
+        read_idx(path)
+    with pytest.raises(DataFileError, match="train-labels"):
+        verify_file(path, SHA256["mnist"]["train-labels-idx1-ubyte"])
+
+
+# --------------------------------------------------------------------------- downloads
+
+MNIST_FILES = sorted(f"{stem}.gz" for stem in SHA256["mnist"])
+
+Respond = Callable[[http.server.BaseHTTPRequestHandler], None]
+
+
+@contextlib.contextmanager
+def _server(respond: Respond) -> Iterator[tuple[str, list[str]]]:
+    """An HTTP/1.1 server on 127.0.0.1 answering every GET with ``respond(handler)``."""
+    requests: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            requests.append(self.path.lstrip("/"))
+            respond(self)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.daemon = True
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/", requests
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def _send(handler: http.server.BaseHTTPRequestHandler, body: bytes) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def _serve_folder(folder: Path) -> Respond:
+    def respond(handler: http.server.BaseHTTPRequestHandler) -> None:
+        path = folder / handler.path.lstrip("/")
+        if path.is_file():
+            _send(handler, path.read_bytes())
+        else:
+            handler.send_error(404)
+
+    return respond
+
+
+def _hang_up(handler: http.server.BaseHTTPRequestHandler) -> None:
+    handler.close_connection = True
+    handler.wfile.flush()
+    handler.connection.shutdown(2)
+
+
+def _short_body(handler: http.server.BaseHTTPRequestHandler) -> None:
+    """Announces 1 MB, sends half of it and hangs up."""
+    body = gzip.compress(os.urandom(1 << 20))
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body[: len(body) // 2])
+    _hang_up(handler)
+
+
+def _short_chunked(handler: http.server.BaseHTTPRequestHandler) -> None:
+    """A chunked response that stops in the middle of its second chunk."""
+    body = gzip.compress(os.urandom(1 << 16))
+    handler.send_response(200)
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+    handler.wfile.write(b"1000\r\n" + body[:4096] + b"\r\n1000\r\n" + body[4096:5000])
+    _hang_up(handler)
+
+
+def _garbled_gzip(handler: http.server.BaseHTTPRequestHandler) -> None:
+    _send(handler, _corrupt_deflate(bytes(1 << 16)))
+
+
+def _server_error(handler: http.server.BaseHTTPRequestHandler) -> None:
+    handler.send_error(503)
+
+
+@pytest.mark.parametrize(
+    ("respond", "message"),
+    [
+        (_short_body, "incomplete"),
+        (_short_chunked, "incomplete"),
+        (_garbled_gzip, "train-images"),
+        (_server_error, "503"),
+    ],
+)
+def test_failed_download_is_a_clear_error_and_leaves_nothing(
+    tmp_path: Path, respond: Respond, message: str
+) -> None:
+    """Whatever goes wrong on the wire, the user gets a ``DataFileError`` (which the CLI
+    reports) naming the URL, and no file (final or temporary) is left in the folder."""
+    with _server(respond) as (url, _), pytest.raises(DataFileError, match=message) as exc:
+        download_dataset("mnist", tmp_path, base_url=url, timeout=10)
+    assert url in str(exc.value)
+    assert list((tmp_path / "mnist").iterdir()) == []
+
+
+def test_local_file_with_a_corrupt_stream_is_downloaded_again(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for name in MNIST_FILES:
+        shutil.copy(data_dir / "mnist" / name, folder / name)
+    damaged = folder / "t10k-labels-idx1-ubyte.gz"
+    damaged.write_bytes(_corrupt_deflate(gzip.decompress(damaged.read_bytes())))
+    with _server(_serve_folder(data_dir / "mnist")) as (url, requests):
+        download_dataset("mnist", tmp_path, base_url=url, timeout=10)
+    assert requests == ["t10k-labels-idx1-ubyte.gz"]
+    verify_file(damaged, SHA256["mnist"]["t10k-labels-idx1-ubyte"])
+
+
+def test_downloaded_files_follow_the_umask(data_dir: Path, tmp_path: Path) -> None:
+    """A shared data directory must be readable by the other users: the files get the
+    permissions of any new file (0o666 minus the umask), not the private 0o600 of a
+    temporary file."""
+    old = os.umask(0o022)
+    try:
+        with _server(_serve_folder(data_dir / "mnist")) as (url, _):
+            paths = download_dataset("mnist", tmp_path, base_url=url, timeout=10)
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == MNIST_FILES
+    assert {oct(p.stat().st_mode & 0o777) for p in paths} == {oct(0o644)}
+    x, y = load_mnist("mnist", tmp_path, "test")
+    assert x.shape == (10000, 1, 28, 28) and y.shape == (10000,)
+
+
+def test_results_file_write_is_atomic_and_shared(tmp_path: Path) -> None:
+    """A results file that cannot be written keeps its previous content and leaves no
+    temporary file behind; a written one is readable by the other users (umask)."""
+    from metaopt.continual.report import load_results, save_results
+
+    path = tmp_path / "results.json"
+    old = os.umask(0o022)
+    try:
+        save_results(path, {"suite": "quick"}, [{"stream": "s", "seed": 0}])
+    finally:
+        os.umask(old)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+    before = path.read_bytes()
+    with pytest.raises(TypeError):
+        save_results(path, {"suite": "quick"}, [{"stream": "s", "seed": torch.zeros(1)}])
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    assert load_results(path)["rows"] == [{"stream": "s", "seed": 0}]
