@@ -36,9 +36,11 @@ tree_map = pytree.tree_map
 
 
 def is_flat_dict(tree: Any) -> bool:
-    """True when ``tree`` is a ``dict`` of string keys to tensors (the common case)."""
+    """True when ``tree`` is a ``dict`` of string keys to tensors (the common case); a
+    value may also be ``None`` (a gradient that ``torch.autograd.grad(...,
+    allow_unused=True)`` left out), so that such a tree keeps its parameters' keys."""
     return isinstance(tree, Mapping) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tree.items()
+        isinstance(k, str) and (v is None or isinstance(v, torch.Tensor)) for k, v in tree.items()
     )
 
 
@@ -46,7 +48,8 @@ def named_leaves(tree: Any) -> list[tuple[str, Any]]:
     """``[(key, leaf), ...]`` in a deterministic order.
 
     Keys are the dict keys of a flat ``dict[str, Tensor]`` and pytree key paths
-    otherwise, so the same tree always yields the same keys.
+    otherwise, so the same tree always yields the same keys. A ``None`` is a leaf of its
+    own (a missing gradient: rules give it a ``None`` update and keep its state).
     """
     if is_flat_dict(tree):
         return list(tree.items())
@@ -76,17 +79,27 @@ def global_norm(tree: Any) -> torch.Tensor:
     """Euclidean norm of all leaves taken together, as a 0-d tensor.
 
     Matches the ``total_norm`` of :func:`torch.nn.utils.clip_grad_norm_` (norm type 2).
-    Differentiable; the norm is computed in the leaves' dtype.
+    Differentiable; the norm is computed in the leaves' dtype; ``None`` leaves are skipped.
     """
-    leaves = [leaf for _, leaf in named_leaves(tree)]
+    leaves = [leaf for _, leaf in named_leaves(tree) if leaf is not None]
     if not leaves:
         raise ValueError("global_norm of an empty tree")
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in leaves]))
 
 
 def tree_dot(a: Any, b: Any) -> torch.Tensor:
-    """Sum over leaves of ``<a_leaf, b_leaf>``: the inner product of two same-shaped trees."""
-    pairs = zip(pytree.tree_leaves(a), pytree.tree_leaves(b), strict=True)
+    """Sum over leaves of ``<a_leaf, b_leaf>``: the inner product of two same-shaped trees.
+
+    Leaves are paired by key (two dicts may list their keys in different orders);
+    ``None`` leaves are skipped.
+
+    Raises:
+        ValueError: the trees have different keys, or no leaves.
+    """
+    left, right = dict(named_leaves(a)), dict(named_leaves(b))
+    if left.keys() != right.keys():
+        raise ValueError(f"tree_dot: keys differ: {sorted(left)} vs {sorted(right)}")
+    pairs = [(x, right[k]) for k, x in left.items() if x is not None and right[k] is not None]
     terms = [torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in pairs]
     if not terms:
         raise ValueError("tree_dot of empty trees")

@@ -76,20 +76,25 @@ def apply_updates(params: Any, updates: Any) -> Any:
         updates: a tree of the same structure (as returned by ``rule.update``).
 
     Returns:
-        A new tree; ``params`` is left untouched.
+        A new tree; ``params`` is left untouched. A ``None`` update (a parameter without
+        gradient) leaves its parameter as it is.
     """
     items = named_leaves(params)
     new = dict(named_leaves(updates))
-    if list(new) != [key for key, _ in items]:
+    if new.keys() != {key for key, _ in items}:  # a dict's order does not matter
         raise ValueError(
             f"apply_updates: updates have keys {sorted(new)}, params have "
             f"{sorted(key for key, _ in items)}"
         )
-    return rebuild(params, [p + new[key].to(p.dtype) for key, p in items])
+    return rebuild(
+        params, [p if new[key] is None else p + new[key].to(p.dtype) for key, p in items]
+    )
 
 
 def _check_state_keys(keys: list[str], state: State, where: str) -> None:
-    if not isinstance(state, dict) or list(state) != keys:
+    """Raise unless ``state`` has exactly the keys ``keys`` (in any order: the state is
+    keyed by parameter, and gradients may come in another dict order)."""
+    if not isinstance(state, dict) or state.keys() != set(keys) or len(state) != len(keys):
         have = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(
             f"{where}: state does not match the gradients: gradient keys {sorted(keys)}, "
@@ -106,7 +111,9 @@ def per_leaf(
 
     Args:
         init_leaf: ``param -> leaf_state``.
-        update_leaf: ``(grad, leaf_state, param_or_None) -> (update, new_leaf_state)``.
+        update_leaf: ``(grad, leaf_state, param_or_None) -> (update, new_leaf_state)``;
+            not called for a ``None`` gradient, whose update is ``None`` and whose leaf
+            state stays as it is (``torch.optim`` skips a parameter without gradient).
         name: used in error messages.
     """
 
@@ -120,7 +127,10 @@ def per_leaf(
         param_of = dict(named_leaves(params)) if params is not None else {}
         updates, new_state = [], {}
         for key, g in items:
-            u, new_state[key] = update_leaf(g, state[key], param_of.get(key))
+            if g is None:
+                u, new_state[key] = None, state[key]
+            else:
+                u, new_state[key] = update_leaf(g, state[key], param_of.get(key))
             updates.append(u)
         return rebuild(grads, updates), new_state
 

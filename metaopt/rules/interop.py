@@ -43,6 +43,10 @@ def from_torchopt(transformation: Any) -> UpdateRule:
         param_of = dict(named_leaves(params)) if params is not None else {}
         updates, new_state = [], {}
         for key, g in items:
+            if g is None:  # no gradient: skipped, as per_leaf rules skip it
+                updates.append(None)
+                new_state[key] = state[key]
+                continue
             p = (param_of[key],) if key in param_of else None
             (u,), new_state[key] = transformation.update((g,), state[key], params=p, inplace=False)
             updates.append(u)

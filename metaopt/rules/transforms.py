@@ -48,6 +48,27 @@ def _count_as(count: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return count.to(torch.promote_types(like.dtype, torch.float32))
 
 
+def _on_real_views(update_leaf: Any) -> Any:
+    """``update_leaf`` run on ``torch.view_as_real`` views of a complex gradient, state
+    and parameter, with the complex tensors of its results viewed back as complex: each
+    complex element counts as two real ones, as in ``torch.optim`` (``g * g`` of a complex
+    ``g`` is no second moment)."""
+
+    def as_real(x: Any) -> Any:
+        return torch.view_as_real(x) if isinstance(x, torch.Tensor) and x.is_complex() else x
+
+    def update(g: torch.Tensor, s: Any, p: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+        if not g.is_complex():
+            return update_leaf(g, s, p)
+        u, new = update_leaf(as_real(g), type(s)(*map(as_real, s)), as_real(p))
+        back = [
+            torch.view_as_complex(n) if o.is_complex() else n for n, o in zip(new, s, strict=True)
+        ]
+        return torch.view_as_complex(u), type(s)(*back)
+
+    return update
+
+
 def _check_nonnegative(name: str, value: Any) -> None:
     if isinstance(value, (int, float)) and not value >= 0:
         raise ValueError(f"invalid {name}: {value} (must be >= 0)")
@@ -189,7 +210,7 @@ def scale_by_adam(
         direction = m_hat / (torch.sqrt(v_hat + eps_root) + eps)
         return direction, AdamState(step, m, v, max_sq)
 
-    return per_leaf(init_leaf, update_leaf, "scale_by_adam")
+    return per_leaf(init_leaf, _on_real_views(update_leaf), "scale_by_adam")
 
 
 def scale_by_rms(
@@ -211,14 +232,15 @@ def scale_by_rms(
             var = sq - ga * ga
         return g / (torch.sqrt(var + eps_root) + eps), RMSState(sq, ga)
 
-    return per_leaf(init_leaf, update_leaf, "scale_by_rms")
+    return per_leaf(init_leaf, _on_real_views(update_leaf), "scale_by_rms")
 
 
 def clip_by_global_norm(max_norm: Scalar) -> UpdateRule:
     """Rescale all updates together so their global norm is at most ``max_norm``.
 
     Same formula as :func:`torch.nn.utils.clip_grad_norm_`:
-    ``g * min(1, max_norm / (norm + 1e-6))``. Stateless.
+    ``g * min(1, max_norm / (norm + 1e-6))``. Stateless. ``None`` gradients stay ``None``
+    and do not count in the norm; an empty tree is returned as it is.
     """
     _check_nonnegative("max_norm", max_norm)
 
@@ -228,10 +250,14 @@ def clip_by_global_norm(max_norm: Scalar) -> UpdateRule:
     def update(grads: Any, state: State, params: Any | None = None) -> tuple[Any, State]:
         items = named_leaves(grads)
         _check_state_keys([k for k, _ in items], state, "clip_by_global_norm")
-        dtype = functools.reduce(torch.promote_types, (g.dtype for _, g in items), torch.float32)
-        norms = torch.stack([torch.linalg.vector_norm(g).to(dtype) for _, g in items])
+        present = [g for _, g in items if g is not None]
+        if not present:
+            return grads, state
+        dtype = functools.reduce(torch.promote_types, (g.dtype for g in present), torch.float32)
+        norms = torch.stack([torch.linalg.vector_norm(g).to(dtype) for g in present])
         total = torch.linalg.vector_norm(norms)
         factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        return rebuild(grads, [g * factor.to(g.dtype) for _, g in items]), state
+        clipped = [None if g is None else g * factor.to(g.dtype) for _, g in items]
+        return rebuild(grads, clipped), state
 
     return UpdateRule(init, update)

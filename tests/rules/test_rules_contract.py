@@ -1,0 +1,213 @@
+"""Adversarial contract tests of the pure rules and the tree helpers: torch.optim
+semantics on numbers (complex parameters, missing gradients), trees whose keys come in
+another order, empty trees."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import metaopt
+from metaopt import rules
+from metaopt.tree import global_norm, named_leaves, tree_dot
+
+
+def _torch_run(
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+    params: dict[str, torch.Tensor],
+    grads: list[dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """``params`` after one ``torch.optim`` step per entry of ``grads``."""
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    opt = make(list(leaves.values()))
+    for g in grads:
+        for k, p in leaves.items():
+            p.grad = g[k].clone()
+        opt.step()
+    return {k: v.detach() for k, v in leaves.items()}
+
+
+def _rule_run(
+    rule: rules.UpdateRule,
+    params: dict[str, torch.Tensor],
+    grads: list[dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """``params`` after one ``rule.update`` per entry of ``grads``."""
+    state = rule.init(params)
+    for g in grads:
+        updates, state = rule.update(g, state, params)
+        params = metaopt.apply_updates(params, updates)
+    return params
+
+
+def _complex_problem(steps: int = 4) -> tuple[dict, list[dict]]:
+    gen = torch.Generator().manual_seed(0)
+
+    def c(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.complex128)
+
+    params = {"w": c(3, 2), "b": c(2)}
+    grads = [{k: c(*v.shape) for k, v in params.items()} for _ in range(steps)]
+    return params, grads
+
+
+_COMPLEX_CASES = {
+    "adam": (
+        lambda: rules.adam(lr=0.1),
+        lambda ps: torch.optim.Adam(ps, lr=0.1, foreach=False),
+    ),
+    "adam-amsgrad-wd": (
+        lambda: rules.adam(lr=0.1, amsgrad=True, weight_decay=0.1),
+        lambda ps: torch.optim.Adam(ps, lr=0.1, amsgrad=True, weight_decay=0.1, foreach=False),
+    ),
+    "adamw": (
+        lambda: rules.adamw(lr=0.1),
+        lambda ps: torch.optim.AdamW(ps, lr=0.1, foreach=False),
+    ),
+    "rmsprop-centered-momentum": (
+        lambda: rules.rmsprop(lr=0.05, centered=True, momentum=0.5),
+        lambda ps: torch.optim.RMSprop(ps, lr=0.05, centered=True, momentum=0.5, foreach=False),
+    ),
+    "sgd-nesterov": (
+        lambda: rules.sgd(lr=0.1, momentum=0.9, nesterov=True),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, foreach=False),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_COMPLEX_CASES))
+def test_complex_parameters_step_like_torch_optim(name: str) -> None:
+    """torch.optim treats a complex parameter as its real and imaginary parts
+    (``view_as_real``); the pure rules must too (``g * g`` is not a second moment of a
+    complex gradient)."""
+    make_rule, make_torch = _COMPLEX_CASES[name]
+    params, grads = _complex_problem()
+    ours = _rule_run(make_rule(), params, grads)
+    ref = _torch_run(make_torch, params, grads)
+    for k in params:
+        assert ours[k].dtype == torch.complex128
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-10, atol=1e-12)
+
+
+def test_complex_adam_state_stays_complex_and_differentiable() -> None:
+    params, grads = _complex_problem(steps=1)
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    rule = rules.adam(lr=lr, eps_root=1e-12)
+    updates, state = rule.update(grads[0], rule.init(params), params)
+    adam_state = state["w"][0]
+    assert adam_state.exp_avg.dtype == torch.complex128
+    assert adam_state.exp_avg_sq.dtype == torch.complex128
+    g = grads[0]["w"]  # as torch.optim: the moments of the real and imaginary parts
+    expected = torch.complex(g.real.square(), g.imag.square()) * (1 - 0.999)
+    torch.testing.assert_close(adam_state.exp_avg_sq, expected, rtol=1e-12, atol=0)
+    (dlr,) = torch.autograd.grad(sum(u.abs().sum() for u in updates.values()), lr)
+    assert torch.isfinite(dlr) and float(dlr) > 0
+
+
+def test_clip_by_global_norm_of_an_empty_tree_is_empty() -> None:
+    """An empty parameter tree (a frozen model) is a no-op for every rule, clipping too."""
+    for rule in (
+        rules.clip_by_global_norm(1.0),
+        rules.chain(rules.clip_by_global_norm(1.0), rules.adam()),
+    ):
+        state = rule.init({})
+        assert rule.update({}, state, {}) == ({}, {})
+        assert rule.update([], rule.init([]), []) == ([], {})
+
+
+def _reordered(tree: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: tree[k] for k in reversed(tree)}
+
+
+def test_gradients_given_in_another_key_order_update_the_same_parameters() -> None:
+    """A state is keyed by parameter name: gradients built in another dict order (e.g. a
+    comprehension over ``reversed(...)``) are the same gradients."""
+    params = {"w": torch.randn(3, 2), "b": torch.randn(2), "c": torch.randn(4)}
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    rule = rules.chain(rules.clip_by_global_norm(0.5), rules.adamw(lr=0.1))
+    state = rule.init(params)
+    expected, expected_state = rule.update(grads, state, params)
+    updates, new_state = rule.update(_reordered(grads), state, params)
+    assert set(updates) == set(params) and set(new_state) == set(params)
+    for k in params:
+        torch.testing.assert_close(updates[k], expected[k], rtol=0, atol=0)
+        torch.testing.assert_close(new_state[k], expected_state[k], rtol=0, atol=0)
+    new = metaopt.apply_updates(params, _reordered(updates))
+    assert list(new) == list(params)
+    for k in params:
+        torch.testing.assert_close(new[k], params[k] + expected[k], rtol=0, atol=0)
+
+
+def test_mismatched_keys_still_raise_and_name_the_difference() -> None:
+    rule = rules.adam()
+    state = rule.init({"a": torch.zeros(2), "b": torch.zeros(2)})
+    with pytest.raises(ValueError, match="state does not match"):
+        rule.update({"a": torch.zeros(2)}, state)
+    with pytest.raises(ValueError, match="apply_updates"):
+        metaopt.apply_updates({"a": torch.zeros(2)}, {"a": torch.zeros(2), "b": torch.zeros(2)})
+
+
+def test_tree_dot_pairs_leaves_by_key() -> None:
+    a = {"x": torch.ones(2), "y": torch.zeros(2)}
+    b = {"y": torch.zeros(2), "x": torch.ones(2)}
+    assert float(tree_dot(a, b)) == 2.0
+    with pytest.raises(ValueError, match="tree_dot"):
+        tree_dot(a, {"x": torch.ones(2), "z": torch.zeros(2)})
+
+
+def _assert_same_tree(a: object, b: object) -> None:
+    """``a`` and ``b`` have the same structure and equal tensors."""
+    leaves_a, spec_a = torch.utils._pytree.tree_flatten(a)
+    leaves_b, spec_b = torch.utils._pytree.tree_flatten(b)
+    assert spec_a == spec_b
+    assert all(torch.equal(x, y) for x, y in zip(leaves_a, leaves_b, strict=True))
+
+
+_NONE_RULES = {
+    "sgd-momentum": lambda: rules.sgd(lr=0.1, momentum=0.9, weight_decay=0.1),
+    "adam": lambda: rules.adam(lr=0.1),
+    "adamw-amsgrad": lambda: rules.adamw(lr=0.1, amsgrad=True),
+    "rmsprop": lambda: rules.rmsprop(lr=0.1, centered=True, momentum=0.5),
+    "clip+adam": lambda: rules.chain(rules.clip_by_global_norm(0.1), rules.adam(lr=0.1)),
+    "schedule": lambda: rules.sgd(lr=rules.schedules.cosine_decay(0.1, 10)),
+    "empty chain": lambda: rules.chain(),
+}
+
+
+@pytest.mark.parametrize("name", list(_NONE_RULES))
+def test_a_missing_gradient_skips_its_parameter_like_torch_optim(name: str) -> None:
+    """``torch.autograd.grad(..., allow_unused=True)`` gives ``None`` for an unused
+    parameter. As ``torch.optim`` skips a parameter whose ``.grad`` is ``None``, the rule
+    gives it a ``None`` update, keeps its state and updates the others as if it were not
+    there (its absence from the global norm included)."""
+    rule = _NONE_RULES[name]()
+    params = {"a": torch.randn(3), "b": torch.randn(2)}
+    g = torch.randn(3)
+    state = rule.init(params)
+    _, state = rule.update({"a": torch.randn(3), "b": torch.randn(2)}, state, params)
+    updates, new_state = rule.update({"a": g, "b": None}, state, params)
+    assert updates["b"] is None
+    _assert_same_tree(new_state["b"], state["b"])
+    alone = rules.chain(rule)  # the same rule on "a" alone
+    ref, ref_state = alone.update({"a": g}, {"a": (state["a"],)}, {"a": params["a"]})
+    torch.testing.assert_close(updates["a"], ref["a"], rtol=0, atol=0)
+    torch.testing.assert_close(new_state["a"], ref_state["a"][0], rtol=0, atol=0)
+    new = metaopt.apply_updates(params, updates)
+    assert torch.equal(new["b"], params["b"])
+    assert not torch.equal(new["a"], params["a"]) or name == "empty chain"
+
+
+def test_missing_gradients_in_nested_trees_and_tree_helpers() -> None:
+    params = [torch.randn(2), {"inner": torch.randn(3)}]
+    rule = rules.adam(lr=0.1)
+    updates, state = rule.update([None, {"inner": torch.ones(3)}], rule.init(params), params)
+    assert updates[0] is None and updates[1]["inner"].shape == (3,)
+    assert float(state["[0]"][0].step) == 0.0 and float(state["[1]['inner']"][0].step) == 1.0
+    new = metaopt.apply_updates(params, updates)
+    assert torch.equal(new[0], params[0])
+    tree = {"x": torch.tensor([3.0, 0.0]), "y": None, "z": torch.tensor([4.0])}
+    assert [k for k, _ in named_leaves(tree)] == ["x", "y", "z"]
+    assert float(global_norm(tree)) == pytest.approx(5.0)
+    assert float(tree_dot(tree, tree)) == pytest.approx(25.0)
