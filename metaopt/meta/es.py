@@ -13,24 +13,52 @@ antithetic estimate is unbiased for the true gradient.
   the sum ``xi`` of the noise it has seen. The window's contribution is
   ``(L_+ - L_-) / (2 sigma) * xi``. Summed over windows it is unbiased for the whole
   horizon, unlike truncated ES, while each window is only K steps long.
+
+The two runs of an antithetic pair (of a PES window) see the same random numbers inside
+the inner loop (dropout masks, random augmentations drawn from torch's global generator):
+each pair draws a seed from ``generator`` and both runs start from it (common random
+numbers). So the difference ``L+ - L-`` measures the perturbation only, and a seeded
+``generator`` makes the whole estimate reproducible; the caller's global random state is
+restored after each run.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
-from metaopt.meta.problem import InnerProblem, MetaGradient, RuleFactory
+from metaopt.meta.problem import InnerProblem, MetaGradient, RuleFactory, check_count
 from metaopt.meta.unroll import InnerCarry, inner_step
 from metaopt.tree import Params
 
 __all__ = ["ES", "PES"]
 
 
-def _check(sigma: float, num_pairs: int) -> None:
+def _check(sigma: float, num_pairs: int) -> int:
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
-    if num_pairs < 1:
-        raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+    return check_count("num_pairs", num_pairs)
+
+
+def _check_meta_params(meta_params: Params) -> None:
+    if not meta_params:
+        raise ValueError("meta_params is empty: nothing to estimate a gradient for")
+
+
+def _pair_seed(generator: torch.Generator | None) -> int:
+    """The seed both runs of one antithetic pair start torch's global generator from."""
+    return int(torch.randint(2**62, (1,), generator=generator))
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Run the block from global random state ``seed``; the caller's state is restored."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def _noise(meta_params: Params, generator: torch.Generator | None) -> Params:
@@ -85,24 +113,29 @@ class ES:
         num_pairs: int = 8,
         generator: torch.Generator | None = None,
     ) -> None:
-        _check(sigma, num_pairs)
         self.rule_fn, self.sigma, self.num_pairs, self.generator = (
             rule_fn,
             sigma,
-            num_pairs,
+            _check(sigma, num_pairs),
             generator,
         )
 
     def __call__(self, meta_params: Params, problem: InnerProblem) -> MetaGradient:
+        _check_meta_params(meta_params)
         steps = range(problem.num_steps)
         grads = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in meta_params.items()}
         loss = torch.zeros((), dtype=torch.float64)
         for _ in range(self.num_pairs):
             eps = _noise(meta_params, self.generator)
-            _, plus = _run(self.rule_fn, _shift(meta_params, eps, self.sigma), problem, None, steps)
-            _, minus = _run(
-                self.rule_fn, _shift(meta_params, eps, -self.sigma), problem, None, steps
-            )
+            seed = _pair_seed(self.generator)
+            with _seeded(seed):
+                _, plus = _run(
+                    self.rule_fn, _shift(meta_params, eps, self.sigma), problem, None, steps
+                )
+            with _seeded(seed):
+                _, minus = _run(
+                    self.rule_fn, _shift(meta_params, eps, -self.sigma), problem, None, steps
+                )
             weight = (plus - minus) / (2 * self.sigma * self.num_pairs)
             for k in grads:
                 grads[k] += weight * eps[k].double()
@@ -129,13 +162,12 @@ class PES:
         num_pairs: int = 8,
         generator: torch.Generator | None = None,
     ) -> None:
-        _check(sigma, num_pairs)
-        if truncation < 1:
-            raise ValueError(f"truncation must be >= 1, got {truncation}")
-        self.rule_fn, self.truncation, self.sigma = rule_fn, truncation, sigma
-        self.num_pairs, self.generator = num_pairs, generator
+        self.num_pairs = _check(sigma, num_pairs)
+        self.rule_fn, self.truncation = rule_fn, check_count("truncation", truncation)
+        self.sigma, self.generator = sigma, generator
 
     def __call__(self, meta_params: Params, problem: InnerProblem) -> MetaGradient:
+        _check_meta_params(meta_params)
         grads = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in meta_params.items()}
         loss = torch.zeros((), dtype=torch.float64)
         for _ in range(self.num_pairs):
@@ -144,11 +176,13 @@ class PES:
             for start in range(0, problem.num_steps, self.truncation):
                 steps = range(start, min(start + self.truncation, problem.num_steps))
                 eps = _noise(meta_params, self.generator)
+                seed = _pair_seed(self.generator)
                 xi = {k: xi[k] + eps[k] for k in xi}
                 totals = []
                 for i, sign in enumerate((1.0, -1.0)):
                     shifted = _shift(meta_params, eps, sign * self.sigma)
-                    carries[i], total = _run(self.rule_fn, shifted, problem, carries[i], steps)
+                    with _seeded(seed):
+                        carries[i], total = _run(self.rule_fn, shifted, problem, carries[i], steps)
                     totals.append(total)
                 weight = (totals[0] - totals[1]) / (2 * self.sigma * self.num_pairs)
                 for k in grads:

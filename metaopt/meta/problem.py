@@ -14,6 +14,7 @@ over the inner steps ``k`` whose contribution is not ``None``.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -37,6 +38,20 @@ RuleFactory = Callable[[Params], UpdateRule]
 graph-carrying) meta-parameter tensors, e.g. ``lambda mp: metaopt.rules.sgd(lr=mp["lr"])``."""
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def check_count(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an ``int`` ``>= minimum`` (window lengths, pair counts).
+
+    Raises:
+        TypeError: ``value`` is not an integer (``2.5``, ``True``, ``"3"``).
+        ValueError: ``value < minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 class MetaGradient(NamedTuple):

@@ -18,7 +18,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from metaopt.meta.functional import detach_tree
-from metaopt.meta.problem import InnerProblem, MetaGradient, RuleFactory
+from metaopt.meta.problem import InnerProblem, MetaGradient, RuleFactory, check_count
 from metaopt.rules.base import State, UpdateRule, apply_updates
 from metaopt.tree import Params
 
@@ -105,8 +105,8 @@ class Unrolled:
         truncation: int | None = None,
         step_fn: StepFn | None = None,
     ) -> None:
-        if truncation is not None and truncation < 1:
-            raise ValueError(f"truncation must be >= 1 or None, got {truncation}")
+        if truncation is not None:
+            truncation = check_count("truncation", truncation)
         if step_fn is not None and not callable(step_fn):
             raise TypeError(f"step_fn must be callable, got {type(step_fn).__name__}")
         self.rule_fn = rule_fn
