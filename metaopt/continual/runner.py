@@ -160,6 +160,10 @@ def run_stream(
     Returns:
         A :class:`StreamResult` with ``R [T, T]`` and ``b [T]`` (and validation versions if
         the tasks carry validation splits).
+
+    Raises:
+        ValueError: an empty stream, a budget below 1, or a task without training or test
+            examples (or with an empty validation split).
     """
     if not stream:
         raise ValueError("the stream has no tasks")
@@ -167,6 +171,12 @@ def run_stream(
         raise ValueError(
             f"need batch_size, epochs, steps >= 1; got {batch_size}, {epochs}, {steps}"
         )
+    for task in stream:
+        for split, labels in (("training", task.y_train), ("test", task.y_test)):
+            if len(labels) == 0:
+                raise ValueError(f"task {task.name!r} has no {split} examples")
+        if task.y_val is not None and len(task.y_val) == 0:
+            raise ValueError(f"task {task.name!r} has an empty validation split")
     start_time = time.perf_counter()
     torch.manual_seed(seed)
     model = model_factory()

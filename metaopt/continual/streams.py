@@ -129,7 +129,7 @@ def split_stream(
         n_tasks: number of tasks; the classes are divided evenly (must divide).
         scenario: ``"task"``, ``"domain"`` or ``"class"`` (see module docstring).
         classes: the classes to use, in order (default: all labels in ``y_train``,
-            sorted). A subset gives a smaller stream.
+            sorted). A subset gives a smaller stream; each needs training examples.
         shuffle_classes: permute the class order with ``seed`` before splitting.
         seed: int or generator for the class shuffle.
         name: prefix of the task names.
@@ -144,6 +144,10 @@ def split_stream(
     order = [int(c) for c in (classes if classes is not None else torch.unique(y_train))]
     if len(set(order)) != len(order):
         raise ValueError(f"classes must be distinct, got {order}")
+    present = set(torch.unique(y_train).tolist())
+    missing = [c for c in order if c not in present]
+    if missing:
+        raise ValueError(f"classes {missing} have no training examples")
     if n_tasks < 1 or len(order) % n_tasks:
         raise ValueError(f"{len(order)} classes cannot be split into {n_tasks} equal tasks")
     if shuffle_classes:
@@ -311,10 +315,12 @@ def stream_from_tensors(
     builders = {"split": split_stream, "permuted": permuted_stream, "rotated": rotated_stream}
     if kind not in builders:
         raise ValueError(f"unknown stream kind {kind!r}; expected one of {sorted(builders)}")
+    if (x_test is None) != (y_test is None):
+        raise ValueError("pass both x_test and y_test, or neither (to hold out a test set)")
     if x.ndim == 2:
         x = x[:, None, None, :]
     gen = _generator(seed)
-    if x_test is None or y_test is None:
+    if x_test is None or y_test is None:  # neither given (checked above)
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         order = torch.randperm(len(y), generator=gen)
@@ -344,7 +350,13 @@ def subsample(
     *,
     seed: Seed = 0,
 ) -> list[Task]:
-    """Keep at most ``n_train`` training and ``n_test`` test examples per task (seeded)."""
+    """Keep at most ``n_train`` training and ``n_test`` test examples per task (seeded).
+
+    ``None`` keeps all; a size below 1 raises ``ValueError``.
+    """
+    for what, n in (("n_train", n_train), ("n_test", n_test)):
+        if n is not None and n < 1:
+            raise ValueError(f"{what} must be >= 1 (or None for all), got {n}")
     gen = _generator(seed)
     out = []
     for task in stream:
@@ -361,9 +373,13 @@ def with_validation(
 
     Args:
         stream: the tasks.
-        fraction: share of each task's training examples moved to ``x_val``/``y_val``.
+        fraction: share of each task's training examples moved to ``x_val``/``y_val``
+            (at least one).
         n_max: cap on the validation size per task.
         seed: int or generator for the hold-out.
+
+    Raises:
+        ValueError: ``fraction`` not in ``(0, 1)``, or a task would keep no training example.
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
@@ -373,6 +389,11 @@ def with_validation(
         n_val = max(1, round(fraction * len(task.y_train)))
         if n_max is not None:
             n_val = min(n_val, n_max)
+        if n_val >= len(task.y_train):
+            raise ValueError(
+                f"task {task.name!r} has {len(task.y_train)} training examples: holding out "
+                f"{n_val} for validation would leave none for training"
+            )
         order = torch.randperm(len(task.y_train), generator=gen)
         val, train = order[:n_val], order[n_val:]
         out.append(

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gzip
 import http.server
 import os
 import shutil
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,8 +22,16 @@ from torch import nn
 from metaopt.continual.baselines import EWC, SI
 from metaopt.continual.data import DataFileError, load_mnist, read_idx
 from metaopt.continual.download import SHA256, download_dataset, verify_file
-from metaopt.continual.runner import TaskContext
-from metaopt.continual.streams import Task
+from metaopt.continual.models import build_model
+from metaopt.continual.runner import TaskContext, run_stream
+from metaopt.continual.streams import (
+    Task,
+    n_outputs,
+    split_stream,
+    stream_from_tensors,
+    subsample,
+    with_validation,
+)
 
 # --------------------------------------------------------------------------- baselines
 
@@ -295,3 +305,94 @@ def test_results_file_write_is_atomic_and_shared(tmp_path: Path) -> None:
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
     assert load_results(path)["rows"] == [{"stream": "s", "seed": 0}]
+
+
+# --------------------------------------------------------------------------- streams, runner
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Fail (instead of hanging the test session) if the block runs longer than ``seconds``."""
+
+    def expired(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _toy(n: int, n_classes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 3, 3, generator=gen), torch.arange(n) % n_classes
+
+
+def _run(stream: list[Task], **budget: int) -> object:
+    return run_stream(
+        functools.partial(build_model, "mlp", (1, 3, 3), n_outputs(stream), hidden=(4,)),
+        functools.partial(torch.optim.SGD, lr=0.1),
+        stream,
+        **budget,
+    )
+
+
+def test_split_classes_without_training_examples_are_rejected() -> None:
+    """A requested class absent from the training labels (a typo, or a subset of the data)
+    would make a task the model never learns, or an empty one."""
+    x, y = _toy(40)
+    xt, yt = _toy(20, seed=1)
+    with pytest.raises(ValueError, match=r"class(es)? \[?7"):
+        split_stream(x, y, xt, yt, n_tasks=2, classes=[0, 1, 2, 7])
+
+
+@pytest.mark.parametrize("budget", [{"steps": 2}, {"epochs": 1}])
+@pytest.mark.parametrize("empty", ["train", "test"])
+def test_run_stream_rejects_empty_tasks_before_training(budget: dict, empty: str) -> None:
+    """A task without training examples made ``steps=`` loop forever, and one without test
+    examples was silently scored 0% accuracy (``R`` looked like total forgetting)."""
+    x, y = _toy(40)
+    stream = split_stream(x, y, x, y, n_tasks=2, scenario="domain")
+    nothing = (x[:0], y[:0])
+    fields = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")}[empty]
+    broken = Task(**{**stream[1].__dict__, **dict(zip(fields, nothing, strict=True))})
+    with _deadline(10), pytest.raises(ValueError, match=f"{broken.name}.*no {empty}"):
+        _run([stream[0], broken], **budget)
+
+
+def test_validation_hold_out_keeps_training_examples() -> None:
+    """Holding out validation examples must leave something to train on."""
+    x, y = _toy(8)
+    (task,) = split_stream(x[:1], y[:1], x, y, n_tasks=1, classes=[0])
+    with pytest.raises(ValueError, match="training"):
+        with_validation([task], 0.5)
+    (task,) = split_stream(x[:2], y[:2], x, y, n_tasks=1, classes=[0, 1])
+    with pytest.raises(ValueError, match="training"):
+        with_validation([task], 0.9)
+    (held,) = with_validation([task], 0.5)
+    assert len(held.y_train) == 1 and len(held.y_val) == 1
+
+
+def test_subsample_to_nothing_is_rejected() -> None:
+    x, y = _toy(40)
+    stream = split_stream(x, y, x, y, n_tasks=2)
+    for what, n in (("n_train", 0), ("n_test", 0), ("n_train", -5)):
+        with pytest.raises(ValueError, match=f"{what} must be >= 1"):
+            subsample(stream, **{what: n})
+
+
+def test_stream_from_tensors_needs_both_test_tensors() -> None:
+    """Passing ``x_test`` without ``y_test`` (or the reverse) silently held out a random
+    test set from the training data and ignored the one given."""
+    x, y = _toy(40)
+    xt, yt = _toy(20, seed=1)
+    with pytest.raises(ValueError, match="x_test and y_test"):
+        stream_from_tensors(x, y, x_test=xt, n_tasks=2)
+    with pytest.raises(ValueError, match="x_test and y_test"):
+        stream_from_tensors(x, y, y_test=yt, n_tasks=2)
+    stream = stream_from_tensors(x, y, x_test=xt, y_test=yt, n_tasks=2)
+    assert sum(len(t.y_train) for t in stream) == 40
+    assert sum(len(t.y_test) for t in stream) == 20
