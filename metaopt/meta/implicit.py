@@ -65,17 +65,30 @@ def conjugate_gradient(
 
     Returns:
         ``x`` (same tree structure as ``b``), starting from zero.
+
+    Raises:
+        torch.linalg.LinAlgError: a search direction ``p`` with ``p^T A p <= 0`` (or not
+            finite) before convergence: ``A`` is singular or indefinite, and the next
+            step would divide by zero or move uphill (NaN or a wrong solution).
     """
     x = {k: torch.zeros_like(v) for k, v in b.items()}
     r = {k: v.clone() for k, v in b.items()}
     p = {k: v.clone() for k, v in b.items()}
     rs = _dot(r, r)
     threshold = tol * rs
-    for _ in range(max_iters):
+    for iteration in range(max_iters):
         if rs <= threshold or rs == 0:
             break
         ap = matvec(p)
-        alpha = rs / _dot(p, ap)
+        curvature = _dot(p, ap)
+        if not curvature > 0:
+            raise torch.linalg.LinAlgError(
+                "conjugate_gradient: the operator is not positive definite along a search "
+                f"direction (p^T A p = {float(curvature):.3g} at iteration {iteration}); for "
+                "implicit differentiation through a singular or indefinite Hessian, pass "
+                "damping > 0"
+            )
+        alpha = rs / curvature
         x = {k: x[k] + alpha * p[k] for k in x}
         r = {k: r[k] - alpha * ap[k] for k in r}
         rs_new = _dot(r, r)
@@ -144,7 +157,9 @@ class Implicit:
 
 
 class _ImplicitRoot(torch.autograd.Function):
-    """Returns the solver's solution; its backward is the implicit VJP."""
+    """Returns the solver's solution; its backward is the implicit VJP (first order only:
+    differentiating the backward again raises instead of dropping the implicit part, see
+    :class:`_FirstOrderOnly`)."""
 
     @staticmethod
     def forward(ctx: Any, config: dict[str, Any], *tensors: torch.Tensor) -> Any:
@@ -174,7 +189,28 @@ class _ImplicitRoot(torch.autograd.Function):
                 config["cg_iters"],
                 config["tol"],
             )
-        return (None, *([None] * n), *(out[k] for k in config["meta_keys"]))
+        grads = [out[k] for k in config["meta_keys"]]
+        anchors = [t for t in (*tensors[n:], *grad_outputs) if t is not None and t.requires_grad]
+        if torch.is_grad_enabled() and anchors:  # backward(create_graph=True)
+            grads = [_FirstOrderOnly.apply(g, *anchors) for g in grads]
+        return (None, *([None] * n), *grads)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """The identity on ``value``, attached to ``anchors`` (the tensors an implicit
+    gradient depends on): differentiating through it raises, so a second derivative
+    through :func:`implicit_root` fails instead of silently missing the implicit part."""
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor, *anchors: torch.Tensor) -> torch.Tensor:
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> Any:
+        raise RuntimeError(
+            "implicit_root's gradient is first-order only: it cannot be differentiated "
+            "again (second derivatives through the implicit solve are not implemented)"
+        )
 
 
 def implicit_root(
@@ -186,7 +222,8 @@ def implicit_root(
     (a loop of ``torch.optim`` steps, a closed form, L-BFGS); it runs without a graph.
     The returned parameters carry gradients to the tensors in ``meta_params`` as if the
     solver had been differentiated through at its fixed point
-    ``grad_theta inner_loss(params, meta_params) = 0``.
+    ``grad_theta inner_loss(params, meta_params) = 0``. First order only: a second
+    derivative through the result (``create_graph=True`` then another backward) raises.
 
     Example:
         >>> @implicit_root(lambda w, mp: ((X @ w["w"] - y) ** 2).mean() + mp["l2"] * ...)

@@ -87,3 +87,88 @@ def test_es_refuses_empty_meta_params_before_running(cls):
 def test_fractional_window_or_pair_counts_are_refused(make):
     with pytest.raises(TypeError, match="integer"):
         make()
+
+
+# ---------------------------------------------------------------- implicit differentiation
+
+
+class Underdetermined:
+    """Least squares with more weights than examples: ``H = X^T X`` is singular.
+
+    Inner loss ``0.5 ||X w - (y + phi u)||^2``; meta-loss ``0.5 ||w - c||^2``; the solver
+    returns the minimum-norm solution. With damping ``lambda`` the implicit gradient is
+    ``u^T X (H + lambda I)^{-1} (w - c)`` in closed form.
+    """
+
+    def __init__(self) -> None:
+        gen = torch.Generator().manual_seed(3)
+        self.X = torch.randn(3, 5, generator=gen, dtype=F64)
+        self.y = torch.randn(3, generator=gen, dtype=F64)
+        self.u = torch.randn(3, generator=gen, dtype=F64)
+        self.c = torch.randn(5, generator=gen, dtype=F64)
+
+    def solve(self, mp):
+        return {"w": torch.linalg.pinv(self.X) @ (self.y + mp["phi"] * self.u)}
+
+    def inner_loss(self, params, mp):
+        r = self.X @ params["w"] - (self.y + mp["phi"] * self.u)
+        return 0.5 * (r @ r)
+
+    def meta_loss(self, params, mp):
+        d = params["w"] - self.c
+        return 0.5 * (d @ d)
+
+    def damped_gradient(self, phi: torch.Tensor, damping: float) -> torch.Tensor:
+        w = self.solve({"phi": phi})["w"]
+        H = self.X.T @ self.X + damping * torch.eye(5, dtype=F64)
+        return self.u @ self.X @ torch.linalg.solve(H, w - self.c)
+
+
+def test_implicit_on_a_singular_hessian_fails_clearly_and_damping_matches_closed_form():
+    """An overparameterised inner problem has a singular Hessian: conjugate gradient
+    breaks down (``p^T H p = 0``). That must be a clear error pointing at ``damping``,
+    not a NaN meta-gradient; with damping the result is the closed form above."""
+    from metaopt.meta import Implicit
+
+    problem = Underdetermined()
+    mp = {"phi": torch.tensor(0.4, dtype=F64)}
+    with pytest.raises(torch.linalg.LinAlgError, match="damping"):
+        Implicit()(mp, problem)
+    for damping in (1e-3, 0.5):
+        got = Implicit(damping=damping, cg_iters=200)(mp, problem).grads["phi"]
+        torch.testing.assert_close(got, problem.damped_gradient(mp["phi"], damping),
+                                   rtol=1e-8, atol=1e-12)
+
+
+def test_conjugate_gradient_refuses_an_indefinite_operator():
+    from metaopt.meta import conjugate_gradient
+
+    A = torch.diag(torch.tensor([1.0, 0.0], dtype=F64))
+    with pytest.raises(torch.linalg.LinAlgError, match="positive definite"):
+        conjugate_gradient(lambda v: {"x": A @ v["x"]}, {"x": torch.ones(2, dtype=F64)})
+
+
+def test_implicit_root_refuses_second_derivatives_instead_of_dropping_them():
+    """The implicit backward is first-order only. Differentiating it again used to
+    return the direct second-order term alone (2.0 instead of 2.0166 below): silently
+    wrong. It must raise."""
+    from metaopt.meta import implicit_root
+
+    gen = torch.Generator().manual_seed(0)
+    X, y = torch.randn(20, 3, generator=gen, dtype=F64), torch.randn(20, generator=gen, dtype=F64)
+
+    def inner(p, mp):
+        return 0.5 * ((X @ p["w"] - y) ** 2).sum() + 0.5 * mp["l2"] * (p["w"] @ p["w"])
+
+    @implicit_root(inner)
+    def solve(mp):
+        return {"w": torch.linalg.solve(X.T @ X + mp["l2"] * torch.eye(3, dtype=F64), X.T @ y)}
+
+    l2 = torch.tensor(0.5, dtype=F64, requires_grad=True)
+    w = solve({"l2": l2})["w"]
+    (g,) = torch.autograd.grad((w**2).sum() + l2**2, l2, create_graph=True)
+    exact = torch.linalg.solve(X.T @ X + l2 * torch.eye(3, dtype=F64), X.T @ y)
+    (g_exact,) = torch.autograd.grad((exact**2).sum() + l2**2, l2)
+    torch.testing.assert_close(g.detach(), g_exact, rtol=1e-8, atol=0)  # first order is right
+    with pytest.raises(RuntimeError, match="first-order only"):
+        torch.autograd.grad(g, l2)
