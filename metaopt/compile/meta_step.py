@@ -77,6 +77,29 @@ def _detached(tree: Any) -> Any:
     return pytree.tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
 
 
+RngState = list[tuple[torch.device, torch.Tensor]]
+"""The states of the random-number generators of some devices."""
+
+
+def _rng_state(devices: set[torch.device]) -> RngState:
+    """The states of the CPU's generator and of those of ``devices``."""
+    cpu = torch.device("cpu")
+    states = [(cpu, torch.get_rng_state())]
+    for device in sorted(devices - {cpu}, key=str):
+        if device.type != "meta":
+            states.append((device, torch.get_device_module(device).get_rng_state(device)))
+    return states
+
+
+def _set_rng_state(states: RngState) -> None:
+    """Put the generators back into ``states`` (from :func:`_rng_state`)."""
+    for device, state in states:
+        if device.type == "cpu":
+            torch.set_rng_state(state)
+        else:
+            torch.get_device_module(device).set_rng_state(state, device)
+
+
 def _split_state(opt_state: State) -> tuple[list[torch.Tensor], list[Any], Any]:
     """Floating leaves of the state (differentiated), the other leaves, and the spec."""
     leaves, spec = pytree.tree_flatten(opt_state)
@@ -201,18 +224,27 @@ class MetaStep:
         trajectory = []
         losses = []
         z = (_detached(params), buffers, _detached(opt_state))
+        devices = {x.device for x in params.values()}
         for chunk in chunks:
-            trajectory.append(z)
+            # the vjp recomputes the chunk: with the same random numbers (dropout masks)
+            trajectory.append((z, _rng_state(devices)))
             *z, chunk_losses = self.inner(meta, *z, chunk)
             losses.append(chunk_losses)
         cot_params, meta_loss = self.val_grad(z[0], z[1], val_batch)
+        after_forward = _rng_state(devices)
         cot_state = [torch.zeros_like(x) for x in _split_state(z[2])[0]]
         meta_grads = {k: torch.zeros_like(v) for k, v in meta.items()}
-        for (p, b, s), chunk in zip(reversed(trajectory), reversed(chunks), strict=True):
-            g_meta, cot_params, cot_state = self.inner_vjp(
-                meta, p, b, s, chunk, cot_params, cot_state
-            )
-            meta_grads = {k: meta_grads[k] + g_meta[k] for k in meta_grads}
+        try:
+            for ((p, b, s), rng), chunk in zip(
+                reversed(trajectory), reversed(chunks), strict=True
+            ):
+                _set_rng_state(rng)
+                g_meta, cot_params, cot_state = self.inner_vjp(
+                    meta, p, b, s, chunk, cot_params, cot_state
+                )
+                meta_grads = {k: meta_grads[k] + g_meta[k] for k in meta_grads}
+        finally:  # the generators advance as by one forward pass, as with remat=False
+            _set_rng_state(after_forward)
         return MetaStepResult(
             meta_loss, meta_grads, cot_params, z[0], z[1], z[2], torch.cat(losses)
         )

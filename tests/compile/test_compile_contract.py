@@ -1,0 +1,62 @@
+"""What a user of make_step, fit and make_meta_step may rely on, against eager references.
+
+Frozen parameters, donation, errors of a compiled step, one-shot loaders, dropout under the
+recomputing meta step, tied weights, float64 and batchnorm buffers written back by fit.
+Compiled steps use ``backend="aot_eager"`` (no Inductor) to stay fast.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import metaopt
+from metaopt.compile import make_meta_step, module_state
+from tests.compile.compile_models import batches, unrolled_meta_grad
+
+AOT = {"backend": "aot_eager"}
+
+
+COMPILE = [False, pytest.param(True, marks=pytest.mark.slow)]
+"""``compile`` for tests whose compiled case takes over 3 s."""
+
+
+def compile_kwargs(compile: bool) -> dict[str, str]:
+    """Cheap compile options for ``compile=True``, none for the eager step."""
+    return AOT if compile else {}
+
+
+def dropout_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 3)).double()
+
+
+@pytest.mark.parametrize("compile", COMPILE)
+@pytest.mark.parametrize("steps_per_call", [1, 2])
+def test_meta_step_with_dropout_is_the_gradient_of_the_sampled_unroll(compile, steps_per_call):
+    """remat=True recomputes each inner step in its vjp; it must draw the same dropout
+    masks as the forward did, else the meta-gradient mixes two different unrolls."""
+    model = dropout_mlp()
+    data = [(x.double(), y) for x, y in batches("mlp", 4, seed=1)]
+    train, val = data[:3], data[3]
+    factory = lambda m: metaopt.rules.sgd(lr=m["lr"])  # noqa: E731
+    meta = {"lr": torch.tensor(0.3, dtype=torch.float64)}
+    params, buffers = module_state(model)
+    torch.manual_seed(5)
+    expected = unrolled_meta_grad(model, factory, meta, params, buffers, train, val)
+    after_reference = torch.rand(3)
+    results = {}
+    for remat in (True, False):
+        meta_step = make_meta_step(model, F.cross_entropy, factory, remat=remat,
+                                   compile=compile, steps_per_call=steps_per_call,
+                                   **compile_kwargs(compile))
+        torch.manual_seed(5)
+        results[remat] = meta_step(meta, params, buffers, factory(meta).init(params), train, val)
+        # the generator ends where one pass through the unroll leaves it
+        torch.testing.assert_close(torch.rand(3), after_reference, atol=0, rtol=0)
+    tight = {"atol": 1e-12, "rtol": 1e-10}
+    for remat, out in results.items():
+        torch.testing.assert_close(out.meta_grads["lr"], expected["lr"], **tight, msg=str(remat))
+    torch.testing.assert_close(results[True].init_grads, results[False].init_grads, **tight)
