@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._dynamo.exc import TorchDynamoException
 from torch.func import functional_call, grad_and_value
 from torch.utils import _pytree as pytree
 
@@ -78,10 +79,17 @@ def loss_and_buffers(
     Returns:
         ``(loss, new_buffers)``: a 0-d loss and the updated buffers.
     """
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        got = type(batch).__name__
+        if isinstance(batch, (tuple, list)):
+            got += f" of length {len(batch)}"
+        raise TypeError(f"batch must be an (inputs, targets) pair, got a {got}")
     inputs, targets = batch
     new_buffers = {name: b.clone() for name, b in buffers.items()}
     outputs = functional_call(model, (params, new_buffers), (inputs,))
     loss = loss_fn(outputs, targets)
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss_fn must return a 0-d loss tensor, got a {type(loss).__name__}")
     if loss.dim() != 0:
         raise ValueError(f"loss_fn must return a 0-d loss, got shape {tuple(loss.shape)}")
     return loss, new_buffers
@@ -133,19 +141,23 @@ def _pure_step(model: nn.Module, loss_fn: LossFn, rule: UpdateRule, donate: bool
 
 @dataclass(frozen=True)
 class InnerStep:
-    """A pure inner training step; call it as ``step(params, buffers, opt_state, batch)``.
+    """An inner training step; call it as ``step(params, buffers, opt_state, batch)``.
 
     Attributes:
         fn: the function that runs (compiled when ``compiled`` is true).
         eager: the same step without ``torch.compile`` (the reference for ``fn``).
         rule: the update rule it applies.
         compiled: whether ``fn`` is the ``torch.compile`` of ``eager``.
+        pure: the step without ``torch.compile`` and without donation; when ``fn`` fails
+            to compile, it runs on the same arguments so that the error raised is the
+            step's own (a bad batch or loss), not Dynamo's report of it.
     """
 
     fn: StepFn
     eager: StepFn
     rule: UpdateRule
     compiled: bool
+    pure: StepFn | None = None
 
     def __call__(
         self, params: Params, buffers: Params, opt_state: State, batch: Batch
@@ -154,7 +166,16 @@ class InnerStep:
 
         ``loss`` is the training loss *before* the update, on ``batch``.
         """
-        return self.fn(params, buffers, opt_state, batch)
+        try:
+            return self.fn(params, buffers, opt_state, batch)
+        except TorchDynamoException as compile_error:
+            if self.pure is None:
+                raise
+            try:  # raises the step's own error, if it has one; mutates nothing
+                self.pure(params, buffers, opt_state, batch)
+            except Exception as error:
+                raise error from compile_error
+            raise
 
     def init(self, model: nn.Module) -> tuple[Params, Params, State]:
         """``(params, buffers, opt_state)`` to start from: :func:`module_state` of
@@ -213,15 +234,14 @@ def make_step(
         )
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if compile_kwargs and not compile:
+        raise TypeError(f"compile_kwargs {sorted(compile_kwargs)} need compile=True")
     eager = _pure_step(model, loss_fn, rule, donate)
     if not compile:
-        if compile_kwargs:
-            raise TypeError(f"compile_kwargs {sorted(compile_kwargs)} need compile=True")
         return InnerStep(eager, eager, rule, compiled=False)
     compile_kwargs.setdefault("fullgraph", True)
-    return InnerStep(
-        compile_own(eager, **compile_kwargs), eager, rule, compiled=True
-    )
+    pure = _pure_step(model, loss_fn, rule, False) if donate else eager
+    return InnerStep(compile_own(eager, **compile_kwargs), eager, rule, True, pure)
 
 
 def tensor_hyper(

@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 
 import metaopt
-from metaopt.compile import make_meta_step, module_state
-from tests.compile.compile_models import batches, unrolled_meta_grad
+from metaopt.compile import make_meta_step, make_step, module_state
+from tests.compile.compile_models import batches, build, unrolled_meta_grad
 
 AOT = {"backend": "aot_eager"}
 
@@ -60,3 +61,39 @@ def test_meta_step_with_dropout_is_the_gradient_of_the_sampled_unroll(compile, s
     for remat, out in results.items():
         torch.testing.assert_close(out.meta_grads["lr"], expected["lr"], **tight, msg=str(remat))
     torch.testing.assert_close(results[True].init_grads, results[False].init_grads, **tight)
+
+
+def _bad_calls(model: nn.Module):
+    """``(loss_fn, batch, state transform, expected error, message)`` of bad calls."""
+    x, y = batches("mlp", 1)[0]
+    per_sample = lambda out, t: F.cross_entropy(out, t, reduction="none")  # noqa: E731
+    with_aux = lambda out, t: (F.cross_entropy(out, t), out)  # noqa: E731
+    same = lambda s: s  # noqa: E731
+    drop_last = lambda s: dict(list(s.items())[:-1])  # noqa: E731
+    return [
+        (per_sample, (x, y), same, ValueError, "0-d loss"),
+        (with_aux, (x, y), same, TypeError, "0-d loss tensor, got a tuple"),
+        (F.cross_entropy, {"inputs": x, "targets": y}, same, TypeError, "pair, got a dict"),
+        (F.cross_entropy, (x, y, y), same, TypeError, "pair, got a tuple of length 3"),
+        (F.cross_entropy, (x, y), drop_last, ValueError, "state does not match"),
+        (F.cross_entropy, (x[:, :5], y), same, RuntimeError, "shape"),
+    ]
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_compiled_step_raises_the_errors_of_the_eager_step(donate):
+    """Bad input gives the same exception type and message compiled as eager (not
+    Dynamo's report of it), and leaves the arguments as they were."""
+    model = build("mlp")
+    for loss_fn, batch, edit, error, message in _bad_calls(model):
+        for compile in (False, True):
+            step = make_step(model, loss_fn, metaopt.rules.adam(lr=0.1), compile=compile,
+                             donate=donate, **compile_kwargs(compile))
+            params, buffers, state = step.init(model)
+            state = edit(state)
+            snapshot = pytree.tree_map(torch.clone, (params, buffers, state))
+            with pytest.raises(error, match=message):
+                step(params, buffers, state, batch)
+            for a, b in zip(pytree.tree_leaves((params, buffers, state)),
+                            pytree.tree_leaves(snapshot), strict=True):
+                assert torch.equal(a, b)
