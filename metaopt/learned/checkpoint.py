@@ -90,8 +90,9 @@ def load_checkpoint(path: str | Path) -> tuple[LearnedRuleNet, dict[str, Any]]:
         ``(net, metadata)``; ``net`` is in eval mode, float32, on the CPU.
 
     Raises:
-        CheckpointError: the file is missing, corrupt, of another format, or its
-            feature sizes / weights do not fit :class:`LearnedRuleNet`.
+        CheckpointError: the file is missing, corrupt (unreadable, non-finite weights,
+            metadata that is not a dict), of another format, or its feature sizes /
+            config / weights do not fit :class:`LearnedRuleNet`.
     """
     path = Path(path)
     if not path.is_file():
@@ -109,13 +110,19 @@ def load_checkpoint(path: str | Path) -> tuple[LearnedRuleNet, dict[str, Any]]:
             f"{path} was made for {sizes[0]} token / {sizes[1]} task features; this version "
             f"of metaopt uses {N_TOKEN_FEATURES} / {N_TASK_FEATURES}"
         )
+    metadata = payload.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: metadata must be a dict, got {type(metadata).__name__}")
     try:
         net = LearnedRuleNet(**payload["config"])
         net.load_state_dict(payload["state_dict"], strict=True)
     except (KeyError, TypeError, RuntimeError, ValueError) as err:
         raise CheckpointError(f"{path} does not fit LearnedRuleNet: {err}") from err
+    for name, tensor in net.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path} is corrupt: {name} holds NaN or infinite values")
     net.eval()
-    metadata = dict(payload.get("metadata") or {})
+    metadata = dict(metadata or {})
     logger.debug("loaded learned-rule checkpoint %s (%s)", path, metadata.get("description"))
     return net, metadata
 

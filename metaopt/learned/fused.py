@@ -52,11 +52,13 @@ measured the same (kernels and wrapper go to one compiler call)."""
 
 
 def fusable(params: list[torch.Tensor], leaves: list[LearnedState]) -> bool:
-    """Whether :func:`fused_learned_step_` can update these tensors in place: contiguous
-    parameters and moments (their ``[n_tokens, length]`` views must alias them) and no
-    pending task boundary (fold it eagerly first, see :func:`metaopt.learned.fold_task`)."""
+    """Whether :func:`fused_learned_step_` can update these tensors in place: contiguous,
+    non-empty parameters and moments (their ``[n_tokens, length]`` views must alias them;
+    an empty tensor has no token, see :func:`metaopt.learned.learned_rule`) and no pending
+    task boundary (fold it eagerly first, see :func:`metaopt.learned.fold_task`)."""
     return all(
-        p.is_contiguous()
+        p.numel() > 0
+        and p.is_contiguous()
         and s.exp_avg.is_contiguous()
         and s.exp_avg_sq.is_contiguous()
         and not s.pending.numel()
@@ -121,8 +123,8 @@ def fused_learned_step_(
     """
     if not fusable(params, leaves):
         raise ValueError(
-            "fused_learned_step_ needs contiguous parameters and moments and no pending "
-            "task boundary"
+            "fused_learned_step_ needs non-empty contiguous parameters and moments and no "
+            "pending task boundary"
         )
     views, v_dense = _views(grads, params, leaves, max_block, view_cache)
     # the core sees each buffer once, as a view, and the small per-tensor fields stacked:

@@ -12,6 +12,7 @@ corrections, ``gate = 1``, ``gate_lambda = 0`` and ``rho = 0``: the rule is Adam
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -51,7 +52,7 @@ class LearnedRuleNet(nn.Module):
     Args:
         d_model: width of the token embeddings.
         n_heads: attention heads (must divide ``d_model``).
-        n_layers: transformer encoder layers.
+        n_layers: transformer encoder layers (0 allowed).
         d_ff: hidden width of the encoder's feed-forward blocks.
         rho_scale: multiplies the raw pull-back output (so ``rho`` of order ``rho_scale``
             per step for raw outputs of order 1).
@@ -75,6 +76,7 @@ class LearnedRuleNet(nn.Module):
         max_correction: float = 1.0,
     ) -> None:
         super().__init__()
+        _check_config(d_model, n_heads, n_layers, d_ff, rho_scale, max_log_scale, max_correction)
         if d_model % n_heads:
             raise ValueError(f"n_heads ({n_heads}) must divide d_model ({d_model})")
         self.config: dict[str, Any] = {
@@ -123,6 +125,31 @@ class LearnedRuleNet(nn.Module):
             gate_lambda=lam.clamp(min=0.0),
             rho=self.rho_scale * rho.clamp(min=0.0),
         )
+
+
+def _check_config(
+    d_model: Any,
+    n_heads: Any,
+    n_layers: Any,
+    d_ff: Any,
+    rho_scale: Any,
+    max_log_scale: Any,
+    max_correction: Any,
+) -> None:
+    """Raise ``TypeError`` / ``ValueError`` naming the first invalid option of
+    :class:`LearnedRuleNet` (a checkpoint's config is read back through it)."""
+    sizes = {"d_model": d_model, "n_heads": n_heads, "n_layers": n_layers, "d_ff": d_ff}
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"LearnedRuleNet: {name} must be an int, got {value!r}")
+        if value < (0 if name == "n_layers" else 1):
+            raise ValueError(f"LearnedRuleNet: {name} must be positive, got {value}")
+    scales = {"rho_scale": rho_scale, "max_log_scale": max_log_scale}
+    for name, value in {**scales, "max_correction": max_correction}.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError(f"LearnedRuleNet: {name} must be a number, got {value!r}")
+        if not 0 <= value < math.inf:
+            raise ValueError(f"LearnedRuleNet: {name} must be finite and >= 0, got {value}")
 
 
 def _encoder_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.Tensor:

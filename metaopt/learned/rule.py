@@ -140,7 +140,9 @@ def learned_rule(
             initialisation only where ``g^2`` is rank one. Off by default.
 
     Returns:
-        ``UpdateRule`` whose ``update(grads, state, params)`` requires ``params``.
+        ``UpdateRule`` whose ``update(grads, state, params)`` requires ``params``. A
+        ``None`` gradient skips its parameter (update ``None``, state kept, no token), as
+        ``torch.optim`` does; an empty tensor gets an empty update and no token.
     """
     _check_options(lr, betas, eps, max_block, sample_size, topk_fraction, aux_dtype)
     check_importance(importance)
@@ -164,14 +166,18 @@ def learned_rule(
         missing = [k for k in keys if k not in param_of]
         if missing:
             raise ValueError(f"learned_rule: params lack the keys {missing}")
-        if not items:
-            return rebuild(grads, []), {}
+        updates: dict[str, torch.Tensor | None] = {}
+        new_state: State = {}
+        active: list[str] = []  # the keys that get tokens: gradients with elements
         leaves: list[LearnedState] = []
         folded = False
         for key, g in items:
             leaf = state[key]
             if not isinstance(leaf, LearnedState):
                 raise TypeError(f"learned_rule: state[{key!r}] is not a LearnedState")
+            if g is None:  # no gradient: skipped, as torch.optim skips such a parameter
+                updates[key], new_state[key] = None, leaf
+                continue
             if leaf.exp_avg.shape != g.shape:
                 raise ValueError(
                     f"learned_rule: gradient of {key!r} has shape {tuple(g.shape)}, "
@@ -180,27 +186,34 @@ def learned_rule(
             if leaf.pending.numel():  # a boundary marked by new_task(state) without params
                 leaf = fold_task(leaf, param_of[key], importance)
                 folded = True
+            if not g.numel():  # an empty tensor: nothing to update and no token; counted
+                updates[key] = torch.zeros_like(g)
+                new_state[key] = leaf._replace(step=leaf.step + 1, task_step=leaf.task_step + 1)
+                continue
+            active.append(key)
             leaves.append(leaf)
-        grads_l = [g for _, g in items]
-        params_l = [param_of[k] for k in keys]
-        updates, new_leaves = _learned_step(
-            grads_l,
-            params_l,
-            leaves,
-            run_net,
-            lr=lr,
-            b1=b1,
-            b2=b2,
-            eps=eps,
-            max_block=max_block,
-            sample_size=sample_size,
-            topk_fraction=topk_fraction,
-            net_dtype=net_dtype_of(net, meta_params),
-            inplace_state=inplace_state,
-            workspace=workspace,
-            importance_free=importance_free and not folded,
-        )
-        return rebuild(grads, updates), dict(zip(keys, new_leaves, strict=True))
+        if active:
+            grad_of = dict(items)
+            active_updates, new_leaves = _learned_step(
+                [grad_of[k] for k in active],
+                [param_of[k] for k in active],
+                leaves,
+                run_net,
+                lr=lr,
+                b1=b1,
+                b2=b2,
+                eps=eps,
+                max_block=max_block,
+                sample_size=sample_size,
+                topk_fraction=topk_fraction,
+                net_dtype=net_dtype_of(net, meta_params),
+                inplace_state=inplace_state,
+                workspace=workspace,
+                importance_free=importance_free and not folded,
+            )
+            updates.update(zip(active, active_updates, strict=True))
+            new_state.update(zip(active, new_leaves, strict=True))
+        return rebuild(grads, [updates[k] for k in keys]), {k: new_state[k] for k in keys}
 
     return UpdateRule(init, update)
 

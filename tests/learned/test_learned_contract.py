@@ -1,0 +1,224 @@
+"""Adversarial contract tests of the learned rule: tensors of odd shapes (empty, 0-d,
+split into row blocks), missing gradients, mixed dtypes, and checkpoint files that are
+damaged or do not fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import metaopt
+from metaopt.learned import (
+    CheckpointError,
+    LearnedRuleNet,
+    learned_rule,
+    load_checkpoint,
+    new_task,
+    observe_loss,
+    save_checkpoint,
+)
+from metaopt.learned.fused import fusable
+from metaopt.rules import adam, apply_updates
+from tests.learned.helpers import perturbed_net
+
+
+def _grads(params: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in params.items()}
+
+
+def _params(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.float64) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    return {k: torch.randn(s, generator=gen, dtype=dtype) for k, s in shapes.items()}
+
+
+_DEPTH = {"w": 0.0, "e": 0.3, "s": 0.6, "b": 1.0}
+"""Fixed depths, so that leaving a tensor out of a tree changes no other descriptor."""
+
+
+def _update_twice(
+    rule: metaopt.rules.UpdateRule, params: dict, grads: dict, state: dict | None = None
+) -> tuple[dict, dict]:
+    """Two updates with the same gradients (the second after a task boundary, where the
+    importance terms are live); returns the second's updates and state."""
+    state = rule.init(params) if state is None else state
+    _, state = rule.update(grads, state, params)
+    state = new_task(observe_loss(state, 2.0), params)
+    return rule.update(grads, state, params)
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False])
+def test_an_empty_tensor_gets_an_empty_update_and_no_token(grad_enabled: bool) -> None:
+    """A tensor with no elements (``nn.Linear(0, 3)``, a pruned head) must neither crash
+    the step nor change the other tensors' updates: it has nothing to attend with."""
+    net = perturbed_net(dtype=torch.float64)
+    rule = learned_rule(net, lr=1e-2, depth=_DEPTH, aux_dtype=None)
+    with_empty = _params({"w": (3, 4), "e": (0, 3), "b": (4,)})
+    without = {k: v for k, v in with_empty.items() if k != "e"}
+    grads = _grads(with_empty, 1)
+    with torch.set_grad_enabled(grad_enabled):
+        updates, state = _update_twice(rule, with_empty, grads)
+        ref, ref_state = _update_twice(rule, without, {k: grads[k] for k in without})
+    assert updates["e"].shape == (0, 3) and updates["e"].dtype == torch.float64
+    assert float(state["e"].step) == 2.0 and float(state["e"].task_index) == 1.0
+    for k in without:
+        torch.testing.assert_close(updates[k], ref[k], rtol=0, atol=0)
+        torch.testing.assert_close(state[k].exp_avg, ref_state[k].exp_avg, rtol=0, atol=0)
+    # the fused in-place step of LearnedOptimizer(compile=True) must leave such a group
+    # to the eager path (it views every tensor as [n_tokens, length])
+    assert not fusable(list(with_empty.values()), list(state.values()))
+
+
+def test_learned_optimizer_steps_a_model_with_an_empty_parameter() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model.register_parameter("empty", torch.nn.Parameter(torch.zeros(0, 3)))
+    opt = metaopt.LearnedOptimizer(model.parameters(), lr=1e-2)
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    for _ in range(2):
+        opt.zero_grad()
+        loss = model(torch.randn(5, 4)).pow(2).mean() + model.empty.sum()
+        loss.backward()
+        opt.step()
+    for k, p in model.named_parameters():
+        assert torch.equal(p, before[k]) == (k == "empty"), k
+    assert float(opt.state[model.empty][".step"]) == 2.0
+
+
+def test_a_missing_gradient_skips_its_parameter() -> None:
+    """``None`` gradient (``autograd.grad(..., allow_unused=True)``): ``None`` update,
+    state kept as it is (a pending task boundary included), and the other tensors are
+    updated as if it were not in the tree."""
+    net = perturbed_net(dtype=torch.float64)
+    rule = learned_rule(net, lr=1e-2, depth=_DEPTH, aux_dtype=None)
+    params = _params({"w": (3, 4), "s": (), "b": (4,)})
+    state = rule.init(params)
+    _, state = rule.update(_grads(params, 0), state, params)
+    state = new_task(state)  # pending: folded at each parameter's next update
+    grads = _grads(params, 1)
+    updates, new_state = rule.update({**grads, "s": None}, state, params)
+    assert updates["s"] is None
+    assert new_state["s"] is state["s"] and state["s"].pending.numel() == 1
+    rest = {k: params[k] for k in ("w", "b")}
+    ref, _ = rule.update({k: grads[k] for k in rest}, {k: state[k] for k in rest}, rest)
+    for k in rest:
+        torch.testing.assert_close(updates[k], ref[k], rtol=0, atol=0)
+        assert new_state[k].pending.numel() == 0
+    assert torch.equal(apply_updates(params, updates)["s"], params["s"])
+    nothing, same = rule.update(dict.fromkeys(params), state, params)
+    assert all(u is None for u in nothing.values())
+    assert all(same[k] is state[k] for k in params)
+
+
+@pytest.mark.parametrize("max_block", [1, 4, 7, 64])
+def test_fresh_net_is_adam_for_odd_shapes_and_row_blocks(max_block: int) -> None:
+    """0-d tensors, single elements, and tensors cut into row blocks at every kind of
+    boundary (rows, parts of rows, sizes with few divisors): the fresh net is Adam."""
+    shapes = {"s": (), "one": (1,), "rows": (6, 5), "odd": (13, 11), "prime": (2, 17), "c": (3,)}
+    params = _params(shapes)
+    rule = learned_rule(LearnedRuleNet(), lr=1e-2, max_block=max_block)
+    ours, ref = dict(params), dict(params)
+    ours_state, ref_state = rule.init(ours), adam(lr=1e-2).init(ref)
+    for t in range(4):
+        grads = _grads(params, t)
+        u, ours_state = rule.update(grads, ours_state, ours)
+        ours = apply_updates(ours, u)
+        u, ref_state = adam(lr=1e-2).update(grads, ref_state, ref)
+        ref = apply_updates(ref, u)
+    for k in params:
+        torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=1e-12)
+
+
+def test_mixed_dtypes_in_one_tree_keep_their_dtypes() -> None:
+    net = perturbed_net()
+    params = {
+        "w64": torch.randn(4, 3, dtype=torch.float64),
+        "w32": torch.randn(5, dtype=torch.float32),
+        "wbf": torch.randn(2, 3, dtype=torch.bfloat16),
+    }
+    rule = learned_rule(net, lr=1e-2, aux_dtype=None)
+    updates, state = _update_twice(rule, params, _grads(params, 3))
+    for k, p in params.items():
+        assert updates[k].dtype == p.dtype and bool(torch.isfinite(updates[k]).all())
+        for field in ("exp_avg", "exp_avg_sq", "anchor", "importance"):
+            assert getattr(state[k], field).dtype == p.dtype, (k, field)
+        assert state[k].step.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _rewritten(tmp_path: Path, change: Any) -> Path:
+    """A valid checkpoint with ``change(payload)`` applied, saved to a new file."""
+    path = save_checkpoint(LearnedRuleNet(), tmp_path / "ok.pt", {"description": "x"})
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    out = tmp_path / "changed.pt"
+    torch.save(payload, out)
+    return out
+
+
+def _set(where: str, key: str, value: Any) -> Any:
+    def change(payload: dict) -> None:
+        (payload if where == "top" else payload[where])[key] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (_set("top", "metadata", [1, 2]), "metadata must be a dict"),
+        (_set("top", "metadata", "abc"), "metadata must be a dict"),
+        (_set("config", "n_heads", 0), "n_heads must be positive"),
+        (_set("config", "d_model", -4), "d_model must be positive"),
+        (_set("config", "d_model", 32.0), "d_model must be an int"),
+        (_set("config", "rho_scale", float("nan")), "rho_scale must be finite"),
+        (_set("config", "max_log_scale", "3"), "max_log_scale must be a number"),
+        (_set("state_dict", "head.bias", torch.full((7,), float("nan"))), "NaN or infinite"),
+        (_set("state_dict", "token_embed.weight", torch.full((32, 19), float("inf"))), "NaN"),
+    ],
+    ids=[
+        "metadata-list",
+        "metadata-str",
+        "zero-heads",
+        "negative-width",
+        "float-width",
+        "nan-rho-scale",
+        "str-log-scale",
+        "nan-weights",
+        "inf-weights",
+    ],
+)
+def test_checkpoints_that_do_not_fit_raise_checkpoint_error(
+    tmp_path: Path, change: Any, match: str
+) -> None:
+    """Every damaged or ill-fitting file is a CheckpointError naming the problem (not a
+    ZeroDivisionError, nor a net whose NaN weights would turn every update into NaN)."""
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(_rewritten(tmp_path, change))
+
+
+def test_truncated_and_empty_checkpoint_files_raise_checkpoint_error(tmp_path: Path) -> None:
+    path = save_checkpoint(LearnedRuleNet(), tmp_path / "ok.pt", {})
+    data = path.read_bytes()
+    for name, content in (("half.pt", data[: len(data) // 2]), ("empty.pt", b"")):
+        broken = tmp_path / name
+        broken.write_bytes(content)
+        with pytest.raises(CheckpointError, match="cannot read"):
+            load_checkpoint(broken)
+    net, metadata = load_checkpoint(_rewritten(tmp_path, _set("top", "metadata", None)))
+    assert metadata == {} and isinstance(net, LearnedRuleNet)
+
+
+def test_learned_rule_net_rejects_invalid_options() -> None:
+    with pytest.raises(ValueError, match="n_heads must be positive"):
+        LearnedRuleNet(n_heads=0)
+    with pytest.raises(TypeError, match="d_ff must be an int"):
+        LearnedRuleNet(d_ff=True)
+    with pytest.raises(ValueError, match="max_correction must be finite"):
+        LearnedRuleNet(max_correction=-1.0)
+    assert LearnedRuleNet(n_layers=0, rho_scale=0).config["n_layers"] == 0
