@@ -42,6 +42,17 @@ __all__ = ["register"]
 logger = logging.getLogger(__name__)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``bench`` and ``download`` commands to a top-level ``metaopt`` parser."""
     bench = subparsers.add_parser(
@@ -63,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"dataset in {'/'.join(DATASETS)}, scenario in task/domain/class "
         "(e.g. split-mnist-domain permuted-mnist)",
     )
-    bench.add_argument("--n-tasks", type=int, help="tasks per stream (default 5)")
+    bench.add_argument("--n-tasks", type=_positive_int, help="tasks per stream (default 5)")
     bench.add_argument("--models", nargs="+", choices=["mlp", "cnn", "transformer"])
     bench.add_argument(
         "--optimizers",
@@ -83,12 +94,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("--seeds", nargs="+", type=int, help="seeds (e.g. 0 1 2)")
     budget = bench.add_argument_group("budget (defaults from the suite)")
-    budget.add_argument("--train-per-task", type=int, help="training examples per task")
-    budget.add_argument("--val-per-task", type=int, help="validation examples per task")
-    budget.add_argument("--test-per-task", type=int, help="test examples per task")
-    budget.add_argument("--epochs", type=int, help="epochs per task")
-    budget.add_argument("--steps", type=int, help="optimizer steps per task (overrides epochs)")
-    budget.add_argument("--batch-size", type=int)
+    budget.add_argument("--train-per-task", type=_positive_int, help="training examples per task")
+    budget.add_argument("--val-per-task", type=_positive_int, help="validation examples per task")
+    budget.add_argument("--test-per-task", type=_positive_int, help="test examples per task")
+    budget.add_argument("--epochs", type=_positive_int, help="epochs per task")
+    budget.add_argument(
+        "--steps", type=_positive_int, help="optimizer steps per task (overrides epochs)"
+    )
+    budget.add_argument("--batch-size", type=_positive_int)
     bench.add_argument("--data-dir", help="MNIST data directory (default $METAOPT_DATA_DIR)")
     bench.add_argument("--out", default="metaopt-bench", help="output folder (default %(default)s)")
     bench.add_argument(
@@ -101,7 +114,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--resume", action="store_true", help="skip runs already in the results file"
     )
     bench.add_argument("--plot", action="store_true", help="save PNG plots into OUT")
-    bench.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    bench.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
     bench.add_argument("--device", help="torch device for training, e.g. cuda (default cpu)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(func=bench_command)
@@ -167,9 +180,35 @@ def _checkpoint_info(name: str) -> dict[str, Any]:
     }
 
 
+def _check_device(name: str | None) -> None:
+    """Raise ``ValueError`` unless ``name`` (``--device``) is a device usable here."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r} is not a torch device: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: CUDA is not available on this machine")
+
+
+def _check_n_tasks(results_path: Path, rows: list[dict[str, Any]], streams: dict[str, int]) -> None:
+    """Raise ``ValueError`` if a stored row of one of ``streams`` (name -> number of tasks)
+    was run with another number of tasks (the name does not tell them apart)."""
+    for row in rows:
+        expected = streams.get(row["stream"])
+        if expected is not None and row.get("n_tasks", expected) != expected:
+            raise ValueError(
+                f"{results_path} holds {row['stream']} runs with {row['n_tasks']} tasks, this "
+                f"run uses {expected}: merged or resumed rows must share the number of tasks "
+                "(--n-tasks)"
+            )
+
+
 def bench_command(args: argparse.Namespace) -> int:
     """Run ``metaopt bench``; returns the exit status."""
-    torch.set_num_threads(max(1, args.threads))
+    _check_device(args.device)
+    torch.set_num_threads(args.threads)
     suite = suite_from_preset(
         args.suite,
         streams=args.streams,
@@ -199,6 +238,7 @@ def bench_command(args: argparse.Namespace) -> int:
             f"{results_path} holds runs with budget {old_meta['budget']}, this run uses "
             f"{meta['budget']}: merged rows must share one budget (same --suite and budget options)"
         )
+    _check_n_tasks(results_path, rows, {s.name: s.n_tasks for s in suite.streams})
     learned = [s for s in suite.settings if s.optimizer == "learned"]
     if learned:
         meta["learned_checkpoints"] = {

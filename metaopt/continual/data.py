@@ -20,6 +20,7 @@ import torch
 __all__ = [
     "DATASETS",
     "IDX_FILES",
+    "N_CLASSES",
     "DataFileError",
     "load_dataset",
     "load_digits_tensors",
@@ -39,6 +40,8 @@ IDX_FILES: dict[str, dict[str, str]] = {
 MNIST_LIKE = ("mnist", "fashion-mnist")
 DATASETS = ("digits", *MNIST_LIKE)
 """Names accepted by :func:`load_dataset`."""
+N_CLASSES: dict[str, int] = dict.fromkeys(DATASETS, 10)
+"""Number of classes of each dataset of :data:`DATASETS`."""
 
 _IDX_DTYPES = {
     0x08: torch.uint8,

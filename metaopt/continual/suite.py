@@ -7,6 +7,7 @@ existing results file without redoing the others.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from metaopt.continual.baselines import EWC, SI
-from metaopt.continual.data import DATASETS, load_dataset
+from metaopt.continual.data import DATASETS, N_CLASSES, load_dataset
 from metaopt.continual.models import build_model
 from metaopt.continual.runner import run_stream
 from metaopt.continual.streams import (
@@ -74,6 +75,16 @@ class StreamSpec:
     scenario: str | None = None
     n_tasks: int = 5
 
+    def __post_init__(self) -> None:
+        if self.n_tasks < 1:
+            raise ValueError(f"stream {self.name!r}: n_tasks must be >= 1, got {self.n_tasks}")
+        n_classes = N_CLASSES.get(self.dataset)
+        if self.kind == "split" and n_classes is not None and n_classes % self.n_tasks:
+            raise ValueError(
+                f"stream {self.name!r}: {n_classes} classes cannot be split into "
+                f"{self.n_tasks} equal tasks"
+            )
+
     @property
     def name(self) -> str:
         """The canonical name, ``<kind>-<dataset>[-<scenario>]``."""
@@ -84,7 +95,7 @@ class StreamSpec:
 def parse_stream(name: str, n_tasks: int | None = None) -> StreamSpec:
     """Parse ``<kind>-<dataset>[-<scenario>]`` (split streams need a scenario).
 
-    ``n_tasks`` defaults to 5.
+    ``n_tasks`` defaults to 5; split streams need it to divide the number of classes.
     """
     kind, _, rest = name.partition("-")
     scenario = None
@@ -98,7 +109,7 @@ def parse_stream(name: str, n_tasks: int | None = None) -> StreamSpec:
         )
     if (kind == "split") != (scenario is not None):
         raise ValueError(f"stream {name!r}: split streams (only) need a scenario {SCENARIOS}")
-    return StreamSpec(kind, rest, scenario, n_tasks or 5)
+    return StreamSpec(kind, rest, scenario, 5 if n_tasks is None else n_tasks)
 
 
 @dataclass(frozen=True)
@@ -120,6 +131,15 @@ class Budget:
     epochs: int = 1
     steps: int | None = None
     batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        optional = ("n_train", "n_test", "steps")  # None: all examples / use epochs
+        for name, value in dataclasses.asdict(self).items():
+            if value is None and name in optional:
+                continue
+            if value is None or value < 1:
+                allowed = ">= 1 or None" if name in optional else ">= 1"
+                raise ValueError(f"budget: {name} must be {allowed}, got {value}")
 
 
 def build_stream(
@@ -378,20 +398,34 @@ def run_suite(
 def suite_from_preset(name: str, **overrides: Any) -> SuiteSpec:
     """A :class:`SuiteSpec` from a preset of :data:`SUITES` with optional overrides
     (``streams``, ``models``, ``optimizers``, ``lrs``, ``ewc_strengths``, ``si_strengths``,
-    ``seeds``, ``budget``, ``n_tasks``, ``learned_checkpoint``); ``learned`` is dropped
-    when unavailable."""
+    ``seeds``, ``budget``, ``n_tasks``, ``learned_checkpoint``).
+
+    ``learned`` is dropped (with a warning) when unavailable and only the preset asks for
+    it; when ``optimizers`` or ``learned_checkpoint`` ask for it, that is an error.
+
+    Raises:
+        ValueError: unknown suite or stream, an unusable learned optimizer that was asked
+            for, or a stream, model, setting or seed listed twice.
+    """
     if name not in SUITES:
         raise ValueError(f"unknown suite {name!r}; expected one of {sorted(SUITES)}")
-    cfg = {**SUITES[name], **{k: v for k, v in overrides.items() if v is not None}}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    cfg = {**SUITES[name], **given}
     optimizers = tuple(cfg["optimizers"])
     checkpoint = cfg.get("learned_checkpoint", "default")
     if "learned" in optimizers and not learned_available(checkpoint):
+        if "optimizers" in given or "learned_checkpoint" in given:
+            raise ValueError(
+                f"learned optimizer checkpoint {checkpoint!r} is not usable (see the warning "
+                "above); drop 'learned' from the optimizers or give a working checkpoint"
+            )
         logger.warning(
             "learned optimizer not available (no metaopt.optim.LearnedOptimizer or no "
-            "'default' checkpoint): running without it"
+            "%r checkpoint): running without it",
+            checkpoint,
         )
         optimizers = tuple(o for o in optimizers if o != "learned")
-    return SuiteSpec(
+    suite = SuiteSpec(
         streams=tuple(parse_stream(s, cfg.get("n_tasks")) for s in cfg["streams"]),
         models=tuple(cfg["models"]),
         settings=tuple(
@@ -406,6 +440,16 @@ def suite_from_preset(name: str, **overrides: Any) -> SuiteSpec:
         seeds=tuple(cfg["seeds"]),
         budget=cfg["budget"],
     )
+    for what, names in (
+        ("streams", [s.name for s in suite.streams]),
+        ("models", suite.models),
+        ("settings", [s.label for s in suite.settings]),
+        ("seeds", suite.seeds),
+    ):
+        twice = sorted({n for n in names if list(names).count(n) > 1}, key=str)
+        if twice:
+            raise ValueError(f"duplicate {what} {twice}: each would run (and be stored) once")
+    return suite
 
 
 def n_runs(suite: SuiteSpec) -> int:

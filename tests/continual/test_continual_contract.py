@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import gzip
 import http.server
+import json
 import os
 import shutil
 import signal
@@ -19,6 +21,8 @@ import pytest
 import torch
 from torch import nn
 
+from metaopt.cli import main
+from metaopt.continual import suite as suite_module
 from metaopt.continual.baselines import EWC, SI
 from metaopt.continual.data import DataFileError, load_mnist, read_idx
 from metaopt.continual.download import SHA256, download_dataset, verify_file
@@ -396,3 +400,147 @@ def test_stream_from_tensors_needs_both_test_tensors() -> None:
     stream = stream_from_tensors(x, y, x_test=xt, y_test=yt, n_tasks=2)
     assert sum(len(t.y_train) for t in stream) == 40
     assert sum(len(t.y_test) for t in stream) == 20
+
+
+# --------------------------------------------------------------------------- metaopt bench
+
+TINY = [
+    "bench",
+    "--streams",
+    "split-digits-task",
+    "--n-tasks",
+    "2",
+    "--models",
+    "mlp",
+    "--optimizers",
+    "sgd",
+    "--lrs",
+    "0.1",
+    "--seeds",
+    "0",
+    "--train-per-task",
+    "40",
+    "--val-per-task",
+    "10",
+    "--test-per-task",
+    "30",
+    "--epochs",
+    "1",
+    "--no-progress",
+]
+TINY_BUDGET = suite_module.Budget(n_train=40, n_val=10, n_test=30, epochs=1)
+
+
+@pytest.fixture
+def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to build a stream (load data, train) fails the test."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("bench started working before rejecting its arguments")
+
+    monkeypatch.setattr(suite_module, "build_stream", refuse)
+
+
+def _with(argv: list[str], option: str, *values: str) -> list[str]:
+    """``argv`` with ``option``'s values replaced (or the option added)."""
+    if option not in argv:
+        return [*argv, option, *values]
+    i = argv.index(option) + 1
+    j = i
+    while j < len(argv) and not argv[j].startswith("--"):
+        j += 1
+    return [*argv[:i], *values, *argv[j:]]
+
+
+@pytest.mark.parametrize(
+    ("option", "values", "message"),
+    [
+        ("--n-tasks", ["0"], "--n-tasks"),
+        ("--n-tasks", ["3"], "10 classes"),
+        ("--epochs", ["0"], "--epochs"),
+        ("--steps", ["0"], "--steps"),
+        ("--batch-size", ["0"], "--batch-size"),
+        ("--train-per-task", ["0"], "--train-per-task"),
+        ("--val-per-task", ["0"], "--val-per-task"),
+        ("--test-per-task", ["0"], "--test-per-task"),
+        ("--threads", ["0"], "--threads"),
+        ("--seeds", ["0", "0"], "duplicate"),
+        ("--lrs", ["0.1", "0.1"], "duplicate"),
+        ("--device", ["nodev"], "nodev"),
+    ],
+)
+def test_bench_rejects_bad_arguments_before_any_work(
+    no_work: None,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    option: str,
+    values: list[str],
+    message: str,
+) -> None:
+    """``--n-tasks 0`` silently ran 5 tasks, ``--test-per-task 0`` scored empty test sets
+    0%, ``--seeds 0 0`` ran everything twice, ``--device nodev`` was a traceback, the
+    others failed only once the first stream was built (after earlier streams' runs)."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        main([*_with(TINY, option, *values), "--out", str(out)])
+    assert exc.value.code in (1, 2)
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_bench_rejects_cuda_without_a_gpu(
+    no_work: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([*_with(TINY, "--device", "cuda"), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 1 and "CUDA" in capsys.readouterr().err
+
+
+def test_bench_rejects_an_unusable_learned_checkpoint(
+    no_work: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An explicit ``--learned-checkpoint`` that does not load ran 0 runs and exited 0."""
+    missing = tmp_path / "typo.pt"
+    argv = _with(TINY, "--optimizers", "learned")
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--learned-checkpoint", str(missing), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 1 and "typo.pt" in capsys.readouterr().err
+
+
+def _fake_row(n_tasks: int, seed: int = 0) -> dict:
+    return {
+        "stream": "split-digits-task",
+        "model": "mlp",
+        "optimizer": "sgd",
+        "setting": "sgd lr=0.1",
+        "hyper": {"lr": 0.1},
+        "seed": seed,
+        "test": dict.fromkeys(("acc", "bwt", "fwt", "forgetting", "learning_acc"), 0.5),
+        "val": dict.fromkeys(("acc", "bwt", "fwt", "forgetting", "learning_acc"), 0.5),
+        "R": [[0.5] * n_tasks] * n_tasks,
+        "b": [0.5] * n_tasks,
+        "n_tasks": n_tasks,
+        "budget": dataclasses.asdict(TINY_BUDGET),
+    }
+
+
+@pytest.mark.parametrize("mode", ["--resume", "--merge-into"])
+def test_resume_and_merge_refuse_rows_with_another_number_of_tasks(
+    no_work: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str
+) -> None:
+    """Rows are keyed by stream *name*, which does not hold the number of tasks: resuming
+    with ``--n-tasks 2`` over 5-task rows skipped every run and reported the 5-task
+    results, and merging mixed 2- and 5-task rows in one table."""
+    results = tmp_path / "out" / "results.json"
+    results.parent.mkdir()
+    meta = {"command": "metaopt bench ...", "budget": dataclasses.asdict(TINY_BUDGET)}
+    results.write_text(json.dumps({"meta": meta, "rows": [_fake_row(5), _fake_row(5, 1)]}))
+    before = results.read_bytes()
+    extra = ["--resume"] if mode == "--resume" else ["--merge-into", str(results)]
+    with pytest.raises(SystemExit) as exc:
+        main([*TINY, "--out", str(results.parent), *extra])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "split-digits-task" in err and "5 tasks" in err
+    assert results.read_bytes() == before
