@@ -148,6 +148,7 @@ class InnerStep:
         eager: the same step without ``torch.compile`` (the reference for ``fn``).
         rule: the update rule it applies.
         compiled: whether ``fn`` is the ``torch.compile`` of ``eager``.
+        donate: whether the step writes its results into the tensors passed in.
         pure: the step without ``torch.compile`` and without donation; when ``fn`` fails
             to compile, it runs on the same arguments so that the error raised is the
             step's own (a bad batch or loss), not Dynamo's report of it.
@@ -157,6 +158,7 @@ class InnerStep:
     eager: StepFn
     rule: UpdateRule
     compiled: bool
+    donate: bool = False
     pure: StepFn | None = None
 
     def __call__(
@@ -179,8 +181,11 @@ class InnerStep:
 
     def init(self, model: nn.Module) -> tuple[Params, Params, State]:
         """``(params, buffers, opt_state)`` to start from: :func:`module_state` of
-        ``model`` and the rule's initial state."""
+        ``model`` (copies of it when the step donates its inputs, so that it never
+        writes into ``model``) and the rule's initial state."""
         params, buffers = module_state(model)
+        if self.donate:
+            params, buffers = pytree.tree_map(torch.clone, (params, buffers))
         return params, buffers, self.rule.init(params)
 
 
@@ -210,7 +215,8 @@ def make_step(
             that were passed in, and return those (as JAX's ``donate_argnums``): the
             compiled step then updates them in place, one read and one write of each,
             instead of allocating new ones every step. The caller must not need the old
-            values. ``False`` (default): a pure step, the inputs stay untouched.
+            values (:meth:`InnerStep.init` therefore returns copies of the model's
+            tensors). ``False`` (default): a pure step, the inputs stay untouched.
         **compile_kwargs: passed to ``torch.compile``; ``fullgraph=True`` by default
             (the step has no graph break for the rules of :mod:`metaopt.rules`).
 
@@ -238,10 +244,10 @@ def make_step(
         raise TypeError(f"compile_kwargs {sorted(compile_kwargs)} need compile=True")
     eager = _pure_step(model, loss_fn, rule, donate)
     if not compile:
-        return InnerStep(eager, eager, rule, compiled=False)
+        return InnerStep(eager, eager, rule, False, donate)
     compile_kwargs.setdefault("fullgraph", True)
     pure = _pure_step(model, loss_fn, rule, False) if donate else eager
-    return InnerStep(compile_own(eager, **compile_kwargs), eager, rule, True, pure)
+    return InnerStep(compile_own(eager, **compile_kwargs), eager, rule, True, donate, pure)
 
 
 def tensor_hyper(

@@ -97,3 +97,21 @@ def test_compiled_step_raises_the_errors_of_the_eager_step(donate):
             for a, b in zip(pytree.tree_leaves((params, buffers, state)),
                             pytree.tree_leaves(snapshot), strict=True):
                 assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("compile", COMPILE)
+def test_donated_step_from_init_does_not_write_into_the_model(compile):
+    """make_step: the model is "never modified"; with donate=True, step.init(model)
+    must not hand the model's own storage to a step that writes into its inputs."""
+    model = build("cnn")  # batchnorm: float and integer buffers
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = make_step(model, F.cross_entropy, metaopt.rules.sgd(lr=0.1), compile=compile,
+                     donate=True, **compile_kwargs(compile))
+    params, buffers, state = step.init(model)
+    start = params["0.weight"]
+    params, buffers, state, _ = step(params, buffers, state, batches("cnn", 1)[0])
+    assert params["0.weight"] is start  # still donated: written in place
+    assert not torch.equal(start, before["0.weight"])
+    assert int(buffers["1.num_batches_tracked"]) == 1
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
