@@ -4,7 +4,9 @@ Meta-gradient estimators differentiate through a sequence of inner updates, so t
 must be a pure function of its parameters. :class:`PureModel` wraps a module with
 :func:`torch.func.functional_call` and returns the *new* buffers of each call, so modules
 whose forward pass mutates buffers (batch-norm running statistics in train mode) stay pure:
-the caller's buffer tensors are never written to.
+the caller's buffer tensors are never written to. Frozen parameters
+(``requires_grad=False``) travel with the buffers: constants of the inner loop, which no
+update rule trains (as ``torch.optim`` never updates them).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class PureModel:
         if not isinstance(module, nn.Module):
             raise TypeError(f"PureModel expects an nn.Module, got {type(module).__name__}")
         self.module = module
+        self._parameter_names = {k for k, _ in module.named_parameters()}
 
     def init(self, dtype: torch.dtype | None = None) -> tuple[Params, Params]:
         """Detached copies of the module's parameters and buffers.
@@ -52,16 +55,21 @@ class PureModel:
             dtype: cast floating-point tensors to this dtype (e.g. ``torch.float64``).
 
         Returns:
-            ``(params, buffers)``: ``dict[name, Tensor]`` each; params require grad.
+            ``(params, buffers)``: ``dict[name, Tensor]`` each. ``params`` holds the
+            parameters that require grad (they require grad in the copy too); frozen
+            parameters (``requires_grad=False``) are returned in ``buffers``, so the
+            inner loop never updates them.
         """
 
         def copy(t: torch.Tensor) -> torch.Tensor:
             t = t.detach().clone()
             return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
-        params = {k: copy(p).requires_grad_(True) for k, p in self.module.named_parameters()}
+        named = list(self.module.named_parameters())
+        params = {k: copy(p).requires_grad_(True) for k, p in named if p.requires_grad}
+        frozen = {k: copy(p) for k, p in named if not p.requires_grad}
         buffers = {k: copy(b) for k, b in self.module.named_buffers()}
-        return params, buffers
+        return params, {**frozen, **buffers}
 
     def __call__(self, params: Params, buffers: Params, *args: Any, **kwargs: Any):
         """Run the module with ``params`` and ``buffers``; returns ``(output, new_buffers)``.
@@ -69,9 +77,15 @@ class PureModel:
         Buffers are cloned before the call, so in-place updates made by the forward pass
         (batch-norm running mean/var and ``num_batches_tracked``) land in the returned
         ``new_buffers`` and not in ``buffers``. The module's train/eval mode decides
-        whether batch-norm uses batch statistics, as with an ordinary call.
+        whether batch-norm uses batch statistics, as with an ordinary call. Frozen
+        parameters among ``buffers`` are passed through as they are (not cloned).
         """
-        return pure_call(self.module, params, buffers, *args, **kwargs)
+        frozen = {k: v for k, v in buffers.items() if k in self._parameter_names}
+        if not frozen:
+            return pure_call(self.module, params, buffers, *args, **kwargs)
+        own = {k: v for k, v in buffers.items() if k not in frozen}
+        out, new_buffers = pure_call(self.module, {**params, **frozen}, own, *args, **kwargs)
+        return out, {**frozen, **new_buffers}
 
 
 def pure_call(module: nn.Module, params: Params, buffers: Params, *args: Any, **kwargs: Any):

@@ -112,7 +112,10 @@ class SupervisedProblem(InnerProblem):
         every_step: add the meta-loss after every step (averaged) instead of only at the end.
         dtype: cast the model's floating tensors (e.g. ``torch.float64`` for checks).
         init_prefix: when set, meta-parameters named ``prefix + name`` replace the initial
-            parameter ``name`` (learned initialisation, MAML).
+            parameter ``name`` (learned initialisation, MAML). A meta-parameter with a
+            non-empty prefix that names no parameter of the model is an error (a typo
+            would otherwise get a zero meta-gradient). Frozen parameters (``requires_grad=
+            False``) are not trained by the inner loop (see :class:`PureModel`).
     """
 
     def __init__(
@@ -142,10 +145,18 @@ class SupervisedProblem(InnerProblem):
     def init(self, meta_params: Params) -> tuple[Params, Params]:
         params, buffers = self.model.init(self.dtype)
         if self.init_prefix is not None:
-            for name in params:
-                key = self.init_prefix + name
-                if key in meta_params:
-                    params[name] = meta_params[key]
+            prefix = self.init_prefix
+            known = {k for k, _ in self.model.module.named_parameters()}
+            names = {k[len(prefix) :] for k in meta_params if k.startswith(prefix)}
+            unknown = sorted(prefix + n for n in names - known)
+            if unknown and prefix:
+                raise ValueError(
+                    f"meta-parameters {unknown} name no parameter of the model "
+                    f"(init_prefix={prefix!r}; parameters: {sorted(known)})"
+                )
+            for name in names & known:
+                tree = params if name in params else buffers
+                tree[name] = meta_params[prefix + name]
         return params, buffers
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:

@@ -172,3 +172,65 @@ def test_implicit_root_refuses_second_derivatives_instead_of_dropping_them():
     torch.testing.assert_close(g.detach(), g_exact, rtol=1e-8, atol=0)  # first order is right
     with pytest.raises(RuntimeError, match="first-order only"):
         torch.autograd.grad(g, l2)
+
+
+# ---------------------------------------------------------------- models: frozen, MAML init
+
+
+def _frozen_body_model() -> nn.Module:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    model[0].requires_grad_(False)  # a frozen body, a trained head (ANIL-style)
+    return model
+
+
+def _plain_loop_loss(model: nn.Module, problem: SupervisedProblem, lr: float) -> float:
+    """The meta-loss of ``problem`` trained by ``torch.optim.SGD`` on a copy of ``model``."""
+    copy = _frozen_body_model()
+    copy.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD([p for p in copy.parameters() if p.requires_grad], lr=lr)
+    for step in range(problem.num_steps):
+        x, y = problem.batches[step % len(problem.batches)]
+        opt.zero_grad()
+        nn.functional.cross_entropy(copy(x.double()), y).backward()
+        opt.step()
+    x, y = problem.meta_batch
+    with torch.no_grad():
+        return float(nn.functional.cross_entropy(copy(x.double()), y))
+
+
+def test_frozen_parameters_stay_frozen_in_the_inner_loop():
+    """Parameters with ``requires_grad=False`` are not trained by ``torch.optim``; the
+    unrolled inner loop used to train them anyway (its meta-loss and meta-gradient then
+    belong to another model). Compared with a plain SGD loop and its finite differences."""
+    model = _frozen_body_model()
+    base = classification_problem(steps=3)
+    problem = SupervisedProblem(model, base.batches, base.meta_batch, num_steps=3, dtype=F64)
+    before = model[0].weight.detach().clone()
+    lr = 0.4
+    result = Unrolled(lr_rule)({"lr": torch.tensor(lr, dtype=F64)}, problem)
+    assert float(result.loss) == pytest.approx(_plain_loop_loss(model, problem, lr), rel=1e-12)
+    h = 1e-6
+    fd = (_plain_loop_loss(model, problem, lr + h) - _plain_loop_loss(model, problem, lr - h)) / (
+        2 * h
+    )
+    assert float(result.grads["lr"]) == pytest.approx(fd, rel=1e-6)
+    es = ES(lr_rule, sigma=1e-4, num_pairs=1, generator=torch.Generator().manual_seed(0))
+    es_loss = es({"lr": torch.tensor(lr, dtype=F64)}, problem).loss
+    assert float(es_loss) == pytest.approx(_plain_loop_loss(model, problem, lr), rel=1e-6)
+    assert torch.equal(model[0].weight, before)
+    params, buffers = problem.init({})
+    assert "0.weight" not in params and torch.equal(buffers["0.weight"], before)
+
+
+def test_maml_init_with_an_unknown_parameter_name_is_refused():
+    """A typo in a learned-initialisation key used to be ignored silently: its
+    meta-gradient was exactly zero and the inner loop started from the module's weights."""
+    problem = classification_problem(init_prefix="init.")
+    weight = dict(problem.model.module.named_parameters())["0.weight"].detach().double()
+    mp = {"init.0.weigth": weight.clone(), "lr": torch.tensor(0.1, dtype=F64)}
+    with pytest.raises(ValueError, match=r"init\.0\.weigth"):
+        Unrolled(lr_rule)(mp, problem)
+    mp = {"init.0.weight": weight.clone(), "lr": torch.tensor(0.1, dtype=F64)}
+    grads = Unrolled(lr_rule)(mp, problem).grads
+    assert float(grads["init.0.weight"].abs().sum()) > 0
