@@ -61,7 +61,8 @@ def fit(
         rule: the update rule, e.g. ``metaopt.rules.adam(lr=1e-3)``.
         epochs: number of passes over ``loader`` (>= 1).
         loss_fn: ``(outputs, targets) -> 0-d loss``; cross-entropy by default.
-        opt_state: a state to continue from (default: ``rule.init`` of the parameters).
+        opt_state: a state to continue from (default: ``rule.init`` of the parameters
+            that require grad; the others stay as they are, see :func:`make_step`).
         compile: compile the step (default) or run it eagerly.
         **compile_kwargs: passed to ``torch.compile`` (see :func:`make_step`).
 
@@ -73,7 +74,7 @@ def fit(
     # compiled: the step writes into private copies in place (donated), one copy in all
     step = make_step(model, loss_fn, rule, compile=compile, donate=compile, **compile_kwargs)
     params, buffers = module_state(model)
-    state = rule.init(params) if opt_state is None else opt_state
+    state = rule.init(step.trainable(params)) if opt_state is None else opt_state
     if compile:
         params, buffers, state = pytree.tree_map(
             lambda x: x.clone() if isinstance(x, torch.Tensor) else x, (params, buffers, state)

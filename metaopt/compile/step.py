@@ -16,7 +16,6 @@ recompile either.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -123,13 +122,23 @@ def write_into(old: Any, new: Any) -> Any:
     return pytree.tree_unflatten(out, old_spec)
 
 
-def _pure_step(model: nn.Module, loss_fn: LossFn, rule: UpdateRule, donate: bool) -> StepFn:
-    grad_fn = grad_and_value(functools.partial(loss_and_buffers, model, loss_fn), has_aux=True)
+def _pure_step(
+    model: nn.Module, loss_fn: LossFn, rule: UpdateRule, donate: bool, frozen: frozenset[str]
+) -> StepFn:
+    """The step; parameters named in ``frozen`` enter the forward but are neither
+    differentiated nor updated."""
+
+    def loss(trainable: Params, fixed: Params, buffers: Params, batch: Batch):
+        return loss_and_buffers(model, loss_fn, {**trainable, **fixed}, buffers, batch)
+
+    grad_fn = grad_and_value(loss, has_aux=True)
 
     def step(params: Params, buffers: Params, opt_state: State, batch: Batch):
-        grads, (loss, new_buffers) = grad_fn(params, buffers, batch)
-        updates, new_state = rule.update(grads, opt_state, params)
-        new_params = apply_updates(params, updates)
+        trainable = {k: v for k, v in params.items() if k not in frozen}
+        fixed = {k: v for k, v in params.items() if k in frozen}
+        grads, (loss, new_buffers) = grad_fn(trainable, fixed, buffers, batch)
+        updates, new_state = rule.update(grads, opt_state, trainable)
+        new_params = {**params, **apply_updates(trainable, updates)}  # params' key order
         if donate:
             new_params = write_into(params, new_params)
             new_buffers = write_into(buffers, new_buffers)
@@ -149,6 +158,8 @@ class InnerStep:
         rule: the update rule it applies.
         compiled: whether ``fn`` is the ``torch.compile`` of ``eager``.
         donate: whether the step writes its results into the tensors passed in.
+        frozen: names of the parameters that did not require grad when the step was
+            built: they enter the forward unchanged, and have no optimizer state.
         pure: the step without ``torch.compile`` and without donation; when ``fn`` fails
             to compile, it runs on the same arguments so that the error raised is the
             step's own (a bad batch or loss), not Dynamo's report of it.
@@ -159,6 +170,7 @@ class InnerStep:
     rule: UpdateRule
     compiled: bool
     donate: bool = False
+    frozen: frozenset[str] = frozenset()
     pure: StepFn | None = None
 
     def __call__(
@@ -179,14 +191,18 @@ class InnerStep:
                 raise error from compile_error
             raise
 
+    def trainable(self, params: Params) -> Params:
+        """The entries of ``params`` that the step trains (all but :attr:`frozen`)."""
+        return {k: v for k, v in params.items() if k not in self.frozen}
+
     def init(self, model: nn.Module) -> tuple[Params, Params, State]:
         """``(params, buffers, opt_state)`` to start from: :func:`module_state` of
         ``model`` (copies of it when the step donates its inputs, so that it never
-        writes into ``model``) and the rule's initial state."""
+        writes into ``model``) and the rule's initial state of the trainable parameters."""
         params, buffers = module_state(model)
         if self.donate:
             params, buffers = pytree.tree_map(torch.clone, (params, buffers))
-        return params, buffers, self.rule.init(params)
+        return params, buffers, self.rule.init(self.trainable(params))
 
 
 def make_step(
@@ -205,7 +221,10 @@ def make_step(
         model: the architecture; its own tensors are not used (parameters and buffers are
             arguments of the step) and never modified. Its ``training`` flag is read at
             each call (batchnorm uses batch statistics and updates its running statistics
-            only in training mode).
+            only in training mode). Its parameters that do not require grad now are
+            frozen (:attr:`InnerStep.frozen`): the step neither differentiates nor updates
+            them, and the optimizer state covers the others only, as ``torch.optim``
+            skips parameters without a gradient.
         loss_fn: ``(outputs, targets) -> 0-d loss``.
         rule: the update rule. Give hyper-parameters that change during training as 0-d
             tensors (see :func:`tensor_hyper`) or as schedules, never as Python numbers
@@ -242,12 +261,15 @@ def make_step(
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if compile_kwargs and not compile:
         raise TypeError(f"compile_kwargs {sorted(compile_kwargs)} need compile=True")
-    eager = _pure_step(model, loss_fn, rule, donate)
+    frozen = frozenset(name for name, p in model.named_parameters() if not p.requires_grad)
+    eager = _pure_step(model, loss_fn, rule, donate, frozen)
     if not compile:
-        return InnerStep(eager, eager, rule, False, donate)
+        return InnerStep(eager, eager, rule, False, donate, frozen)
     compile_kwargs.setdefault("fullgraph", True)
-    pure = _pure_step(model, loss_fn, rule, False) if donate else eager
-    return InnerStep(compile_own(eager, **compile_kwargs), eager, rule, True, donate, pure)
+    pure = _pure_step(model, loss_fn, rule, False, frozen) if donate else eager
+    return InnerStep(
+        compile_own(eager, **compile_kwargs), eager, rule, True, donate, frozen, pure
+    )
 
 
 def tensor_hyper(

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import metaopt
-from metaopt.compile import make_meta_step, make_step, module_state
+from metaopt.compile import fit, make_meta_step, make_step, module_state
 from tests.compile.compile_models import batches, build, unrolled_meta_grad
 
 AOT = {"backend": "aot_eager"}
@@ -115,3 +115,68 @@ def test_donated_step_from_init_does_not_write_into_the_model(compile):
     assert int(buffers["1.num_batches_tracked"]) == 1
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+def frozen_mlp(dtype: torch.dtype = torch.float64) -> nn.Module:
+    """The MLP of the compile tests with its first layer frozen (requires_grad=False)."""
+    model = build("mlp").to(dtype)
+    model[0].requires_grad_(False)
+    return model
+
+
+def reference_adam(model: nn.Module, data, lr: float) -> list[torch.Tensor]:
+    """Train ``model`` in place with ``torch.optim.Adam`` over the parameters that require
+    grad (what ``torch.optim`` users pass); returns the losses before each step."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for x, y in data:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return losses
+
+
+def assert_params_equal_module(params: dict, model: nn.Module, **tol) -> None:
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(params[name], p.detach(), **tol)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_frozen_parameters_are_not_trained(compile):
+    """requires_grad=False parameters keep their values and get no optimizer state, as
+    with torch.optim over the trainable parameters."""
+    model = frozen_mlp()
+    ref = frozen_mlp()
+    data = [(x.double(), y) for x, y in batches("mlp", 4)]
+    step = make_step(model, F.cross_entropy, metaopt.rules.adam(lr=0.05), compile=compile,
+                     **compile_kwargs(compile))
+    assert step.frozen == {"0.weight", "0.bias"}
+    params, buffers, state = step.init(model)
+    assert set(state) == {"2.weight", "2.bias"}
+    frozen_weight = params["0.weight"]
+    losses = []
+    for batch in data:
+        params, buffers, state, metrics = step(params, buffers, state, batch)
+        losses.append(metrics["loss"])
+    ref_losses = reference_adam(ref, data, lr=0.05)
+    tight = {"atol": 1e-12, "rtol": 1e-10}
+    assert params["0.weight"] is frozen_weight  # passed through untouched
+    assert_params_equal_module(params, ref, **tight)
+    torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), **tight)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_fit_leaves_frozen_parameters_alone(compile):
+    model, ref = frozen_mlp(), frozen_mlp()
+    frozen_before = model[0].weight.detach().clone()
+    data = [(x.double(), y) for x, y in batches("mlp", 3)]
+    result = fit(model, data, metaopt.rules.adam(lr=0.05), epochs=2, compile=compile,
+                 **compile_kwargs(compile))
+    ref_losses = reference_adam(ref, data + data, lr=0.05)
+    assert torch.equal(model[0].weight.detach(), frozen_before)
+    assert set(result.opt_state) == {"2.weight", "2.bias"}
+    tight = {"atol": 1e-12, "rtol": 1e-10}
+    assert_params_equal_module(dict(model.named_parameters()), ref, **tight)
+    torch.testing.assert_close(result.step_losses, torch.stack(ref_losses), **tight)
