@@ -544,3 +544,42 @@ def test_resume_and_merge_refuse_rows_with_another_number_of_tasks(
     err = capsys.readouterr().err
     assert "split-digits-task" in err and "5 tasks" in err
     assert results.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_metrics_accept_lists_and_integer_matrices() -> None:
+    """``results.json`` stores ``R`` and ``b`` as nested lists, and a 0/1 matrix may be
+    integer: both give the same numbers as float tensors."""
+    from metaopt.continual.metrics import summarize
+
+    R = [[0.9, 0.1, 0.2], [0.6, 0.8, 0.3], [0.5, 0.7, 0.95]]
+    b = [0.1, 0.05, 0.2]
+    assert summarize(R, b) == pytest.approx(summarize(torch.tensor(R), torch.tensor(b)))
+    eye = torch.eye(2, dtype=torch.long)
+    assert summarize(eye, torch.zeros(2, dtype=torch.long)) == pytest.approx(
+        {"acc": 0.5, "bwt": -1.0, "fwt": 0.0, "forgetting": 1.0, "learning_acc": 1.0}
+    )
+
+
+@pytest.mark.parametrize(
+    ("R", "b", "message"),
+    [
+        ([[0.5, float("nan")], [0.4, 0.6]], [0.1, 0.1], "finite"),
+        ([[0.5, 0.2], [0.4, 0.6]], [0.1, float("inf")], "finite"),
+        ([[50.0, 20.0], [40.0, 60.0]], [10.0, 10.0], r"\[0, 1\]"),
+        ([[0.5, 0.2], [0.4, 0.6]], [-0.1, 0.1], r"\[0, 1\]"),
+        (torch.zeros(0, 0), torch.zeros(0), "at least one task"),
+        (torch.zeros(2, 2, 2), torch.zeros(2), "square"),
+    ],
+)
+def test_metrics_reject_missing_or_out_of_range_accuracies(
+    R: object, b: object, message: str
+) -> None:
+    """A NaN (an evaluation that did not happen) made FWT NaN while ACC looked fine, and
+    percentages gave metrics 100x too large for the reports (which print 100 * value)."""
+    from metaopt.continual.metrics import summarize
+
+    with pytest.raises(ValueError, match=message):
+        summarize(R, b)
