@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +59,8 @@ def fit(
             Batches of another shape (a short last batch) cost one recompilation; use
             ``drop_last=True`` to avoid it.
         rule: the update rule, e.g. ``metaopt.rules.adam(lr=1e-3)``.
-        epochs: number of passes over ``loader`` (>= 1).
+        epochs: number of passes over ``loader`` (>= 1; a one-shot iterator such as a
+            generator allows only 1).
         loss_fn: ``(outputs, targets) -> 0-d loss``; cross-entropy by default.
         opt_state: a state to continue from (default: ``rule.init`` of the parameters
             that require grad; the others stay as they are, see :func:`make_step`).
@@ -69,8 +70,13 @@ def fit(
     Returns:
         A :class:`FitResult` with the per-step and per-epoch losses and the final state.
     """
-    if not isinstance(epochs, int) or epochs < 1:
+    if type(epochs) is not int or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if isinstance(loader, Iterator) and epochs > 1:
+        raise TypeError(
+            f"loader is a one-shot iterator ({type(loader).__name__}), exhausted after the "
+            f"first of {epochs} epochs; pass a re-iterable (a list, a DataLoader)"
+        )
     # compiled: the step writes into private copies in place (donated), one copy in all
     step = make_step(model, loss_fn, rule, compile=compile, donate=compile, **compile_kwargs)
     params, buffers = module_state(model)

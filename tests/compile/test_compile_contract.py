@@ -180,3 +180,19 @@ def test_fit_leaves_frozen_parameters_alone(compile):
     tight = {"atol": 1e-12, "rtol": 1e-10}
     assert_params_equal_module(dict(model.named_parameters()), ref, **tight)
     torch.testing.assert_close(result.step_losses, torch.stack(ref_losses), **tight)
+
+
+def test_fit_rejects_bad_epochs_and_one_shot_loaders_before_training():
+    model = build("mlp")
+    before = [p.detach().clone() for p in model.parameters()]
+    data = batches("mlp", 2)
+    with pytest.raises(ValueError, match="epochs"):
+        fit(model, data, metaopt.rules.sgd(lr=0.1), epochs=True, compile=False)
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        fit(model, iter(data), metaopt.rules.sgd(lr=0.1), epochs=2, compile=False)
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        fit(model, (b for b in data), metaopt.rules.sgd(lr=0.1), epochs=3, compile=False)
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), q)
+    result = fit(model, iter(data), metaopt.rules.sgd(lr=0.1), epochs=1, compile=False)
+    assert result.step_losses.shape == (2,)  # one epoch over a generator is fine
