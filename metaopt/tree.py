@@ -71,8 +71,8 @@ def rebuild(tree: Any, leaves: list[Any]) -> Any:
 
 
 def zeros_like(tree: Any) -> Any:
-    """A tree of zero tensors shaped like ``tree``."""
-    return tree_map(torch.zeros_like, tree)
+    """A tree of zero tensors shaped like ``tree`` (``None`` leaves stay ``None``)."""
+    return tree_map(lambda x: None if x is None else torch.zeros_like(x), tree)
 
 
 def global_norm(tree: Any) -> torch.Tensor:

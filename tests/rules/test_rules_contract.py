@@ -11,7 +11,7 @@ import torch
 
 import metaopt
 from metaopt import rules
-from metaopt.tree import global_norm, named_leaves, tree_dot
+from metaopt.tree import global_norm, named_leaves, tree_dot, zeros_like
 
 
 def _torch_run(
@@ -211,3 +211,5 @@ def test_missing_gradients_in_nested_trees_and_tree_helpers() -> None:
     assert [k for k, _ in named_leaves(tree)] == ["x", "y", "z"]
     assert float(global_norm(tree)) == pytest.approx(5.0)
     assert float(tree_dot(tree, tree)) == pytest.approx(25.0)
+    zeros = zeros_like(tree)
+    assert zeros["y"] is None and torch.equal(zeros["z"], torch.zeros(1))
