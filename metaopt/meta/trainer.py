@@ -45,6 +45,16 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "metaopt.meta.trainer/1"
 ESTIMATORS = ("unrolled", "es", "pes")
+_PAYLOAD_TYPES: dict[str, type] = {
+    "step": int,
+    "config": dict,
+    "net": dict,
+    "meta_optimizer": dict,
+    "rng": dict,
+    "history": list,
+    "best": dict,
+    "baseline": dict,
+}
 
 
 @dataclass
@@ -399,15 +409,23 @@ class MetaTrainer:
             True when a checkpoint was loaded.
 
         Raises:
-            ValueError: the checkpoint is not a meta-trainer checkpoint or was written
-                with another configuration (nothing is changed then).
+            ValueError: the file cannot be read (cut short, not a checkpoint), is not a
+                meta-trainer checkpoint, lacks an entry or holds states that do not fit,
+                or was written with another configuration. Everything is checked before
+                anything is loaded, so the trainer is unchanged then.
         """
         path = Path(path) if path is not None else self.checkpoint_path
         if not path.is_file():
             return False
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises RuntimeError, EOFError, OSError, KeyError...
+            raise ValueError(
+                f"{path} is not a readable checkpoint (cut short or corrupt?): {exc}"
+            ) from exc
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+        self._check_payload(path, payload)
         saved = dict(payload["config"])
         mine = self.config.to_dict()
         saved.pop("steps", None)
@@ -415,6 +433,7 @@ class MetaTrainer:
         if saved != mine:
             diff = sorted(k for k in mine if saved.get(k) != mine[k])
             raise ValueError(f"{path} was written with another configuration (differs in {diff})")
+        self._check_states(path, payload)
         self.net.load_state_dict(payload["net"])
         self.meta_optimizer.load_state_dict(payload["meta_optimizer"])
         self.sampler.set_state(payload["rng"]["sampler"])
@@ -425,6 +444,34 @@ class MetaTrainer:
         self.baseline = dict(payload["baseline"])
         logger.info("resumed from %s at meta-step %d", path, self.step)
         return True
+
+    @staticmethod
+    def _check_payload(path: Path, payload: dict[str, Any]) -> None:
+        """Every entry of a checkpoint is present with the right type (else ValueError)."""
+        for key, kind in _PAYLOAD_TYPES.items():
+            if not isinstance(payload.get(key), kind):
+                raise ValueError(
+                    f"{path} is an incomplete checkpoint: {key!r} is missing or not a "
+                    f"{kind.__name__}"
+                )
+        if payload["step"] < 0 or not all(
+            isinstance(payload["rng"].get(k), torch.Tensor) for k in ("sampler", "torch")
+        ):
+            raise ValueError(f"{path} is an incomplete checkpoint: bad 'step' or 'rng' entry")
+
+    def _check_states(self, path: Path, payload: dict[str, Any]) -> None:
+        """Load the net, meta-optimiser and generator states into scratch copies, so that
+        one that does not fit fails before the trainer is touched."""
+        try:
+            with torch.random.fork_rng(devices=[]):
+                net = LearnedRuleNet(**self.config.net)
+            net.load_state_dict(payload["net"])
+            optimizer = torch.optim.Adam(net.parameters(), lr=self.config.meta_lr)
+            optimizer.load_state_dict(payload["meta_optimizer"])
+            for state in payload["rng"].values():
+                torch.Generator().set_state(state)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise ValueError(f"{path} holds a state that does not fit this trainer: {exc}") from exc
 
     def export(self, path: str | Path, metadata: dict[str, Any], best: bool = True) -> Path:
         """Save the best-validation (or current) net with

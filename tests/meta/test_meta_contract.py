@@ -6,13 +6,25 @@ closed form, finite differences or a plain PyTorch loop."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from torch import nn
 
 import metaopt
-from metaopt.meta import ES, PES, SupervisedProblem, Unrolled
+from metaopt.meta import (
+    ES,
+    PES,
+    Implicit,
+    SupervisedProblem,
+    Unrolled,
+    conjugate_gradient,
+    implicit_root,
+)
+from metaopt.meta.trainer import MetaTrainer
 from tests.meta.meta_helpers import classification_problem
+from tests.meta.test_trainer import tiny_config
 
 F64 = torch.float64
 
@@ -128,8 +140,6 @@ def test_implicit_on_a_singular_hessian_fails_clearly_and_damping_matches_closed
     """An overparameterised inner problem has a singular Hessian: conjugate gradient
     breaks down (``p^T H p = 0``). That must be a clear error pointing at ``damping``,
     not a NaN meta-gradient; with damping the result is the closed form above."""
-    from metaopt.meta import Implicit
-
     problem = Underdetermined()
     mp = {"phi": torch.tensor(0.4, dtype=F64)}
     with pytest.raises(torch.linalg.LinAlgError, match="damping"):
@@ -141,8 +151,6 @@ def test_implicit_on_a_singular_hessian_fails_clearly_and_damping_matches_closed
 
 
 def test_conjugate_gradient_refuses_an_indefinite_operator():
-    from metaopt.meta import conjugate_gradient
-
     A = torch.diag(torch.tensor([1.0, 0.0], dtype=F64))
     with pytest.raises(torch.linalg.LinAlgError, match="positive definite"):
         conjugate_gradient(lambda v: {"x": A @ v["x"]}, {"x": torch.ones(2, dtype=F64)})
@@ -152,8 +160,6 @@ def test_implicit_root_refuses_second_derivatives_instead_of_dropping_them():
     """The implicit backward is first-order only. Differentiating it again used to
     return the direct second-order term alone (2.0 instead of 2.0166 below): silently
     wrong. It must raise."""
-    from metaopt.meta import implicit_root
-
     gen = torch.Generator().manual_seed(0)
     X, y = torch.randn(20, 3, generator=gen, dtype=F64), torch.randn(20, generator=gen, dtype=F64)
 
@@ -234,3 +240,109 @@ def test_maml_init_with_an_unknown_parameter_name_is_refused():
     mp = {"init.0.weight": weight.clone(), "lr": torch.tensor(0.1, dtype=F64)}
     grads = Unrolled(lr_rule)(mp, problem).grads
     assert float(grads["init.0.weight"].abs().sum()) > 0
+
+
+# ---------------------------------------------------------------- trainer checkpoints
+
+
+@pytest.fixture(scope="module")
+def trainer_with_checkpoint(tmp_path_factory):
+    """A fresh tiny meta-trainer and a valid checkpoint of it (step 0)."""
+    trainer = MetaTrainer(tiny_config(), tmp_path_factory.mktemp("ckpt"), progress=False)
+    trainer.save()
+    return trainer
+
+
+def _snapshot(trainer) -> dict:
+    return {
+        "net": {k: v.clone() for k, v in trainer.net.state_dict().items()},
+        "opt": repr(trainer.meta_optimizer.state_dict()),
+        "sampler": trainer.sampler.get_state().clone(),
+        "torch_rng": torch.get_rng_state().clone(),
+        "step": trainer.step,
+        "history": list(trainer.history),
+    }
+
+
+def _same(a: dict, b: dict) -> bool:
+    return (
+        a["net"].keys() == b["net"].keys()
+        and all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+        and a["opt"] == b["opt"]
+        and torch.equal(a["sampler"], b["sampler"])
+        and torch.equal(a["torch_rng"], b["torch_rng"])
+        and a["step"] == b["step"]
+        and a["history"] == b["history"]
+    )
+
+
+def _truncated(path, payload):
+    data = path.read_bytes()
+    return data[: len(data) // 2]
+
+
+def _tampered(edit):
+    """A checkpoint whose net differs from the trainer's (so a partial load shows) and
+    that ``edit`` then breaks."""
+
+    def make(path, payload):
+        payload = {**payload, "net": {k: v + 1 for k, v in payload["net"].items()}, "step": 3}
+        payload["meta_optimizer"] = dict(payload["meta_optimizer"])
+        edit(payload)
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        return buffer.getvalue()
+
+    return make
+
+
+def _drop(key):
+    return lambda payload: payload.pop(key)
+
+
+def _bad_groups(payload):
+    groups = [dict(g) for g in payload["meta_optimizer"]["param_groups"]]
+    groups[0]["params"] = groups[0]["params"][:1]
+    payload["meta_optimizer"]["param_groups"] = groups
+
+
+def _bad_net(payload):
+    payload["net"].pop(next(iter(payload["net"])))
+
+
+def _bad_rng(payload):
+    payload["rng"] = {**payload["rng"], "sampler": torch.zeros(3, dtype=torch.uint8)}
+
+
+@pytest.mark.slow  # the trainer fixture builds task families (~4 s on a loaded machine)
+@pytest.mark.parametrize(
+    "make",
+    [
+        _truncated,
+        lambda path, payload: b"",
+        lambda path, payload: b"not a checkpoint at all",
+        _tampered(_drop("meta_optimizer")),
+        _tampered(_drop("rng")),
+        _tampered(_bad_groups),
+        _tampered(_bad_net),
+        _tampered(_bad_rng),
+    ],
+    ids=["truncated", "empty", "garbage", "no-optimizer", "no-rng", "optimizer-groups",
+         "net-keys", "rng-state"],
+)
+def test_resume_from_a_corrupt_checkpoint_fails_clearly_and_changes_nothing(
+    trainer_with_checkpoint, tmp_path, make
+):
+    """A checkpoint cut short by a full disk, or written by another version, must give a
+    ValueError naming the file (what ``metaopt meta-train`` reports as a clean error), and
+    the trainer must be exactly as before: the net used to be loaded before the optimiser
+    state failed, and torch's own errors (RuntimeError, EOFError, KeyError) escaped."""
+    trainer = trainer_with_checkpoint
+    payload = torch.load(trainer.checkpoint_path, weights_only=True)
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(make(trainer.checkpoint_path, payload))
+    before = _snapshot(trainer)
+    with pytest.raises(ValueError, match="checkpoint"):
+        trainer.resume(bad)
+    assert _same(before, _snapshot(trainer))
+    assert trainer.resume()  # the trainer's own checkpoint still loads
