@@ -40,6 +40,12 @@ class SmallCNN(nn.Module):
         self, input_shape: Sequence[int], n_outputs: int, channels: Sequence[int] = (16, 32)
     ) -> None:
         super().__init__()
+        smallest = 2 ** len(channels)  # each block halves the resolution
+        if min(input_shape[1:]) < smallest:
+            raise ValueError(
+                f"the CNN needs images of at least {smallest}x{smallest} pixels, got "
+                f"{tuple(input_shape)}; use the mlp for flat [N, D] data"
+            )
         layers: list[nn.Module] = []
         c_in = input_shape[0]
         for c in channels:

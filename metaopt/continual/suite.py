@@ -147,8 +147,13 @@ def build_stream(
 ) -> list[Task]:
     """Build a stream for one seed: load data, build tasks, subsample, hold out validation.
 
-    Permutations, angles and subsamples depend on ``seed``; split class order is the
-    standard sorted one (``0:1, 2:3, ...``).
+    Each task keeps ``n_train`` training examples (all but ``n_val`` if ``None``) and
+    exactly ``n_val`` validation examples taken from its training data. Permutations,
+    angles and subsamples depend on ``seed``; split class order is the standard sorted
+    one (``0:1, 2:3, ...``).
+
+    Raises:
+        ValueError: a task has no more than ``n_val`` training examples.
     """
     x_train, y_train = load_dataset(spec.dataset, data_dir, "train")
     x_test, y_test = load_dataset(spec.dataset, data_dir, "test")
@@ -185,8 +190,14 @@ def build_stream(
         )
     n_keep = None if budget.n_train is None else budget.n_train + budget.n_val
     stream = subsample(stream, n_keep, budget.n_test, seed=gen)
-    fraction = budget.n_val / max(len(t.y_train) for t in stream)
-    return with_validation(stream, min(0.5, fraction), n_max=budget.n_val, seed=gen)
+    smallest = min(len(t.y_train) for t in stream)
+    if budget.n_val >= smallest:
+        raise ValueError(
+            f"stream {name!r}: a task has {smallest} training examples, too few to hold out "
+            f"{budget.n_val} for validation and keep some for training"
+        )
+    # exactly n_val per task: the smallest task gives the fraction, n_max caps the others
+    return with_validation(stream, budget.n_val / smallest, n_max=budget.n_val, seed=gen)
 
 
 @dataclass(frozen=True)

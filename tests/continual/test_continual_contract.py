@@ -583,3 +583,119 @@ def test_metrics_reject_missing_or_out_of_range_accuracies(
 
     with pytest.raises(ValueError, match=message):
         summarize(R, b)
+
+
+@pytest.mark.slow
+def test_bench_outputs_agree_with_results_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``runs.csv``, ``summary.csv`` and the printed choice hold what ``results.json`` does:
+    the metrics of each row are those of its stored ``R``/``b``, and each selected setting
+    is the best by mean *validation* ACC over seeds (recomputed here from the rows)."""
+    import csv
+    import statistics
+
+    from metaopt.continual.metrics import summarize
+
+    out = tmp_path / "out"
+    argv = _with(TINY, "--optimizers", "sgd", "adam")
+    argv = _with(_with(argv, "--lrs", "0.5", "0.001"), "--seeds", "0", "1")
+    assert main([*argv, "--out", str(out)]) == 0
+    capsys.readouterr()
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert len(rows) == 8
+    for row in rows:
+        assert summarize(row["R"], row["b"]) == pytest.approx(row["test"], abs=1e-4)
+        assert summarize(row["R_val"], row["b_val"]) == pytest.approx(row["val"], abs=1e-4)
+
+    with open(out / "runs.csv", newline="") as handle:
+        runs = list(csv.DictReader(handle))
+    by_key = {(r["setting"], int(r["seed"])): r for r in rows}
+    assert sorted((r["setting"], int(r["seed"])) for r in runs) == sorted(by_key)
+    for line in runs:
+        row = by_key[(line["setting"], int(line["seed"]))]
+        for split in ("test", "val"):
+            for metric, value in row[split].items():
+                assert float(line[f"{split}_{metric}"]) == pytest.approx(value, abs=1e-12)
+
+    with open(out / "summary.csv", newline="") as handle:
+        summary = list(csv.DictReader(handle))
+    tuned = {line["optimizer"]: line for line in summary if line["mode"] == "tuned"}
+    assert set(tuned) == {"sgd", "adam"}
+    for optimizer, line in tuned.items():
+        scores = {
+            setting: statistics.fmean(r["val"]["acc"] for r in rows if r["setting"] == setting)
+            for setting in {r["setting"] for r in rows if r["optimizer"] == optimizer}
+        }
+        best = max(sorted(scores), key=scores.__getitem__)
+        assert line["setting"] == best
+        chosen = [r for r in rows if r["setting"] == best]
+        assert int(line["n_seeds"]) == 2
+        for metric in ("acc", "bwt", "fwt", "forgetting", "learning_acc"):
+            values = [r["test"][metric] for r in chosen]
+            assert float(line[f"{metric}_mean"]) == pytest.approx(statistics.fmean(values))
+            assert float(line[f"{metric}_std"]) == pytest.approx(statistics.stdev(values))
+
+
+# --------------------------------------------------------------------------- suite streams
+
+
+def _tagged_dataset(name: str, data_dir: object = None, split: str = "train"):
+    """A fake 10-class dataset whose images are told apart by their sorted pixel values
+    (kept by permutations): train images carry tags 1, 2, ..., test images -1, -2, ...
+    (``load_dataset``'s signature)."""
+    n = 300 if split == "train" else 100
+    sign = 1.0 if split == "train" else -1.0
+    tags = sign * torch.arange(1, n + 1, dtype=torch.float32)
+    x = tags[:, None] * torch.linspace(1.0, 2.0, 16)[None, :]
+    return x.reshape(n, 1, 4, 4), torch.arange(n) % 10
+
+
+def _tags(x: torch.Tensor) -> set[float]:
+    return {round(float(v), 3) for v in x.reshape(len(x), -1).sort(dim=1).values[:, 0]}
+
+
+@pytest.mark.parametrize("name", ["split-mnist-domain", "split-mnist-class", "permuted-mnist"])
+def test_suite_validation_comes_from_training_images_only(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Validation images are training images never trained on in that task, never test
+    images; a seed gives the same stream again, another seed another hold-out."""
+    monkeypatch.setattr(suite_module, "load_dataset", _tagged_dataset)
+    budget = suite_module.Budget(n_train=15, n_val=5, n_test=8)
+    spec = suite_module.parse_stream(name, n_tasks=5)
+    stream = suite_module.build_stream(spec, budget, seed=0)
+    for task in stream:
+        train, val, test = _tags(task.x_train), _tags(task.x_val), _tags(task.x_test)
+        assert (len(train), len(val), len(test)) == (15, 5, 8)
+        assert min(train | val) > 0 and max(test) < 0
+        assert not train & val
+    again = suite_module.build_stream(spec, budget, seed=0)
+    other = suite_module.build_stream(spec, budget, seed=1)
+    for a, b, c in zip(stream, again, other, strict=True):
+        assert torch.equal(a.x_val, b.x_val) and torch.equal(a.x_train, b.x_train)
+        assert not torch.equal(a.x_val, c.x_val)
+
+
+@pytest.mark.parametrize(("n_train", "n_val"), [(20, 30), (None, 40)])
+def test_suite_stream_sizes_are_the_budget(n_train: int | None, n_val: int) -> None:
+    """Every task holds out exactly ``n_val`` validation examples and keeps ``n_train``
+    (the budget recorded in results.json): a validation size above the training size was
+    cut to half of the examples, and with ``n_train=None`` tasks smaller than the largest
+    held out fewer."""
+    budget = suite_module.Budget(n_train=n_train, n_val=n_val, n_test=10)
+    stream = suite_module.build_stream(suite_module.parse_stream("split-digits-domain"), budget, 0)
+    assert [len(t.y_val) for t in stream] == [n_val] * 5
+    if n_train is not None:
+        assert [len(t.y_train) for t in stream] == [n_train] * 5
+    too_many = suite_module.Budget(n_train=None, n_val=1000, n_test=10)
+    with pytest.raises(ValueError, match="1000"):
+        suite_module.build_stream(suite_module.parse_stream("split-digits-task"), too_many, 0)
+
+
+def test_cnn_on_flat_inputs_is_a_clear_error() -> None:
+    """``stream_from_tensors`` turns flat ``[N, D]`` data into ``[N, 1, 1, D]``; the CNN
+    cannot pool that, which failed only at the first forward with a pooling-size error."""
+    with pytest.raises(ValueError, match="mlp"):
+        build_model("cnn", (1, 1, 20), 2)
+    assert build_model("cnn", (1, 5, 7), 2)(torch.zeros(1, 1, 5, 7)).shape == (1, 2)
