@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import metaopt
-from metaopt.compile import fit, make_meta_step, make_step, module_state
+from metaopt.compile import fit, make_meta_step, make_step, module_state, tensor_hyper
 from tests.compile.compile_models import batches, build, unrolled_meta_grad
 
 AOT = {"backend": "aot_eager"}
@@ -196,3 +196,72 @@ def test_fit_rejects_bad_epochs_and_one_shot_loaders_before_training():
         assert torch.equal(p.detach(), q)
     result = fit(model, iter(data), metaopt.rules.sgd(lr=0.1), epochs=1, compile=False)
     assert result.step_losses.shape == (2,)  # one epoch over a generator is fine
+
+
+@pytest.mark.slow
+def test_dropout_off_in_eval_mode_compiled_matches_eager():
+    """In eval mode dropout is the identity: compiled and eager steps agree with each
+    other and with torch.optim, whatever the seed."""
+    model = dropout_mlp().eval()
+    data = [(x.double(), y) for x, y in batches("mlp", 3)]
+    rule, _ = tensor_hyper(metaopt.rules.adam, lr=0.05, dtype=torch.float64)
+    runs = []
+    for compile in (False, True):
+        step = make_step(model, F.cross_entropy, rule, compile=compile, **compile_kwargs(compile))
+        params, buffers, state = step.init(model)
+        torch.manual_seed(len(runs))  # another seed for each: no randomness is used
+        for batch in data:
+            params, buffers, state, _ = step(params, buffers, state, batch)
+        runs.append(params)
+    reference_adam(model, data, lr=0.05)
+    tight = {"atol": 1e-12, "rtol": 1e-10}
+    for params in runs:
+        assert_params_equal_module(params, model, **tight)
+
+
+class TiedModel(nn.Module):
+    """Two layers share one weight (``out.weight is embed.weight``), as tied embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 3, bias=False)
+        self.mid = nn.Linear(3, 8)
+        self.out = nn.Linear(8, 3, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.mid(torch.tanh(self.embed(x)))))
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_fit_tied_weights_match_torch_optim(compile):
+    """A tied weight is one parameter: its gradient sums both uses, and it stays tied."""
+    torch.manual_seed(0)
+    model = TiedModel().double()
+    ref = TiedModel().double()
+    ref.load_state_dict(model.state_dict())
+    data = [(x.double(), y) for x, y in batches("mlp", 3)]
+    result = fit(model, data, metaopt.rules.adam(lr=0.05), epochs=2, compile=compile,
+                 **compile_kwargs(compile))
+    ref_losses = reference_adam(ref, data + data, lr=0.05)
+    assert model.out.weight is model.embed.weight
+    assert set(result.opt_state) == {"embed.weight", "mid.weight", "mid.bias"}
+    tight = {"atol": 1e-12, "rtol": 1e-10}
+    assert_params_equal_module(dict(model.named_parameters()), ref, **tight)
+    torch.testing.assert_close(result.step_losses, torch.stack(ref_losses), **tight)
+
+
+@pytest.mark.slow
+def test_compiled_fit_writes_batchnorm_buffers_back_like_eager():
+    """fit(compile=True) trains private copies in place; the module then holds the final
+    parameters and running statistics (integer counter included), as the eager fit."""
+    models = [build("cnn").double(), build("cnn").double()]
+    data = [(x.double(), y) for x, y in batches("cnn", 3)]
+    for model, compile in zip(models, (True, False), strict=True):
+        weight = model[0].weight
+        fit(model, data, metaopt.rules.sgd(lr=0.1, momentum=0.9), epochs=2, compile=compile,
+            **compile_kwargs(compile))
+        assert model[0].weight is weight
+        assert int(model[1].num_batches_tracked) == 6
+    tight = {"atol": 1e-12, "rtol": 1e-10}
+    torch.testing.assert_close(models[0].state_dict(), models[1].state_dict(), **tight)
