@@ -107,7 +107,8 @@ def learned_rule(
         net: the meta-parameters (a :class:`LearnedRuleNet`).
         lr: learning rate (a number or a 0-d tensor), the scale of Adam's step.
         meta_params: ``{name: tensor}`` replacing ``net``'s parameters through
-            ``torch.func.functional_call`` (gradients then flow to these tensors).
+            ``torch.func.functional_call`` (gradients then flow to these tensors); every
+            name must be one of ``net``'s parameters or buffers (``ValueError``).
         betas: Adam's moment decay rates.
         eps: Adam's denominator constant.
         max_block: target size of a token (larger tensors are split into equal blocks
@@ -146,6 +147,7 @@ def learned_rule(
     """
     _check_options(lr, betas, eps, max_block, sample_size, topk_fraction, aux_dtype)
     check_importance(importance)
+    meta_params = _checked_meta_params(net, meta_params)
     b1, b2 = betas
 
     def init(params: Any) -> State:
@@ -216,6 +218,27 @@ def learned_rule(
         return rebuild(grads, [updates[k] for k in keys]), {k: new_state[k] for k in keys}
 
     return UpdateRule(init, update)
+
+
+def _checked_meta_params(
+    net: LearnedRuleNet, meta_params: Mapping[str, torch.Tensor] | None
+) -> Mapping[str, torch.Tensor] | None:
+    """``meta_params``, or ``None`` when it replaces nothing (empty).
+
+    Raises:
+        ValueError: a name is none of ``net``'s parameters and buffers (``functional_call``
+            would ignore it, and its gradient would silently stay ``None``).
+    """
+    if meta_params is None:
+        return None
+    known = {name for name, _ in net.named_parameters()} | {n for n, _ in net.named_buffers()}
+    unknown = sorted(set(meta_params) - known)
+    if unknown:
+        raise ValueError(
+            f"learned_rule: meta_params names {unknown} are not parameters of the net "
+            f"(it has {sorted(known)})"
+        )
+    return meta_params if len(meta_params) else None
 
 
 def run_on_net_device(

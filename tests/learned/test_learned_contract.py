@@ -222,3 +222,19 @@ def test_learned_rule_net_rejects_invalid_options() -> None:
     with pytest.raises(ValueError, match="max_correction must be finite"):
         LearnedRuleNet(max_correction=-1.0)
     assert LearnedRuleNet(n_layers=0, rho_scale=0).config["n_layers"] == 0
+
+
+def test_meta_params_must_name_parameters_of_the_net() -> None:
+    """A misspelt meta-parameter name was ignored by ``functional_call``: the rule ran on
+    the net's own weights and the tensor's meta-gradient stayed ``None``. An empty
+    mapping raised a bare ``StopIteration``."""
+    net = perturbed_net()
+    params = {"w": torch.randn(3, 2), "b": torch.randn(2)}
+    grads = _grads(params, 0)
+    with pytest.raises(ValueError, match=r"\['head\.bais'\] are not parameters"):
+        learned_rule(net, meta_params={"head.bais": net.head.bias.detach().clone()})
+    rule = learned_rule(net, lr=1e-2, meta_params={})
+    updates, _ = rule.update(grads, rule.init(params), params)
+    ref, _ = learned_rule(net, lr=1e-2).update(grads, rule.init(params), params)
+    for k in params:
+        torch.testing.assert_close(updates[k], ref[k], rtol=0, atol=0)
