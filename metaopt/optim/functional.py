@@ -352,6 +352,8 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         plan = self._gather()
         if self.check_finite:
             self._raise_if_nonfinite(plan)
+        for group, _, _ in plan:  # every group's hyper-parameters are valid before any step
+            self.rule_for(group)
         for group, keys, params in plan:
             self._step_group(group, keys, params)
         return loss

@@ -238,6 +238,28 @@ def test_bad_hyper_parameters_give_clear_errors():
     assert len(opt.param_groups) == 1
 
 
+@pytest.mark.parametrize("optimizer", ["functional", "learned"])
+def test_invalid_hyper_parameter_in_a_later_group_changes_nothing(optimizer):
+    """A value edited into ``param_groups`` after construction is checked when ``step``
+    builds the rule; no group is stepped before every group's rule is valid."""
+    first, second = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    groups = [{"params": [first]}, {"params": [second]}]
+    if optimizer == "learned":
+        opt = metaopt.LearnedOptimizer(groups, lr=0.1)
+    else:
+        opt = metaopt.FunctionalOptimizer(groups, metaopt.rules.adam, lr=0.1)
+    (first.sum() + second.sum()).backward()
+    opt.param_groups[1]["lr"] = -1.0
+    with pytest.raises(ValueError, match="invalid learning rate"):
+        opt.step()
+    assert torch.equal(first.detach(), torch.ones(3))
+    assert torch.equal(second.detach(), torch.ones(2))
+    assert not opt.state
+    opt.param_groups[1]["lr"] = 0.1
+    opt.step()
+    assert (first < 1).all() and (second < 1).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_precision_params_keep_their_dtype(dtype):
     p = torch.nn.Parameter(torch.ones(4, dtype=dtype))
