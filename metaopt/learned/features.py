@@ -104,13 +104,16 @@ def layout_of(numel: int, max_block: int, leading: int = 1) -> Layout:
     rows of the tensor, a divisor or multiple of ``leading``, when that at most doubles
     ``n``). When that divisor exceeds ``4 * low`` (sizes such as ``2045 ** 2``), ``n`` is
     the largest divisor below ``low`` whose tokens stay within ``4 * max_block`` elements,
-    so the attention never sees many more tokens than needed. Only a size with neither
-    (a prime beyond ``4 * max_block``) gets one token.
+    so the attention never sees many more tokens than needed. A size with neither gets
+    the smallest divisor ``>= low`` if its tokens keep at least ``max_block // 64``
+    elements, else one token of the whole tensor: a prime beyond ``4 * max_block``, but
+    also a small multiple of a large prime (at the default ``max_block = 65536``,
+    ``2 * 1000003`` elements are one token of 2,000,006).
 
     Args:
         numel: number of elements (>= 0).
-        max_block: target number of elements per token (>= 1); tokens never exceed
-            ``4 * max_block`` except in the prime case above.
+        max_block: target number of elements per token (>= 1); tokens exceed
+            ``4 * max_block`` only in the one-token case above.
         leading: the tensor's first dimension (its rows, e.g. output units).
     """
     if max_block < 1:
