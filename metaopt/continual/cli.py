@@ -223,6 +223,8 @@ def bench_command(args: argparse.Namespace) -> int:
         learned_checkpoint=args.learned_checkpoint,
     )
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is not a folder")
     results_path = Path(args.merge_into) if args.merge_into else out / "results.json"
     existing = load_results(results_path) if (args.merge_into or args.resume) else {"rows": []}
     rows: list[dict[str, Any]] = list(existing["rows"])

@@ -34,14 +34,31 @@ _HEADERS = {
 }
 
 
+_ROW_KEYS = ("stream", "model", "optimizer", "setting", "seed", "test")
+"""Keys every result row has (its identity, and what selection and tables read)."""
+
+
 def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a results JSON (``{"meta": {...}, "rows": [...]}``); empty if absent."""
+    """Read a results JSON (``{"meta": {...}, "rows": [...]}``); empty if absent.
+
+    Raises:
+        ValueError: ``path`` is a folder, not JSON, or not a results file (the message
+            names it and what is wrong).
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         return {"meta": {}, "rows": []}
-    data = json.loads(path.read_text())
+    if not path.is_file():
+        raise ValueError(f"{path}: not a results file (a folder?)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
         raise ValueError(f"{path}: not a metaopt results file (no 'rows' list)")
+    for i, row in enumerate(data["rows"]):
+        if not isinstance(row, dict) or not all(k in row for k in _ROW_KEYS):
+            raise ValueError(f"{path}: row {i} is not a result row (needs {', '.join(_ROW_KEYS)})")
     return data
 
 

@@ -206,6 +206,8 @@ def permuted_stream(
     """
     _check_xy(x_train, y_train, "train")
     _check_xy(x_test, y_test, "test")
+    if n_tasks < 1:
+        raise ValueError(f"n_tasks must be >= 1, got {n_tasks}")
     gen = _generator(seed)
     n_pixels = math.prod(x_train.shape[1:])
     n_classes = int(max(y_train.max(), y_test.max())) + 1
@@ -270,8 +272,12 @@ def rotated_stream(
     _check_xy(x_train, y_train, "train")
     _check_xy(x_test, y_test, "test")
     if angles is None:
+        if n_tasks < 1:
+            raise ValueError(f"n_tasks must be >= 1, got {n_tasks}")
         drawn = torch.rand(n_tasks, generator=_generator(seed)) * max_angle
         angles = [0.0, *drawn[1:].tolist()]
+    elif not angles:
+        raise ValueError("angles must hold at least one angle (one per task)")
     n_classes = int(max(y_train.max(), y_test.max())) + 1
     return [
         Task(

@@ -299,16 +299,16 @@ def test_results_file_write_is_atomic_and_shared(tmp_path: Path) -> None:
     path = tmp_path / "results.json"
     old = os.umask(0o022)
     try:
-        save_results(path, {"suite": "quick"}, [{"stream": "s", "seed": 0}])
+        save_results(path, {"suite": "quick"}, [_fake_row(2)])
     finally:
         os.umask(old)
     assert oct(path.stat().st_mode & 0o777) == oct(0o644)
     before = path.read_bytes()
     with pytest.raises(TypeError):
-        save_results(path, {"suite": "quick"}, [{"stream": "s", "seed": torch.zeros(1)}])
+        save_results(path, {"suite": "quick"}, [{**_fake_row(2), "seed": torch.zeros(1)}])
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
-    assert load_results(path)["rows"] == [{"stream": "s", "seed": 0}]
+    assert load_results(path)["rows"] == [_fake_row(2)]
 
 
 # --------------------------------------------------------------------------- streams, runner
@@ -699,3 +699,57 @@ def test_cnn_on_flat_inputs_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="mlp"):
         build_model("cnn", (1, 1, 20), 2)
     assert build_model("cnn", (1, 5, 7), 2)(torch.zeros(1, 1, 5, 7)).shape == (1, 2)
+
+
+@pytest.mark.parametrize("builder", ["permuted_stream", "rotated_stream"])
+def test_shared_label_streams_need_a_task(builder: str) -> None:
+    """``rotated_stream(n_tasks=0)`` returned one task (at 0 degrees)."""
+    from metaopt.continual import streams
+
+    x, y = _toy(12)
+    with pytest.raises(ValueError, match="n_tasks"):
+        getattr(streams, builder)(x, y, x, y, n_tasks=0)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"meta": {}, "rows": [{"stream": "s"}]}', "row 0"),
+    ],
+)
+def test_bench_names_an_unreadable_results_file(
+    no_work: None,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: str,
+    message: str,
+) -> None:
+    """A damaged results file given to ``--merge-into``/``--resume`` is named in the error
+    (a bare JSON decoder message or a ``KeyError`` traceback before) and left as it is."""
+    results = tmp_path / "results.json"
+    results.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        main([*TINY, "--out", str(tmp_path / "out"), "--merge-into", str(results)])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert str(results) in err and message in err
+    assert results.read_text() == content
+
+
+@pytest.mark.parametrize("where", ["--out", "--merge-into"])
+def test_bench_rejects_output_paths_it_cannot_write(
+    no_work: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    """``--out`` naming a file, or ``--merge-into`` naming a folder, failed only when the
+    first run's row was saved (its work lost)."""
+    target = tmp_path / "target"
+    if where == "--out":
+        target.write_text("a file")
+        extra = ["--out", str(target)]
+    else:
+        target.mkdir()
+        extra = ["--out", str(tmp_path / "out"), "--merge-into", str(target)]
+    with pytest.raises(SystemExit) as exc:
+        main([*TINY, *extra])
+    assert exc.value.code == 1 and str(target) in capsys.readouterr().err
