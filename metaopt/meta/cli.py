@@ -9,6 +9,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import shlex
@@ -21,7 +22,7 @@ from metaopt.meta.distributed import init_distributed
 from metaopt.meta.tasks import DATASETS, KINDS, MODELS, FamilyConfig
 from metaopt.meta.trainer import MetaTrainer, TrainConfig
 
-__all__ = ["config_from_args", "register"]
+__all__ = ["check_args", "config_from_args", "register"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         earlier_weight=args.earlier_weight,
         mnist_size=args.mnist_size,
     )
-    family.model_sizes["mlp"] = {"hidden": tuple(args.mlp_hidden)}
+    family = dataclasses.replace(  # validated again with the MLP widths
+        family, model_sizes={**family.model_sizes, "mlp": {"hidden": tuple(args.mlp_hidden)}}
+    )
     return TrainConfig(
         steps=args.steps,
         tasks_per_step=args.tasks_per_step,
@@ -130,11 +133,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse ``meta-train`` arguments that would only fail after work has started
+    (``ValueError``, which ``metaopt`` prints as one error line)."""
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.compare < 0:
+        raise ValueError(f"--compare must be >= 0, got {args.compare}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if args.export and Path(args.export).is_dir():
+        raise ValueError(f"--export {args.export} is a directory; give a file path")
+
+
 def meta_train_command(args: argparse.Namespace) -> int:
-    """Handler of ``metaopt meta-train``."""
+    """Handler of ``metaopt meta-train``: every argument is checked before any work."""
+    check_args(args)
+    config = config_from_args(args)
     torch.set_num_threads(args.threads)
     ctx = init_distributed()
-    config = config_from_args(args)
     trainer = MetaTrainer(
         config,
         args.out,

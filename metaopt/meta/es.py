@@ -148,7 +148,8 @@ class PES:
 
     Args:
         rule_fn: ``meta_params -> UpdateRule``.
-        truncation: window length K (inner steps).
+        truncation: window length K (inner steps); ``None``: the whole trajectory is one
+            window (then PES is :class:`ES`).
         sigma: perturbation standard deviation.
         num_pairs: antithetic particle pairs.
         generator: source of the noise.
@@ -157,13 +158,15 @@ class PES:
     def __init__(
         self,
         rule_fn: RuleFactory,
-        truncation: int = 10,
+        truncation: int | None = 10,
         sigma: float = 0.01,
         num_pairs: int = 8,
         generator: torch.Generator | None = None,
     ) -> None:
         self.num_pairs = _check(sigma, num_pairs)
-        self.rule_fn, self.truncation = rule_fn, check_count("truncation", truncation)
+        if truncation is not None:
+            truncation = check_count("truncation", truncation)
+        self.rule_fn, self.truncation = rule_fn, truncation
         self.sigma, self.generator = sigma, generator
 
     def __call__(self, meta_params: Params, problem: InnerProblem) -> MetaGradient:
@@ -173,8 +176,9 @@ class PES:
         for _ in range(self.num_pairs):
             carries: list[InnerCarry | None] = [None, None]
             xi = {k: torch.zeros_like(v) for k, v in meta_params.items()}
-            for start in range(0, problem.num_steps, self.truncation):
-                steps = range(start, min(start + self.truncation, problem.num_steps))
+            window = self.truncation or max(problem.num_steps, 1)
+            for start in range(0, problem.num_steps, window):
+                steps = range(start, min(start + window, problem.num_steps))
                 eps = _noise(meta_params, self.generator)
                 seed = _pair_seed(self.generator)
                 xi = {k: xi[k] + eps[k] for k in xi}

@@ -85,6 +85,18 @@ class FamilyConfig:
                 raise ValueError(f"{name} must be (low, high) with 1 <= low <= high")
         if self.examples < 20:
             raise ValueError(f"examples must be >= 20, got {self.examples}")
+        if self.mnist_size < 1 or self.meta_batch_size < 1:
+            raise ValueError("mnist_size and meta_batch_size must be >= 1")
+        if not self.batch_size or min(self.batch_size) < 1:
+            raise ValueError(f"batch_size must be a non-empty tuple of sizes >= 1, got "
+                             f"{self.batch_size}")
+        if not (self.speed_weight >= 0 and self.earlier_weight >= 0):
+            raise ValueError("speed_weight and earlier_weight must be >= 0")
+        for model, kwargs in self.model_sizes.items():
+            for key, value in kwargs.items():
+                sizes = value if isinstance(value, (tuple, list)) else (value,)
+                if any(isinstance(v, int) and v < 1 for v in sizes):
+                    raise ValueError(f"model_sizes[{model!r}][{key!r}] must be >= 1, got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (for checkpoint metadata)."""

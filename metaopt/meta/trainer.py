@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -33,7 +34,7 @@ from metaopt.meta.compiled import CompiledContinualSteps
 from metaopt.meta.distributed import DistributedContext, all_reduce_mean, shard
 from metaopt.meta.es import ES, PES
 from metaopt.meta.objective import ContinualProblem, evaluate_rule
-from metaopt.meta.problem import MetaGradient
+from metaopt.meta.problem import MetaGradient, check_count
 from metaopt.meta.tasks import FamilyConfig, TaskFamily
 from metaopt.meta.unroll import Unrolled
 from metaopt.rules import adam
@@ -107,8 +108,15 @@ class TrainConfig:
         for name in ("steps", "tasks_per_step", "val_every", "val_tasks", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.meta_lr > 0 or not self.clip > 0 or not self.inner_lr > 0:
-            raise ValueError("meta_lr, clip and inner_lr must be > 0")
+        if not self.clip > 0:
+            raise ValueError(f"clip must be > 0, got {self.clip}")
+        for name in ("meta_lr", "inner_lr", "sigma"):
+            value = getattr(self, name)
+            if not 0 < value < math.inf:
+                raise ValueError(f"{name} must be finite and > 0, got {value}")
+        if self.truncation is not None:
+            check_count("truncation", self.truncation)
+        check_count("es_pairs", self.es_pairs)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (tuples become lists)."""
@@ -190,9 +198,11 @@ class MetaTrainer:
             raise ValueError(
                 f"compile=True needs the unrolled estimator, got estimator={config.estimator!r}"
             )
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise ValueError(f"out_dir {self.out_dir} exists and is not a directory")
         self.config = config
         self.compile = compile
-        self.out_dir = Path(out_dir)
         self.ctx = ctx or DistributedContext()
         self.progress = progress
         family_config = _family_config(config.family)
@@ -228,7 +238,7 @@ class MetaTrainer:
             return Unrolled(self.rule_fn, cfg.truncation, step_fn=steps)
         if cfg.estimator == "es":
             return ES(self.rule_fn, cfg.sigma, cfg.es_pairs, self.noise)
-        return PES(self.rule_fn, cfg.truncation or 10, cfg.sigma, cfg.es_pairs, self.noise)
+        return PES(self.rule_fn, cfg.truncation, cfg.sigma, cfg.es_pairs, self.noise)
 
     def meta_params(self) -> Params:
         """The current meta-parameters ``{name: tensor}`` (the net's parameters)."""
@@ -345,6 +355,8 @@ class MetaTrainer:
             and ``"win_rate"`` (fraction of sequences where the learned rule's meta-loss
             is lower) in the learned entry.
         """
+        if n_sequences < 1:
+            raise ValueError(f"n_sequences must be >= 1, got {n_sequences}")
         net = LearnedRuleNet(**self.config.net)
         net.load_state_dict(self.best.get("state") or self.net.state_dict())
         rules = {

@@ -346,3 +346,107 @@ def test_resume_from_a_corrupt_checkpoint_fails_clearly_and_changes_nothing(
         trainer.resume(bad)
     assert _same(before, _snapshot(trainer))
     assert trainer.resume()  # the trainer's own checkpoint still loads
+
+
+# ---------------------------------------------------------------- configuration and CLI
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"estimator": "pes", "truncation": 0},  # PES silently used a window of 10
+        {"estimator": "unrolled", "truncation": 0},
+        {"truncation": 2.5},
+        {"estimator": "es", "sigma": 0.0},
+        {"estimator": "es", "sigma": float("nan")},
+        {"estimator": "es", "es_pairs": 0},
+        {"meta_lr": float("inf")},
+        {"inner_lr": float("inf")},
+    ],
+)
+def test_train_config_refuses_estimator_settings_up_front(bad):
+    """Settings the estimator would refuse (or, for PES, silently replace) are refused when
+    the configuration is built, before any data is loaded."""
+    with pytest.raises((ValueError, TypeError)):
+        tiny_config(**bad)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"mnist_size": 0},
+        {"meta_batch_size": 0},
+        {"batch_size": ()},
+        {"batch_size": (0,)},
+        {"speed_weight": -1.0},
+        {"earlier_weight": -1.0},
+        {"model_sizes": {"mlp": {"hidden": (0,)}}},
+    ],
+)
+def test_family_config_refuses_bad_ranges_before_loading_data(bad):
+    from metaopt.meta import FamilyConfig
+
+    with pytest.raises(ValueError):
+        FamilyConfig(**bad)
+
+
+def test_pes_without_truncation_is_one_window_as_documented():
+    """``TrainConfig.truncation=None`` means the whole sequence; the trainer used to give
+    PES a window of 10 steps instead. ``PES(truncation=None)`` (and any window at least
+    as long as the horizon) is one window: exactly ES with the same noise."""
+    problem = classification_problem(steps=4)
+    mp = {"lr": torch.tensor(0.2, dtype=F64)}
+    es = _es(ES, 1e-3)(mp, problem)
+    for window in (None, 4, 7):
+        pes = _es(PES, 1e-3, truncation=window)(mp, problem)
+        assert torch.equal(pes.grads["lr"], es.grads["lr"])
+        assert torch.equal(pes.loss, es.loss)
+    trainer = MetaTrainer.__new__(MetaTrainer)  # only what _make_estimator reads
+    trainer.config, trainer.compile = tiny_config(estimator="pes", truncation=None), False
+    trainer.noise = torch.Generator()
+    assert trainer._make_estimator().truncation is None
+
+
+def _cli_args(tmp_path) -> list[str]:
+    return ["meta-train", "--out", str(tmp_path / "run"), "--steps", "1", "--no-progress"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--threads", "0"],
+        ["--compare", "-1"],
+        ["--mlp-hidden", "0"],
+        ["--mnist-size", "0"],
+        ["--estimator", "pes", "--truncation", "0"],
+        ["--truncation", "0"],
+        ["--estimator", "es", "--sigma", "0"],
+        ["--estimator", "es", "--es-pairs", "0"],
+        ["--speed-weight", "-1"],
+        ["--earlier-weight", "-1"],
+        ["--meta-lr", "inf"],
+        ["--out", "FILE"],
+        ["--export", "DIR"],
+    ],
+)
+def test_cli_refuses_bad_arguments_before_any_work(tmp_path, monkeypatch, capsys, extra):
+    """Each of these used to start work (load data, train, even for hours) and then end
+    in a traceback or at the very end (``--compare -1``: IndexError after training;
+    ``--out`` an existing file: FileExistsError at the first checkpoint; ``--threads 0``:
+    RuntimeError) or to run with another setting (PES with ``--truncation 0``)."""
+    import metaopt.cli
+    import metaopt.meta.cli as meta_cli
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(meta_cli, "MetaTrainer", no_work)
+    monkeypatch.setattr(meta_cli, "init_distributed", no_work)
+    monkeypatch.setattr(torch, "set_num_threads", no_work)
+    (tmp_path / "FILE").write_text("")
+    (tmp_path / "DIR").mkdir()
+    extra = [str(tmp_path / a) if a in ("FILE", "DIR") else a for a in extra]
+    with pytest.raises(SystemExit) as exit_info:
+        metaopt.cli.main([*_cli_args(tmp_path), *extra])
+    assert exit_info.value.code == 1
+    assert "metaopt meta-train: error:" in capsys.readouterr().err
