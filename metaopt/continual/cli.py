@@ -31,7 +31,7 @@ from metaopt.continual.suite import (
     OPTIMIZERS,
     SUITES,
     Budget,
-    n_runs,
+    SuiteSpec,
     row_key,
     run_suite,
     suite_from_preset,
@@ -205,6 +205,41 @@ def _check_n_tasks(results_path: Path, rows: list[dict[str, Any]], streams: dict
             )
 
 
+def _planned(suite: SuiteSpec) -> set[tuple[str, str, str, int]]:
+    """The row keys of every run of ``suite``."""
+    return {
+        (spec.name, model, setting.label, seed)
+        for spec in suite.streams
+        for model in suite.models
+        for setting in suite.settings
+        for seed in suite.seeds
+    }
+
+
+def _check_checkpoints(
+    results_path: Path,
+    rows: list[dict[str, Any]],
+    stored: dict[str, dict[str, Any]],
+    infos: dict[str, dict[str, Any]],
+    to_run: set[tuple[str, str, str, int]],
+) -> None:
+    """Raise ``ValueError`` if rows of a learned-optimizer label would stay in the results
+    next to (or instead of) this run's, though they come from another checkpoint file (the
+    label ``learned[<stem>]`` holds only the file stem)."""
+    for label, info in infos.items():
+        old = stored.get(label)
+        if old is None or old["sha256"] == info["sha256"]:
+            continue
+        if any(r["setting"] == label and row_key(r) not in to_run for r in rows):
+            raise ValueError(
+                f"{results_path} holds {label} rows of checkpoint {old['path']} (sha256 "
+                f"{old['sha256'][:12]}...), not of {info['path']} (sha256 "
+                f"{info['sha256'][:12]}...) and this run would keep some of them: re-run all "
+                "of them without --resume, rename the checkpoint file or use another results "
+                "file"
+            )
+
+
 def bench_command(args: argparse.Namespace) -> int:
     """Run ``metaopt bench``; returns the exit status."""
     _check_device(args.device)
@@ -241,23 +276,17 @@ def bench_command(args: argparse.Namespace) -> int:
             f"{meta['budget']}: merged rows must share one budget (same --suite and budget options)"
         )
     _check_n_tasks(results_path, rows, {s.name: s.n_tasks for s in suite.streams})
+    to_run = _planned(suite) - skip
     learned = [s for s in suite.settings if s.optimizer == "learned"]
     if learned:
-        meta["learned_checkpoints"] = {
-            **old_meta.get("learned_checkpoints", {}),
-            **{s.label: _checkpoint_info(s.checkpoint) for s in learned},
-        }
+        infos = {s.label: _checkpoint_info(s.checkpoint) for s in learned}
+        stored = old_meta.get("learned_checkpoints", {})
+        _check_checkpoints(results_path, rows, stored, infos, to_run)
+        meta["learned_checkpoints"] = {**stored, **infos}
 
     from tqdm import tqdm
 
-    total = n_runs(suite) - sum(
-        1
-        for key in skip
-        if key[0] in {s.name for s in suite.streams}
-        and key[1] in suite.models
-        and key[2] in {s.label for s in suite.settings}
-        and key[3] in suite.seeds
-    )
+    total = len(to_run)
     for setting in learned:
         info = meta["learned_checkpoints"][setting.label]
         description = info["metadata"].get("description", "no description")

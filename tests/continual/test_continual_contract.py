@@ -753,3 +753,40 @@ def test_bench_rejects_output_paths_it_cannot_write(
     with pytest.raises(SystemExit) as exc:
         main([*TINY, *extra])
     assert exc.value.code == 1 and str(target) in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not suite_module.learned_available(), reason="no learned optimizer")
+@pytest.mark.parametrize("mode", ["--resume", "--merge-into"])
+def test_rows_of_another_checkpoint_with_the_same_label_are_not_kept(
+    no_work: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str
+) -> None:
+    """``learned[<stem>]`` only holds the file stem: resuming with ``runs/b/best.pt`` over
+    rows of ``runs/a/best.pt`` skipped them all and reported a's results under b's
+    provenance; merging a partial re-run kept a's other rows next to b's."""
+    from metaopt.learned.checkpoint import CHECKPOINT_DIR
+
+    mine = tmp_path / "b" / "best.pt"
+    mine.parent.mkdir()
+    shutil.copy(CHECKPOINT_DIR / "default.pt", mine)
+    label = "learned[best]"
+    rows = [
+        {**_fake_row(2, seed), "optimizer": label, "setting": label, "hyper": {}} for seed in (0, 1)
+    ]
+    other = {"path": "runs/a/best.pt", "sha256": "0" * 64, "metadata": {}}
+    meta = {
+        "command": "metaopt bench ...",
+        "budget": dataclasses.asdict(TINY_BUDGET),
+        "learned_checkpoints": {label: other},
+    }
+    results = tmp_path / "out" / "results.json"
+    results.parent.mkdir()
+    results.write_text(json.dumps({"meta": meta, "rows": rows}))
+    before = results.read_bytes()
+    argv = [*_with(TINY, "--optimizers", "learned"), "--learned-checkpoint", str(mine)]
+    extra = ["--resume"] if mode == "--resume" else ["--merge-into", str(results)]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(results.parent), *extra])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert label in err and "runs/a/best.pt" in err
+    assert results.read_bytes() == before
