@@ -72,8 +72,20 @@ class Task:
     y_val: torch.Tensor | None = None
 
     def logits(self, output: torch.Tensor) -> torch.Tensor:
-        """The slice of a model output ``[B, n_outputs]`` this task is scored on."""
-        return output[:, self.logit_offset : self.logit_offset + self.n_classes]
+        """The slice of a model output ``[B, n_outputs]`` this task is scored on.
+
+        Raises:
+            ValueError: the output has fewer than ``logit_offset + n_classes`` columns
+                (the model was built for fewer outputs than :func:`n_outputs` of the stream).
+        """
+        end = self.logit_offset + self.n_classes
+        if output.ndim < 2 or output.shape[1] < end:
+            raise ValueError(
+                f"task {self.name!r} is scored on logits [{self.logit_offset}, {end}) but the "
+                f"model output has shape {tuple(output.shape)}: build the model with at "
+                f"least {end} outputs (streams.n_outputs(stream))"
+            )
+        return output[:, self.logit_offset : end]
 
 
 def _generator(seed: Seed) -> torch.Generator:

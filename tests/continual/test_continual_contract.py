@@ -790,3 +790,15 @@ def test_rows_of_another_checkpoint_with_the_same_label_are_not_kept(
     err = capsys.readouterr().err
     assert label in err and "runs/a/best.pt" in err
     assert results.read_bytes() == before
+
+
+def test_a_model_with_too_few_outputs_is_a_clear_error() -> None:
+    """Slicing a task's logits out of a too narrow output gave fewer (or no) columns: the
+    initial accuracies ``b`` were computed on them without complaint and training failed
+    later with an index error (or a class-incremental head never saw its classes)."""
+    x, y = _toy(40)
+    stream = split_stream(x, y, x, y, n_tasks=2, scenario="task")
+    narrow = functools.partial(build_model, "mlp", (1, 3, 3), 2, hidden=(4,))
+    with pytest.raises(ValueError, match="at least 4 outputs"):
+        run_stream(narrow, functools.partial(torch.optim.SGD, lr=0.1), stream, steps=1)
+    assert stream[1].logits(torch.zeros(3, 5)).shape == (3, 2)  # wider is fine
