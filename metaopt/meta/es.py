@@ -25,6 +25,7 @@ restored after each run.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -37,8 +38,8 @@ __all__ = ["ES", "PES"]
 
 
 def _check(sigma: float, num_pairs: int) -> int:
-    if not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
+    if not 0 < sigma < math.inf:
+        raise ValueError(f"sigma must be finite and > 0, got {sigma}")
     return check_count("num_pairs", num_pairs)
 
 
@@ -69,7 +70,18 @@ def _noise(meta_params: Params, generator: torch.Generator | None) -> Params:
 
 
 def _shift(meta_params: Params, eps: Params, scale: float) -> Params:
-    return {k: v.detach() + scale * eps[k] for k, v in meta_params.items()}
+    """``meta_params + scale * eps``; a perturbation lost entirely to rounding (``sigma``
+    below the resolution of a meta-parameter's dtype) raises instead of making both runs
+    of a pair equal and the estimate silently zero."""
+    shifted = {k: v.detach() + scale * eps[k] for k, v in meta_params.items()}
+    for k, v in meta_params.items():
+        if v.numel() and torch.equal(shifted[k], v.detach()) and bool(eps[k].any()):
+            raise ValueError(
+                f"sigma={abs(scale)} is below the resolution of meta-parameter {k!r} "
+                f"({v.dtype}, largest magnitude {float(v.abs().max()):.3g}): the perturbation "
+                "rounds away; use a larger sigma or a wider dtype"
+            )
+    return shifted
 
 
 def _run(

@@ -450,3 +450,16 @@ def test_cli_refuses_bad_arguments_before_any_work(tmp_path, monkeypatch, capsys
         metaopt.cli.main([*_cli_args(tmp_path), *extra])
     assert exit_info.value.code == 1
     assert "metaopt meta-train: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cls", [ES, PES])
+def test_es_sigma_below_the_meta_parameters_resolution_is_refused(cls):
+    """``0.3 + 1e-9 * eps`` is ``0.3`` in float32: both runs of every pair were the same
+    and the estimate was exactly zero, silently. An infinite sigma gave NaN."""
+    problem = classification_problem(dtype=torch.float32)
+    mp = {"lr": torch.tensor(0.3)}
+    with pytest.raises(ValueError, match="resolution"):
+        _es(cls, 1e-9)(mp, problem)
+    assert float(_es(cls, 1e-3)(mp, problem).grads["lr"]) != 0.0
+    with pytest.raises(ValueError, match="sigma"):
+        _es(cls, float("inf"))
