@@ -168,8 +168,8 @@ class EWC(QuadraticRegularizer):
         base: base optimizer class or factory.
         strength: penalty coefficient.
         **base_options: passed to ``base``.
-        n_fisher: examples used to estimate the Fisher at each task end.
-        gamma: decay of the accumulated Fisher (1 = plain sum over tasks).
+        n_fisher: examples used to estimate the Fisher at each task end (>= 1).
+        gamma: decay of the accumulated Fisher (1 = plain sum over tasks; >= 0).
 
     Without an ``end_task`` call (outside :func:`~metaopt.continual.runner.run_stream`),
     ``new_task()`` falls back to the mean squared minibatch gradient of the task.
@@ -187,6 +187,10 @@ class EWC(QuadraticRegularizer):
         gamma: float = 1.0,
         **base_options: Any,
     ) -> None:
+        if n_fisher < 1:
+            raise ValueError(f"n_fisher must be >= 1, got {n_fisher}")
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
         super().__init__(params, base, strength=strength, **base_options)
         self.n_fisher = n_fisher
         self.gamma = gamma
@@ -252,7 +256,7 @@ class SI(QuadraticRegularizer):
         base: base optimizer class or factory.
         strength: penalty coefficient.
         **base_options: passed to ``base``.
-        xi: damping of the importance denominator.
+        xi: damping of the importance denominator (> 0).
     """
 
     def __init__(
@@ -264,6 +268,8 @@ class SI(QuadraticRegularizer):
         xi: float = 0.1,
         **base_options: Any,
     ) -> None:
+        if not xi > 0:
+            raise ValueError(f"xi must be > 0 (it damps a division by delta^2), got {xi}")
         super().__init__(params, base, strength=strength, **base_options)
         self.xi = xi
         for p in self._params():

@@ -802,3 +802,33 @@ def test_a_model_with_too_few_outputs_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="at least 4 outputs"):
         run_stream(narrow, functools.partial(torch.optim.SGD, lr=0.1), stream, steps=1)
     assert stream[1].logits(torch.zeros(3, 5)).shape == (3, 2)  # wider is fine
+
+
+@pytest.mark.parametrize(
+    ("cls", "options", "message"),
+    [
+        (SI, {"xi": 0.0}, "xi"),
+        (SI, {"xi": -0.1}, "xi"),
+        (EWC, {"n_fisher": 0}, "n_fisher"),
+        (EWC, {"gamma": -0.5}, "gamma"),
+    ],
+)
+def test_regularizer_options_out_of_range_are_rejected(
+    cls: type, options: dict, message: str
+) -> None:
+    """``SI(xi=0)`` divided 0 by 0 for any parameter that did not move during a task (a
+    NaN importance, then NaN weights); ``EWC(n_fisher=0)`` silently estimated a zero
+    Fisher (no penalty at all) and a negative one dropped examples from the end."""
+    w = nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match=message):
+        cls([w], **options)
+
+
+def test_si_parameter_that_does_not_move_gets_no_importance() -> None:
+    w = nn.Parameter(torch.ones(2))
+    still = nn.Parameter(torch.ones(2))
+    opt = SI([w, still], base=torch.optim.SGD, lr=0.1, strength=1.0, xi=1e-3)
+    _quadratic_steps(opt, w, torch.zeros(2), 3)
+    opt.new_task()
+    assert torch.equal(opt.state[still]["importance"], torch.zeros(2))
+    assert (opt.state[w]["importance"] > 0).all()
