@@ -21,7 +21,9 @@ State = dict[str, Any]
 """A rule's state: ``{parameter key: leaf state}``."""
 
 Scalar = float | torch.Tensor
-"""A hyper-parameter: a Python number, or a 0-d tensor (differentiable if it requires grad)."""
+"""A hyper-parameter: a Python number, or a 0-d tensor (differentiable if it requires grad);
+a one-element tensor of another shape (``torch.optim`` accepts ``lr`` of shape ``[1]``) is
+used as a 0-d view of it."""
 
 
 

@@ -69,9 +69,28 @@ def _on_real_views(update_leaf: Any) -> Any:
     return update
 
 
-def _check_nonnegative(name: str, value: Any) -> None:
+def _scalar(name: str, value: Any) -> Any:
+    """``value``; a one-element tensor (``torch.optim`` accepts ``lr`` of shape ``[1]``)
+    as a 0-d view of it, so that it does not broadcast a 0-d parameter's update to ``[1]``
+    (a view: an in-place change of the tensor and its gradient still reach it).
+
+    Raises:
+        ValueError: a tensor with more than one element.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}"
+            )
+        return value if value.ndim == 0 else value.reshape(())
+    return value
+
+
+def _check_nonnegative(name: str, value: Any) -> Any:
+    """``value`` as :func:`_scalar` gives it, after checking that a number is >= 0."""
     if isinstance(value, (int, float)) and not value >= 0:
         raise ValueError(f"invalid {name}: {value} (must be >= 0)")
+    return _scalar(name, value)
 
 
 class CountState(NamedTuple):
@@ -108,6 +127,7 @@ class RMSState(NamedTuple):
 
 def scale(step_size: Scalar) -> UpdateRule:
     """Multiply updates by ``step_size`` (stateless)."""
+    step_size = _scalar("step_size", step_size)
     return per_leaf(lambda p: (), lambda g, s, p: (g * step_size, s), "scale")
 
 
@@ -118,6 +138,13 @@ def scale_by_schedule(schedule: Schedule) -> UpdateRule:
 
     def update_leaf(g, s, p):
         factor = schedule(s.count)
+        if isinstance(factor, torch.Tensor) and factor.numel() != 1:
+            raise ValueError(
+                "a schedule must return a number or a one-element tensor, got shape "
+                f"{tuple(factor.shape)}"
+            )
+        if isinstance(factor, torch.Tensor) and factor.ndim:
+            factor = factor.reshape(())
         return g * factor, CountState(s.count + 1)
 
     return per_leaf(lambda p: CountState(_count_like(p)), update_leaf, "scale_by_schedule")
@@ -128,14 +155,14 @@ def scale_by_learning_rate(learning_rate: Scalar | Schedule) -> UpdateRule:
     if callable(learning_rate):
         schedule = learning_rate
         return scale_by_schedule(lambda count: -schedule(count))
-    _check_nonnegative("learning rate", learning_rate)
+    learning_rate = _check_nonnegative("learning rate", learning_rate)
     # negated inside the update, so a tensor learning rate changed in place takes effect
     return per_leaf(lambda p: (), lambda g, s, p: (g * -learning_rate, s), "scale_by_lr")
 
 
 def add_decayed_weights(weight_decay: Scalar = 0.0) -> UpdateRule:
     """Add ``weight_decay * param`` to the updates (needs ``params`` in ``update``)."""
-    _check_nonnegative("weight_decay", weight_decay)
+    weight_decay = _check_nonnegative("weight_decay", weight_decay)
 
     def update_leaf(g, s, p):
         if p is None:
@@ -151,7 +178,8 @@ def trace(momentum: Scalar = 0.9, dampening: Scalar = 0.0, nesterov: bool = Fals
     ``buf = g`` on the first step, then ``buf = momentum * buf + (1 - dampening) * g``;
     the output is ``g + momentum * buf`` with Nesterov and ``buf`` otherwise.
     """
-    _check_nonnegative("momentum", momentum)
+    momentum = _check_nonnegative("momentum", momentum)
+    dampening = _scalar("dampening", dampening)
     if nesterov and isinstance(dampening, (int, float)) and dampening != 0:
         raise ValueError("Nesterov momentum requires zero dampening")
     zero_dampening = isinstance(dampening, (int, float)) and dampening == 0
@@ -188,8 +216,9 @@ def scale_by_adam(
     for name, value in (("beta1", b1), ("beta2", b2)):
         if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
             raise ValueError(f"invalid {name}: {value} (must be in [0, 1))")
-    _check_nonnegative("eps", eps)
-    _check_nonnegative("eps_root", eps_root)
+    b1, b2 = _scalar("beta1", b1), _scalar("beta2", b2)
+    eps = _check_nonnegative("eps", eps)
+    eps_root = _check_nonnegative("eps_root", eps_root)
 
     def init_leaf(p):
         max_sq = torch.zeros_like(p) if amsgrad else p.new_zeros(0)
@@ -217,8 +246,9 @@ def scale_by_rms(
     alpha: Scalar = 0.99, eps: Scalar = 1e-8, centered: bool = False, eps_root: Scalar = 0.0
 ) -> UpdateRule:
     """RMSprop's scaling ``g / (sqrt(E[g^2] - centered * E[g]^2 + eps_root) + eps)``."""
-    _check_nonnegative("alpha", alpha)
-    _check_nonnegative("eps", eps)
+    alpha = _check_nonnegative("alpha", alpha)
+    eps = _check_nonnegative("eps", eps)
+    eps_root = _check_nonnegative("eps_root", eps_root)
 
     def init_leaf(p):
         return RMSState(torch.zeros_like(p), torch.zeros_like(p) if centered else p.new_zeros(0))
@@ -242,7 +272,7 @@ def clip_by_global_norm(max_norm: Scalar) -> UpdateRule:
     ``g * min(1, max_norm / (norm + 1e-6))``. Stateless. ``None`` gradients stay ``None``
     and do not count in the norm; an empty tree is returned as it is.
     """
-    _check_nonnegative("max_norm", max_norm)
+    max_norm = _check_nonnegative("max_norm", max_norm)
 
     def init(params: Any) -> State:
         return {key: () for key, _ in named_leaves(params)}

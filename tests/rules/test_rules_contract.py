@@ -213,3 +213,69 @@ def test_missing_gradients_in_nested_trees_and_tree_helpers() -> None:
     assert float(tree_dot(tree, tree)) == pytest.approx(25.0)
     zeros = zeros_like(tree)
     assert zeros["y"] is None and torch.equal(zeros["z"], torch.zeros(1))
+
+
+def _one_element(value: float) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.float64)
+
+
+_HYPER_RULES = {
+    "sgd": lambda h: rules.sgd(h(0.1), momentum=h(0.9), dampening=h(0.1), weight_decay=h(0.01)),
+    "adam": lambda h: rules.adam(h(0.1), (h(0.9), h(0.99)), h(1e-3), h(0.01), eps_root=h(1e-9)),
+    "adamw": lambda h: rules.adamw(h(0.1), (h(0.9), h(0.99)), h(1e-3), h(0.01), amsgrad=True),
+    "rmsprop": lambda h: rules.rmsprop(h(0.1), h(0.9), h(1e-3), h(0.01), h(0.5), True, h(1e-9)),
+    "clip+scale": lambda h: rules.chain(rules.clip_by_global_norm(h(0.5)), rules.scale(h(-0.1))),
+    "schedule": lambda h: rules.scale_by_learning_rate(lambda count: h(0.1)),
+}
+
+
+@pytest.mark.parametrize("name", list(_HYPER_RULES))
+def test_one_element_tensor_hyper_parameters_keep_parameter_shapes(name: str) -> None:
+    """``torch.optim`` accepts a one-element tensor ``lr`` of shape ``[1]``. Broadcast
+    against a 0-d parameter it turned the update (and, through ``apply_updates``, the
+    parameter) into shape ``[1]``; the rule must give what the numbers give."""
+    make = _HYPER_RULES[name]
+    params = {"t": torch.tensor(1.5, dtype=torch.float64), "v": torch.randn(3).double()}
+    ours, ref = dict(params), dict(params)
+    rule, ref_rule = make(_one_element), make(float)
+    state, ref_state = rule.init(params), ref_rule.init(params)
+    for step in range(3):
+        grads = {k: torch.full_like(v, 0.3 * step - 0.2) for k, v in params.items()}
+        updates, state = rule.update(grads, state, ours)
+        ref_updates, ref_state = ref_rule.update(grads, ref_state, ref)
+        assert updates["t"].shape == ()
+        ours, ref = metaopt.apply_updates(ours, updates), metaopt.apply_updates(ref, ref_updates)
+    for k in params:
+        assert ours[k].shape == params[k].shape
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-12, atol=1e-15)
+
+
+def test_one_element_tensor_hyper_parameters_are_read_at_every_update() -> None:
+    lr = torch.tensor([0.1], requires_grad=True)
+    rule = rules.sgd(lr=lr)
+    params = {"t": torch.tensor(1.0)}
+    updates, _ = rule.update({"t": torch.tensor(2.0)}, rule.init(params), params)
+    (dlr,) = torch.autograd.grad(updates["t"], lr)
+    assert dlr.shape == (1,) and float(dlr[0]) == -2.0
+    with torch.no_grad():
+        lr.fill_(0.5)
+    updates, _ = rule.update({"t": torch.tensor(2.0)}, rule.init(params), params)
+    assert float(updates["t"].detach()) == -1.0
+
+
+def test_hyper_parameter_tensors_with_several_elements_are_rejected() -> None:
+    with pytest.raises(ValueError, match="learning rate must be a number or a one-element"):
+        rules.adam(lr=torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="momentum must be a number or a one-element"):
+        rules.sgd(momentum=torch.zeros(2))
+    rule = rules.sgd(lr=lambda count: torch.full((2,), 0.1))
+    with pytest.raises(ValueError, match="schedule must return a number or a one-element"):
+        rule.update({"t": torch.tensor(1.0)}, rule.init({"t": torch.tensor(1.0)}))
+
+
+def test_functional_optimizer_with_a_one_element_lr_steps_a_0d_parameter() -> None:
+    p = torch.nn.Parameter(torch.tensor(1.0))
+    opt = metaopt.FunctionalOptimizer([p], rules.sgd, lr=torch.tensor([0.1]))
+    p.grad = torch.tensor(1.0)
+    opt.step()
+    assert p.shape == () and float(p) == pytest.approx(0.9)
