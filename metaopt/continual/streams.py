@@ -248,9 +248,13 @@ def _permute(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 
 def _rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Images ``x [N, C, H, W]`` rotated counter-clockwise about their centre (bilinear,
+    zeros outside). ``affine_grid`` works in coordinates normalised to [-1, 1] per axis,
+    so the rotation is conjugated by the aspect ratio to stay a rotation in pixels."""
     theta = math.radians(degrees)
     cos, sin = math.cos(theta), math.sin(theta)
-    affine = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=x.dtype)
+    aspect = x.shape[-2] / x.shape[-1]  # H / W
+    affine = torch.tensor([[cos, -sin * aspect, 0.0], [sin / aspect, cos, 0.0]], dtype=x.dtype)
     grid = F.affine_grid(affine.expand(len(x), 2, 3), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 

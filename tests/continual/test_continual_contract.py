@@ -832,3 +832,19 @@ def test_si_parameter_that_does_not_move_gets_no_importance() -> None:
     opt.new_task()
     assert torch.equal(opt.state[still]["importance"], torch.zeros(2))
     assert (opt.state[w]["importance"] > 0).all()
+
+
+def test_rotation_of_non_square_images_is_a_rotation() -> None:
+    """Rotating a 6x10 image by 90 degrees inside its own canvas must give the centre crop
+    of rotating it padded to 10x10 (exactly ``rot90``): the rotation was applied in
+    normalised coordinates, which stretches the content by the aspect ratio."""
+    from metaopt.continual.streams import rotated_stream
+
+    x = torch.rand(3, 1, 6, 10, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(3)
+    (task,) = rotated_stream(x, y, x, y, angles=[90.0])
+    padded = torch.nn.functional.pad(x, (0, 0, 2, 2))
+    expected = torch.rot90(padded, 1, dims=(2, 3))[:, :, 2:8, :]
+    assert torch.allclose(task.x_train, expected, atol=1e-5)
+    (square,) = rotated_stream(padded, y, padded, y, angles=[90.0])
+    assert torch.allclose(square.x_train, torch.rot90(padded, 1, dims=(2, 3)), atol=1e-5)
