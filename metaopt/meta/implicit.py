@@ -233,6 +233,8 @@ def implicit_root(
     """
     if damping < 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
+    if cg_iters < 1:
+        raise ValueError(f"cg_iters must be >= 1, got {cg_iters}")
 
     def decorate(solver: Callable[..., Params]) -> Callable[..., Params]:
         def solve(meta_params: Params, *args: Any, **kwargs: Any) -> Params:

@@ -39,7 +39,7 @@ from torch import nn
 from metaopt.continual.streams import Task
 from metaopt.learned.tasks import learned_leaves, new_task, observe_loss
 from metaopt.meta.functional import PureModel
-from metaopt.meta.problem import InnerProblem
+from metaopt.meta.problem import InnerProblem, check_count
 from metaopt.meta.unroll import InnerCarry, inner_step
 from metaopt.rules.base import State, UpdateRule
 from metaopt.tree import Params
@@ -89,11 +89,20 @@ class ContinualProblem(InnerProblem):
     ) -> None:
         if not tasks:
             raise ValueError("ContinualProblem needs at least one task")
-        steps = [steps_per_task] * len(tasks) if isinstance(steps_per_task, int) else steps_per_task
-        steps = [int(s) for s in steps]
-        if len(steps) != len(tasks) or min(steps) < 1:
-            raise ValueError(f"steps_per_task must be >= 1 for each of the {len(tasks)} tasks")
-        if speed_weight < 0 or earlier_weight < 0:
+        steps = (
+            [steps_per_task] * len(tasks)
+            if not isinstance(steps_per_task, Sequence)
+            else list(steps_per_task)
+        )
+        if len(steps) != len(tasks):
+            raise ValueError(f"steps_per_task must give one count for each of the "
+                             f"{len(tasks)} tasks, got {len(steps)}")
+        steps = [check_count("steps_per_task", s) for s in steps]
+        check_count("batch_size", batch_size)
+        check_count("meta_batch_size", meta_batch_size)
+        if speed_every is not None:
+            check_count("speed_every", speed_every)
+        if not (speed_weight >= 0 and earlier_weight >= 0):
             raise ValueError("speed_weight and earlier_weight must be >= 0")
         self.model = PureModel(model)
         self.tasks = list(tasks)

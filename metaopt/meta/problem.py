@@ -134,9 +134,9 @@ class SupervisedProblem(InnerProblem):
         self.model = model if isinstance(model, PureModel) else PureModel(model)
         self.batches = list(batches)
         self.meta_batch = meta_batch
-        self.num_steps = len(self.batches) if num_steps is None else int(num_steps)
-        if self.num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        self.num_steps = (
+            len(self.batches) if num_steps is None else check_count("num_steps", num_steps)
+        )
         self.loss_fn = loss_fn
         self.every_step = every_step
         self.dtype = dtype

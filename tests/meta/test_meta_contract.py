@@ -13,9 +13,12 @@ import torch
 from torch import nn
 
 import metaopt
+from metaopt.continual.streams import stream_from_tensors
 from metaopt.meta import (
     ES,
     PES,
+    ContinualProblem,
+    FamilyConfig,
     Implicit,
     SupervisedProblem,
     Unrolled,
@@ -384,8 +387,6 @@ def test_train_config_refuses_estimator_settings_up_front(bad):
     ],
 )
 def test_family_config_refuses_bad_ranges_before_loading_data(bad):
-    from metaopt.meta import FamilyConfig
-
     with pytest.raises(ValueError):
         FamilyConfig(**bad)
 
@@ -463,3 +464,36 @@ def test_es_sigma_below_the_meta_parameters_resolution_is_refused(cls):
     assert float(_es(cls, 1e-3)(mp, problem).grads["lr"]) != 0.0
     with pytest.raises(ValueError, match="sigma"):
         _es(cls, float("inf"))
+
+
+def test_implicit_root_refuses_zero_cg_iterations():
+    """``Implicit(cg_iters=0)`` is refused; the decorator took it and returned an implicit
+    gradient of exactly zero (conjugate gradient never ran)."""
+    with pytest.raises(ValueError, match="cg_iters"):
+        implicit_root(lambda p, mp: (p["w"] ** 2).sum(), cg_iters=0)
+
+
+def _two_tasks():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(80, 1, 4, 4, generator=gen), torch.arange(80) % 4
+    return stream_from_tensors(x, y, kind="split", n_tasks=2, scenario="domain", seed=0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"batch_size": 0}, {"meta_batch_size": 0}, {"speed_every": 0}, {"speed_every": -2},
+     {"steps_per_task": [2.5, 3]}],
+)
+def test_continual_problem_refuses_sizes_that_give_nan_or_drop_the_speed_term(bad):
+    """An empty batch made every loss NaN; ``speed_every <= 0`` silently used the default
+    spacing (0) or removed the learning-speed term (negative); a fractional step count
+    was truncated."""
+    with pytest.raises((ValueError, TypeError)):
+        ContinualProblem(nn.Sequential(nn.Flatten(), nn.Linear(16, 2)), _two_tasks(), **{
+            "steps_per_task": 3, **bad})
+
+
+def test_supervised_problem_refuses_a_fractional_step_count():
+    base = classification_problem()
+    with pytest.raises(TypeError, match="integer"):
+        SupervisedProblem(base.model, base.batches, base.meta_batch, num_steps=2.5)
