@@ -62,6 +62,10 @@ def _check_options(
 ) -> None:
     if isinstance(lr, (int, float)) and not lr >= 0:
         raise ValueError(f"invalid learning rate: {lr} (must be >= 0)")
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:  # it would broadcast over tokens
+        raise ValueError(
+            f"lr must be a number or a one-element tensor, got shape {tuple(lr.shape)}"
+        )
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"invalid betas: {betas} (two values in [0, 1))")
     if not eps >= 0:
@@ -148,6 +152,8 @@ def learned_rule(
     _check_options(lr, betas, eps, max_block, sample_size, topk_fraction, aux_dtype)
     check_importance(importance)
     meta_params = _checked_meta_params(net, meta_params)
+    if isinstance(lr, torch.Tensor) and lr.ndim:
+        lr = lr.reshape(())  # a view: in-place changes and gradients still reach it
     b1, b2 = betas
 
     def init(params: Any) -> State:

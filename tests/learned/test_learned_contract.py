@@ -20,6 +20,7 @@ from metaopt.learned import (
     observe_loss,
     save_checkpoint,
 )
+from metaopt.learned.features import layout_of
 from metaopt.learned.fused import fusable
 from metaopt.rules import adam, apply_updates
 from tests.learned.helpers import perturbed_net
@@ -132,6 +133,30 @@ def test_fresh_net_is_adam_for_odd_shapes_and_row_blocks(max_block: int) -> None
         torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("grad_enabled", [True, False])
+@pytest.mark.parametrize(
+    ("shape", "max_block"),
+    [((13, 11), 7), ((6, 5), 4), ((2, 17), 4), ((8, 3, 3), 10), ((1000,), 64)],
+)
+def test_row_blocks_move_as_whole_contiguous_tokens(
+    shape: tuple[int, ...], max_block: int, grad_enabled: bool
+) -> None:
+    """With a hard top-1 selection exactly one token of a tensor cut into row blocks
+    moves: one contiguous block of the flattened tensor, starting at a block boundary
+    (coefficients broadcast over the right elements, whatever the split)."""
+    net = perturbed_net(dtype=torch.float64)
+    params = _params({"w": shape})
+    rule = learned_rule(net, lr=1e-2, max_block=max_block, topk_fraction=1e-9)
+    with torch.set_grad_enabled(grad_enabled):
+        updates, _ = rule.update(_grads(params, 2), rule.init(params), params)
+    layout = layout_of(params["w"].numel(), max_block, shape[0])
+    assert layout.n_tokens > 1
+    moved = updates["w"].reshape(-1).ne(0).nonzero().flatten()
+    start = int(moved[0])
+    assert start % layout.length == 0
+    assert moved.tolist() == list(range(start, start + layout.length))
+
+
 def test_mixed_dtypes_in_one_tree_keep_their_dtypes() -> None:
     net = perturbed_net()
     params = {
@@ -238,3 +263,19 @@ def test_meta_params_must_name_parameters_of_the_net() -> None:
     ref, _ = learned_rule(net, lr=1e-2).update(grads, rule.init(params), params)
     for k in params:
         torch.testing.assert_close(updates[k], ref[k], rtol=0, atol=0)
+
+
+def test_lr_tensor_must_have_one_element() -> None:
+    """A tensor ``lr`` with several elements broadcast over the tokens (element ``i`` of
+    ``lr`` scaled token ``i``) without an error; one of shape ``[1]`` is a number."""
+    net = perturbed_net(dtype=torch.float64)
+    with pytest.raises(ValueError, match="one-element tensor"):
+        learned_rule(net, lr=torch.tensor([1e-2, 2e-2], dtype=torch.float64))
+    params = _params({"s": (), "w": (3, 2)})
+    grads = _grads(params, 0)
+    rule = learned_rule(net, lr=torch.tensor([1e-2], dtype=torch.float64))
+    updates, _ = rule.update(grads, rule.init(params), params)
+    ref, _ = learned_rule(net, lr=1e-2).update(grads, rule.init(params), params)
+    for k in params:
+        assert updates[k].shape == params[k].shape
+        torch.testing.assert_close(updates[k], ref[k], rtol=1e-12, atol=0)
