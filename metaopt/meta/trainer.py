@@ -206,13 +206,13 @@ class MetaTrainer:
         self.ctx = ctx or DistributedContext()
         self.progress = progress
         family_config = _family_config(config.family)
-        self.family = TaskFamily(family_config, "train", data_dir)
-        self.val_family = TaskFamily(family_config, "val", data_dir)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.net = LearnedRuleNet(**config.net)
-        if config.init is not None:
+        if config.init is not None:  # a bad checkpoint fails before any data is loaded
             _load_init(self.net, config.init)
+        self.family = TaskFamily(family_config, "train", data_dir)
+        self.val_family = TaskFamily(family_config, "val", data_dir)
         self.meta_optimizer = torch.optim.Adam(self.net.parameters(), lr=config.meta_lr)
         self.sampler = torch.Generator().manual_seed(config.seed)
         self.noise = torch.Generator()  # reseeded per task sample (see meta_gradient)

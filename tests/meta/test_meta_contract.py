@@ -497,3 +497,18 @@ def test_supervised_problem_refuses_a_fractional_step_count():
     base = classification_problem()
     with pytest.raises(TypeError, match="integer"):
         SupervisedProblem(base.model, base.batches, base.meta_batch, num_steps=2.5)
+
+
+@pytest.mark.parametrize("init", ["no-such-rule", "MISSING"])
+def test_trainer_checks_its_init_checkpoint_before_loading_data(tmp_path, monkeypatch, init):
+    """A mistyped ``--init`` failed only after the task families had loaded their images
+    (seconds for MNIST); it must fail first."""
+    import metaopt.meta.trainer as trainer_module
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("data loaded before the init checkpoint was checked")
+
+    monkeypatch.setattr(trainer_module, "TaskFamily", no_work)
+    init = str(tmp_path / "missing.pt") if init == "MISSING" else init
+    with pytest.raises(ValueError):
+        MetaTrainer(tiny_config(init=init), tmp_path / "run", progress=False)
