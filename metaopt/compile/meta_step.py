@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import grad, grad_and_value, vjp
+from torch.func import grad_and_value, vjp
 from torch.utils import _pytree as pytree
 
 from metaopt._own_cache import compile_own
@@ -116,9 +116,31 @@ def _join_state(floats: list[torch.Tensor], others: list[Any], like: list[Any], 
 class _Pieces:
     """The three pure functions a meta step is made of (compiled or not)."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, rule_factory: RuleFactory):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        rule_factory: RuleFactory,
+        frozen: frozenset[str] = frozenset(),
+    ):
         self.loss = functools.partial(loss_and_buffers, model, loss_fn)
         self.rule_factory = rule_factory
+        self.frozen = frozen
+
+    def _split_loss(self, trainable: Params, fixed: Params, buffers: Params, batch: Batch):
+        return self.loss({**trainable, **fixed}, buffers, batch)
+
+    def step(self, rule: UpdateRule, params: Params, buffers: Params, opt_state: State, batch):
+        """One inner step: ``(params, buffers, opt_state, loss)``; the parameters named in
+        ``frozen`` are neither differentiated nor updated (they have no state)."""
+        trainable = {k: v for k, v in params.items() if k not in self.frozen}
+        fixed = {k: v for k, v in params.items() if k in self.frozen}
+        grads, (loss, buffers) = grad_and_value(self._split_loss, has_aux=True)(
+            trainable, fixed, buffers, batch
+        )
+        updates, opt_state = rule.update(grads, opt_state, trainable)
+        params = {**params, **apply_updates(trainable, updates)}  # params' key order
+        return params, buffers, opt_state, loss
 
     def inner(self, meta: dict, params: Params, buffers: Params, opt_state: State, batches):
         """``len(batches)`` inner steps: ``(params, buffers, opt_state, losses)`` after
@@ -126,11 +148,7 @@ class _Pieces:
         rule = self.rule_factory(meta)
         losses = []
         for batch in batches:
-            grads, (loss, buffers) = grad_and_value(self.loss, has_aux=True)(
-                params, buffers, batch
-            )
-            updates, opt_state = rule.update(grads, opt_state, params)
-            params = apply_updates(params, updates)
+            params, buffers, opt_state, loss = self.step(rule, params, buffers, opt_state, batch)
             losses.append(loss)
         return params, buffers, opt_state, torch.stack(losses)
 
@@ -146,9 +164,7 @@ class _Pieces:
             rule = self.rule_factory(m)
             b = buffers
             for batch in batches:
-                grads, b = grad(self.loss, has_aux=True)(p, b, batch)
-                updates, state = rule.update(grads, state, p)
-                p = apply_updates(p, updates)
+                p, b, state, _ = self.step(rule, p, b, state, batch)
             return p, _split_state(state)[0]
 
         _, pullback = vjp(steps, meta, params, floats)
@@ -168,6 +184,11 @@ class MetaStep:
 
     Call it as ``meta_step(meta_params, params, buffers, opt_state, train_batches,
     val_batch)``; build it with :func:`make_meta_step`.
+
+    Attributes:
+        frozen: names of the parameters that did not require grad when the step was
+            built: the inner steps leave them as they are (they have no optimizer
+            state), the meta-gradient flows through them (``init_grads`` has theirs).
     """
 
     def __init__(
@@ -179,6 +200,7 @@ class MetaStep:
     ):
         self.remat = remat
         self.steps_per_call = steps_per_call
+        self.frozen = pieces.frozen
         self.inner = wrap(pieces.inner)
         if remat:
             self.inner_vjp = wrap(pieces.inner_vjp)
@@ -203,7 +225,8 @@ class MetaStep:
             params: the inner starting parameters.
             buffers: the model's buffers (e.g. batchnorm running statistics).
             opt_state: the rule's state at the start, from
-                ``rule_factory(meta_params).init(params)`` or a previous result.
+                ``rule_factory(meta_params).init(meta_step.trainable(params))`` or a
+                previous result.
             train_batches: the ``K >= 1`` inner training batches.
             val_batch: the batch of the meta-objective.
 
@@ -248,6 +271,10 @@ class MetaStep:
         return MetaStepResult(
             meta_loss, meta_grads, cot_params, z[0], z[1], z[2], torch.cat(losses)
         )
+
+    def trainable(self, params: Params) -> Params:
+        """The entries of ``params`` that the inner steps train (all but :attr:`frozen`)."""
+        return {k: v for k, v in params.items() if k not in self.frozen}
 
     def _chunks(self, train_batches: Sequence[Batch]) -> list[tuple[Batch, ...]]:
         """The batches in groups of ``steps_per_call`` (the last may be shorter), one
@@ -315,7 +342,9 @@ def make_meta_step(
     with the unroll length.
 
     Args:
-        model: the inner architecture (its own tensors are not used).
+        model: the inner architecture (its own tensors are not used). Its parameters
+            that do not require grad now are frozen in the inner steps, as in
+            :func:`~metaopt.compile.make_step` (see :attr:`MetaStep.frozen`).
         loss_fn: ``(outputs, targets) -> 0-d loss``, for the inner steps and the
             meta-objective.
         rule_factory: ``meta_params -> UpdateRule`` (see :data:`RuleFactory`).
@@ -344,7 +373,7 @@ def make_meta_step(
         >>> meta_step = make_meta_step(model, F.cross_entropy, lambda m: adam(lr=m["lr"]))
         >>> meta = {"lr": torch.tensor(1e-2)}
         >>> params, buffers = module_state(model)
-        >>> state = adam(lr=meta["lr"]).init(params)
+        >>> state = adam(lr=meta["lr"]).init(meta_step.trainable(params))
         >>> out = meta_step(meta, params, buffers, state, batches, val_batch)
         >>> out.meta_grads["lr"]   # d val_loss / d lr through the K steps
     """
@@ -354,7 +383,8 @@ def make_meta_step(
         raise TypeError("rule_factory must be a function meta_params -> UpdateRule")
     if type(steps_per_call) is not int or steps_per_call < 1:
         raise ValueError(f"steps_per_call must be an integer >= 1, got {steps_per_call!r}")
-    pieces = _Pieces(model, loss_fn, rule_factory)
+    frozen = frozenset(name for name, p in model.named_parameters() if not p.requires_grad)
+    pieces = _Pieces(model, loss_fn, rule_factory, frozen)
     if not compile:
         if compile_kwargs:
             raise TypeError(f"compile_kwargs {sorted(compile_kwargs)} need compile=True")

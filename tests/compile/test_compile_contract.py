@@ -11,10 +11,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import grad
 from torch.utils import _pytree as pytree
 
 import metaopt
-from metaopt.compile import fit, make_meta_step, make_step, module_state, tensor_hyper
+from metaopt.compile import (
+    fit,
+    loss_and_buffers,
+    make_meta_step,
+    make_step,
+    module_state,
+    tensor_hyper,
+)
 from tests.compile.compile_models import batches, build, unrolled_meta_grad
 
 AOT = {"backend": "aot_eager"}
@@ -265,3 +273,54 @@ def test_compiled_fit_writes_batchnorm_buffers_back_like_eager():
         assert int(model[1].num_batches_tracked) == 6
     tight = {"atol": 1e-12, "rtol": 1e-10}
     torch.testing.assert_close(models[0].state_dict(), models[1].state_dict(), **tight)
+
+
+def frozen_unroll_reference(model, factory, meta, params, train, val):
+    """``d val_loss / d (meta, params)`` by ``torch.func.grad`` through an eager unroll
+    that updates only the parameters requiring grad (no buffers)."""
+    frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
+
+    def trainable(p):
+        return {k: v for k, v in p.items() if k not in frozen}
+
+    def loss(p, batch):
+        return loss_and_buffers(model, F.cross_entropy, p, {}, batch)[0]
+
+    def meta_loss(m, start):
+        p = dict(start)
+        state = factory(m).init(trainable(p))
+        for batch in train:
+            g = grad(lambda q, p=p, batch=batch: loss({**p, **q}, batch))(trainable(p))
+            updates, state = factory(m).update(g, state, trainable(p))
+            p = {**p, **metaopt.apply_updates(trainable(p), updates)}
+        return loss(p, val)
+
+    return grad(meta_loss, argnums=(0, 1))(meta, params)
+
+
+@pytest.mark.parametrize("compile", COMPILE)
+@pytest.mark.parametrize("remat", [True, False])
+def test_meta_step_keeps_frozen_parameters_fixed_in_the_inner_steps(compile, remat):
+    """The inner steps of make_meta_step, like make_step, leave requires_grad=False
+    parameters alone; the meta-gradient still flows through them (ANIL-style)."""
+    model = frozen_mlp()
+    data = [(x.double(), y) for x, y in batches("mlp", 4)]
+    train, val = data[:3], data[3]
+    factory = lambda m: metaopt.rules.sgd(lr=m["lr"], momentum=0.5)  # noqa: E731
+    meta = {"lr": torch.tensor(0.3, dtype=torch.float64)}
+    params, buffers = module_state(model)
+    meta_step = make_meta_step(model, F.cross_entropy, factory, remat=remat, compile=compile,
+                               **compile_kwargs(compile))
+    assert meta_step.frozen == {"0.weight", "0.bias"}
+    state = factory(meta).init(meta_step.trainable(params))
+    out = meta_step(meta, params, buffers, state, train, val)
+    expected_meta, expected_init = frozen_unroll_reference(model, factory, meta, params, train,
+                                                           val)
+    assert torch.equal(out.params["0.weight"], params["0.weight"])
+    assert not torch.equal(out.params["2.weight"], params["2.weight"])
+    assert set(out.opt_state) == {"2.weight", "2.bias"}
+    tight = {"atol": 1e-12, "rtol": 1e-10}
+    torch.testing.assert_close(out.meta_grads, expected_meta, **tight)
+    torch.testing.assert_close(out.init_grads, expected_init, **tight)
+    assert out.init_grads["0.weight"].abs().sum() > 0  # through the frozen layer
+
