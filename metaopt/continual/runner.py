@@ -167,9 +167,10 @@ def run_stream(
     """
     if not stream:
         raise ValueError("the stream has no tasks")
-    if batch_size < 1 or epochs < 1 or (steps is not None and steps < 1):
+    if batch_size < 1 or epochs < 1 or (steps is not None and steps < 1) or eval_batch_size < 1:
         raise ValueError(
-            f"need batch_size, epochs, steps >= 1; got {batch_size}, {epochs}, {steps}"
+            f"need batch_size, epochs, steps, eval_batch_size >= 1; got {batch_size}, "
+            f"{epochs}, {steps}, {eval_batch_size}"
         )
     for task in stream:
         for split, labels in (("training", task.y_train), ("test", task.y_test)):

@@ -16,6 +16,7 @@ Scenarios (van de Ven & Tolias, 2019) for split streams:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -34,6 +35,8 @@ __all__ = [
     "subsample",
     "with_validation",
 ]
+
+logger = logging.getLogger(__name__)
 
 SCENARIOS = ("task", "domain", "class")
 
@@ -97,8 +100,14 @@ def _generator(seed: Seed) -> torch.Generator:
 def _check_xy(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
     if x.ndim != 4:
         raise ValueError(f"{what}: x must be [N, C, H, W], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(
+            f"{what}: x must be a float tensor, got {x.dtype} (raw images: x.float() / 255)"
+        )
     if y.ndim != 1 or len(y) != len(x):
         raise ValueError(f"{what}: y must be [N] with N = {len(x)}, got {tuple(y.shape)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"{what}: y must hold integer labels, got {y.dtype}")
 
 
 def n_outputs(stream: Sequence[Task]) -> int:
@@ -141,7 +150,8 @@ def split_stream(
         n_tasks: number of tasks; the classes are divided evenly (must divide).
         scenario: ``"task"``, ``"domain"`` or ``"class"`` (see module docstring).
         classes: the classes to use, in order (default: all labels in ``y_train``,
-            sorted). A subset gives a smaller stream; each needs training examples.
+            sorted). A subset gives a smaller stream. A task without training examples
+            is an error, a class without any a warning.
         shuffle_classes: permute the class order with ``seed`` before splitting.
         seed: int or generator for the class shuffle.
         name: prefix of the task names.
@@ -156,16 +166,21 @@ def split_stream(
     order = [int(c) for c in (classes if classes is not None else torch.unique(y_train))]
     if len(set(order)) != len(order):
         raise ValueError(f"classes must be distinct, got {order}")
-    present = set(torch.unique(y_train).tolist())
-    missing = [c for c in order if c not in present]
-    if missing:
-        raise ValueError(f"classes {missing} have no training examples")
     if n_tasks < 1 or len(order) % n_tasks:
         raise ValueError(f"{len(order)} classes cannot be split into {n_tasks} equal tasks")
     if shuffle_classes:
         perm = torch.randperm(len(order), generator=_generator(seed)).tolist()
         order = [order[i] for i in perm]
     k = len(order) // n_tasks
+    present = set(torch.unique(y_train).tolist())
+    for t in range(n_tasks):
+        if not present.intersection(order[t * k : (t + 1) * k]):
+            raise ValueError(
+                f"task {t} (classes {order[t * k : (t + 1) * k]}) has no training examples"
+            )
+    missing = [c for c in order if c not in present]
+    if missing:
+        logger.warning("split stream %r: classes %s have no training examples", name, missing)
     lookup = torch.full((int(max(order)) + 1,), -1, dtype=torch.long)
     lookup[torch.tensor(order)] = torch.arange(len(order))
     tasks = []

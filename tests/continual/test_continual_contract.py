@@ -344,13 +344,17 @@ def _run(stream: list[Task], **budget: int) -> object:
     )
 
 
-def test_split_classes_without_training_examples_are_rejected() -> None:
-    """A requested class absent from the training labels (a typo, or a subset of the data)
-    would make a task the model never learns, or an empty one."""
+def test_split_classes_without_training_examples(caplog: pytest.LogCaptureFixture) -> None:
+    """Requested classes absent from the training labels (a typo, or a subset of the data)
+    made an empty task (which ``steps=`` training never finished) without a word; a task
+    that keeps one of its classes is built, with a warning naming the missing one."""
     x, y = _toy(40)
     xt, yt = _toy(20, seed=1)
-    with pytest.raises(ValueError, match=r"class(es)? \[?7"):
-        split_stream(x, y, xt, yt, n_tasks=2, classes=[0, 1, 2, 7])
+    with pytest.raises(ValueError, match=r"task 1 \(classes \[7, 8\]\) has no training"):
+        split_stream(x, y, xt, yt, n_tasks=2, classes=[0, 1, 7, 8])
+    stream = split_stream(x, y, xt, yt, n_tasks=2, classes=[0, 1, 2, 7])
+    assert len(stream[1].y_train) == 10
+    assert "[7]" in caplog.text
 
 
 @pytest.mark.parametrize("budget", [{"steps": 2}, {"epochs": 1}])
@@ -848,3 +852,20 @@ def test_rotation_of_non_square_images_is_a_rotation() -> None:
     assert torch.allclose(task.x_train, expected, atol=1e-5)
     (square,) = rotated_stream(padded, y, padded, y, angles=[90.0])
     assert torch.allclose(square.x_train, torch.rot90(padded, 1, dims=(2, 3)), atol=1e-5)
+
+
+def test_streams_reject_raw_images_and_float_labels() -> None:
+    """Raw ``uint8`` images (as numpy loaders give them) and float labels made a stream
+    that failed only in training (dtype mismatch) or with an indexing error."""
+    x, y = _toy(40)
+    raw = (x * 255).to(torch.uint8)
+    with pytest.raises(ValueError, match="float"):
+        split_stream(raw, y, x, y, n_tasks=2)
+    with pytest.raises(ValueError, match="integer"):
+        split_stream(x, y.float(), x, y, n_tasks=2)
+
+
+def test_run_stream_rejects_a_zero_evaluation_batch() -> None:
+    x, y = _toy(40)
+    with pytest.raises(ValueError, match="eval_batch_size"):
+        _run(split_stream(x, y, x, y, n_tasks=2), steps=1, eval_batch_size=0)
