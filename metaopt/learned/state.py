@@ -62,6 +62,11 @@ class LearnedState(NamedTuple):
     pending: torch.Tensor
 
 
+# a plain tensor container: a state saved with torch.save loads with torch.load's default
+# weights_only=True
+torch.serialization.add_safe_globals([LearnedState])
+
+
 def _zero_second_moment(p: torch.Tensor, factored: bool) -> torch.Tensor:
     shape = factored_shape(p.shape) if factored else None
     if shape is None:

@@ -125,6 +125,11 @@ class RMSState(NamedTuple):
     grad_avg: torch.Tensor
 
 
+# plain tensor containers: a state saved with torch.save loads with torch.load's default
+# weights_only=True
+torch.serialization.add_safe_globals([CountState, TraceState, AdamState, RMSState])
+
+
 def scale(step_size: Scalar) -> UpdateRule:
     """Multiply updates by ``step_size`` (stateless)."""
     step_size = _scalar("step_size", step_size)

@@ -279,3 +279,20 @@ def test_lr_tensor_must_have_one_element() -> None:
     for k in params:
         assert updates[k].shape == params[k].shape
         torch.testing.assert_close(updates[k], ref[k], rtol=1e-12, atol=0)
+
+
+def test_learned_state_saved_with_torch_save_loads_with_weights_only(tmp_path: Path) -> None:
+    net = perturbed_net(dtype=torch.float64)
+    params = _params({"w": (3, 2), "b": (2,)})
+    rule = learned_rule(net, lr=1e-2)
+    grads = _grads(params, 0)
+    _, state = _update_twice(rule, params, grads)
+    state = new_task(state)  # a pending boundary survives too
+    torch.save(state, tmp_path / "state.pt")
+    loaded = torch.load(tmp_path / "state.pt", weights_only=True)
+    ours, new = rule.update(grads, loaded, params)
+    ref, ref_new = rule.update(grads, state, params)
+    for k in params:
+        assert loaded[k].anchor.dtype == torch.bfloat16 and loaded[k].pending.numel() == 1
+        torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=0)
+        torch.testing.assert_close(new[k].importance, ref_new[k].importance, rtol=0, atol=0)

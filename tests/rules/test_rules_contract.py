@@ -279,3 +279,23 @@ def test_functional_optimizer_with_a_one_element_lr_steps_a_0d_parameter() -> No
     p.grad = torch.tensor(1.0)
     opt.step()
     assert p.shape == () and float(p) == pytest.approx(0.9)
+
+
+def test_states_saved_with_torch_save_load_with_weights_only(tmp_path) -> None:
+    """A rule's state is tensors in NamedTuples: ``torch.load``'s default
+    ``weights_only=True`` must read it back (it refused the NamedTuple classes)."""
+    params = {"w": torch.randn(3, 2), "b": torch.randn(2)}
+    rule = rules.chain(
+        rules.adam(lr=0.1, amsgrad=True),
+        rules.rmsprop(lr=0.1, momentum=0.5, centered=True),
+        rules.sgd(lr=rules.schedules.cosine_decay(0.1, 10), momentum=0.9),
+    )
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    _, state = rule.update(grads, rule.init(params), params)
+    torch.save(state, tmp_path / "state.pt")
+    loaded = torch.load(tmp_path / "state.pt", weights_only=True)
+    _assert_same_tree(loaded, state)
+    ours, _ = rule.update(grads, loaded, params)
+    ref, _ = rule.update(grads, state, params)
+    for k in params:
+        torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=0)
