@@ -30,11 +30,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._dynamo.exc import TorchDynamoException
 from torch.func import grad_and_value, vjp
 from torch.utils import _pytree as pytree
 
 from metaopt._own_cache import compile_own
-from metaopt.compile.step import Batch, LossFn, loss_and_buffers
+from metaopt.compile.step import Batch, LossFn, loss_and_buffers, raise_eager_error
 from metaopt.rules.base import State, UpdateRule, apply_updates
 from metaopt.tree import Params
 
@@ -111,6 +112,20 @@ def _split_state(opt_state: State) -> tuple[list[torch.Tensor], list[Any], Any]:
 def _join_state(floats: list[torch.Tensor], others: list[Any], like: list[Any], spec: Any):
     f, o = iter(floats), iter(others)
     return pytree.tree_unflatten([next(f) if _is_float(x) else next(o) for x in like], spec)
+
+
+def _compiled(fn: Callable[..., Any], **compile_kwargs: Any) -> Callable[..., Any]:
+    """``fn`` compiled; when it fails to compile, ``fn`` (pure) runs eagerly to raise its
+    own error (see :func:`~metaopt.compile.step.raise_eager_error`)."""
+    compiled = compile_own(fn, **compile_kwargs)
+
+    def call(*args: Any) -> Any:
+        try:
+            return compiled(*args)
+        except TorchDynamoException as compile_error:
+            raise_eager_error(compile_error, fn, *args)
+
+    return call
 
 
 class _Pieces:
@@ -381,6 +396,8 @@ def make_meta_step(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not callable(rule_factory) or isinstance(rule_factory, UpdateRule):
         raise TypeError("rule_factory must be a function meta_params -> UpdateRule")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if type(steps_per_call) is not int or steps_per_call < 1:
         raise ValueError(f"steps_per_call must be an integer >= 1, got {steps_per_call!r}")
     frozen = frozenset(name for name, p in model.named_parameters() if not p.requires_grad)
@@ -392,7 +409,7 @@ def make_meta_step(
     compile_kwargs.setdefault("fullgraph", True)
     return MetaStep(
         pieces,
-        lambda fn: compile_own(fn, **compile_kwargs),
+        lambda fn: _compiled(fn, **compile_kwargs),
         remat,
         steps_per_call,
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ __all__ = [
     "loss_and_buffers",
     "make_step",
     "module_state",
+    "raise_eager_error",
     "tensor_hyper",
     "write_into",
 ]
@@ -122,6 +123,24 @@ def write_into(old: Any, new: Any) -> Any:
     return pytree.tree_unflatten(out, old_spec)
 
 
+def raise_eager_error(
+    compile_error: TorchDynamoException, eager: Callable[..., Any], *args: Any
+) -> NoReturn:
+    """Report the failure of a compiled function as its eager version would.
+
+    A Python exception raised while Dynamo traces (a bad batch or loss, a state that does
+    not match) reaches the caller as Dynamo's report of it (``Unsupported: Observed
+    exception``). This runs ``eager`` (the function uncompiled; it must not mutate its
+    arguments) on ``args`` and raises its error, chained to ``compile_error``; if it runs
+    without error, ``compile_error`` is raised.
+    """
+    try:
+        eager(*args)
+    except Exception as error:
+        raise error from compile_error
+    raise compile_error
+
+
 def _pure_step(
     model: nn.Module, loss_fn: LossFn, rule: UpdateRule, donate: bool, frozen: frozenset[str]
 ) -> StepFn:
@@ -185,11 +204,7 @@ class InnerStep:
         except TorchDynamoException as compile_error:
             if self.pure is None:
                 raise
-            try:  # raises the step's own error, if it has one; mutates nothing
-                self.pure(params, buffers, opt_state, batch)
-            except Exception as error:
-                raise error from compile_error
-            raise
+            raise_eager_error(compile_error, self.pure, params, buffers, opt_state, batch)
 
     def trainable(self, params: Params) -> Params:
         """The entries of ``params`` that the step trains (all but :attr:`frozen`)."""

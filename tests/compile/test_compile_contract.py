@@ -324,3 +324,22 @@ def test_meta_step_keeps_frozen_parameters_fixed_in_the_inner_steps(compile, rem
     torch.testing.assert_close(out.init_grads, expected_init, **tight)
     assert out.init_grads["0.weight"].abs().sum() > 0  # through the frozen layer
 
+
+@pytest.mark.parametrize("remat", [True, False])
+def test_compiled_meta_step_raises_the_errors_of_the_eager_one(remat):
+    model = build("mlp")
+    factory = lambda m: metaopt.rules.adam(lr=m["lr"])  # noqa: E731
+    meta = {"lr": torch.tensor(0.1)}
+    params, buffers = module_state(model)
+    data = batches("mlp", 3)
+    per_sample = lambda out, t: F.cross_entropy(out, t, reduction="none")  # noqa: E731
+    x, y = data[0]
+    cases = [
+        (per_sample, data[:2], factory(meta).init(params), ValueError, "0-d loss"),
+        (F.cross_entropy, [{"x": x, "y": y}], factory(meta).init(params), TypeError, "pair"),
+        (F.cross_entropy, data[:2], {}, ValueError, "state does not match"),
+    ]
+    for loss_fn, train, state, error, message in cases:
+        meta_step = make_meta_step(model, loss_fn, factory, remat=remat, **AOT)
+        with pytest.raises(error, match=message):
+            meta_step(meta, params, buffers, state, train, data[2])
