@@ -23,7 +23,9 @@ from typing import Any, Protocol
 
 import torch
 from torch.func import grad, jvp, vjp
+from torch.utils import _pytree as pytree
 
+from metaopt.meta.functional import detach_tree
 from metaopt.meta.problem import MetaGradient
 from metaopt.tree import Params
 
@@ -36,13 +38,15 @@ InnerLoss = Callable[[Params, Params], torch.Tensor]
 class ImplicitProblem(Protocol):
     """A task sample for :class:`Implicit`."""
 
-    def solve(self, meta_params: Params) -> Params:
-        """Inner parameters at (or near) the minimiser of ``inner_loss`` for ``meta_params``."""
+    def solve(self, meta_params: Params) -> Any:
+        """Inner parameters at (or near) the minimiser of ``inner_loss`` for ``meta_params``:
+        any pytree of tensors (a dict, a tuple, one tensor), passed as such to
+        ``inner_loss`` and ``meta_loss``."""
         ...
 
-    def inner_loss(self, params: Params, meta_params: Params) -> torch.Tensor: ...
+    def inner_loss(self, params: Any, meta_params: Params) -> torch.Tensor: ...
 
-    def meta_loss(self, params: Params, meta_params: Params) -> torch.Tensor: ...
+    def meta_loss(self, params: Any, meta_params: Params) -> torch.Tensor: ...
 
 
 def _dot(a: Params, b: Params) -> torch.Tensor:
@@ -97,31 +101,47 @@ def conjugate_gradient(
     return x
 
 
-def _detach(tree: Params) -> Params:
-    return {k: v.detach() for k, v in tree.items()}
+def _tensor_leaves(tree: Any, what: str) -> tuple[list[torch.Tensor], pytree.TreeSpec]:
+    """The leaves of ``tree`` (any :mod:`torch.utils._pytree` structure), all tensors."""
+    leaves, spec = pytree.tree_flatten(tree)
+    bad = sorted({type(x).__name__ for x in leaves if not isinstance(x, torch.Tensor)})
+    if not leaves or bad:
+        raise TypeError(f"{what} must be a tensor or a pytree of tensors, got leaves {bad}")
+    return leaves, spec
 
 
 def _implicit_vjp(
     inner_loss: InnerLoss,
-    params: Params,
-    meta_params: Params,
-    cotangent: Params,
+    params: Any,
+    meta_params: Any,
+    cotangent: Any,
     damping: float,
     cg_iters: int,
     tol: float,
-) -> Params:
-    """``-(d^2 L_in / d phi d theta) (H + damping I)^{-1} cotangent`` at ``params``."""
-    params, meta_params = _detach(params), _detach(meta_params)
+) -> Any:
+    """``-(d^2 L_in / d phi d theta) (H + damping I)^{-1} cotangent`` at ``params``.
+
+    ``params`` and ``cotangent`` share one pytree structure (a dict, a tuple, nested
+    containers, one tensor); the result has ``meta_params``' structure.
+    """
+    params, meta_params = detach_tree(params), detach_tree(meta_params)
+    leaves, spec = pytree.tree_flatten(params)
     grad_theta = grad(inner_loss, argnums=0)
 
-    def hvp(v: Params) -> Params:
-        _, out = jvp(lambda p: grad_theta(p, meta_params), (params,), (v,))
-        return {k: out[k] + damping * v[k] for k in out}
+    def as_tree(v: Params) -> Any:
+        return pytree.tree_unflatten([v[str(i)] for i in range(len(leaves))], spec)
 
-    v = conjugate_gradient(hvp, _detach(cotangent), cg_iters, tol)
+    def as_dict(tree: Any) -> Params:
+        return {str(i): x for i, x in enumerate(pytree.tree_leaves(tree))}
+
+    def hvp(v: Params) -> Params:
+        _, out = jvp(lambda p: grad_theta(p, meta_params), (params,), (as_tree(v),))
+        return {k: x + damping * v[k] for k, x in as_dict(out).items()}
+
+    v = conjugate_gradient(hvp, as_dict(detach_tree(cotangent)), cg_iters, tol)
     _, pullback = vjp(lambda mp: grad_theta(params, mp), meta_params)
-    (mixed,) = pullback(v)
-    return {k: -g for k, g in mixed.items()}
+    (mixed,) = pullback(as_tree(v))
+    return pytree.tree_map(torch.neg, mixed)
 
 
 class Implicit:
@@ -144,9 +164,10 @@ class Implicit:
         self.cg_iters, self.damping, self.tol = cg_iters, damping, tol
 
     def __call__(self, meta_params: Params, problem: ImplicitProblem) -> MetaGradient:
-        meta_params = _detach(meta_params)
+        meta_params = detach_tree(meta_params)
         with torch.no_grad():
-            params = _detach(problem.solve(meta_params))
+            params = detach_tree(problem.solve(meta_params))
+        _tensor_leaves(params, "problem.solve's result")
         loss = problem.meta_loss(params, meta_params)
         d_theta, d_phi = grad(problem.meta_loss, argnums=(0, 1))(params, meta_params)
         indirect = _implicit_vjp(
@@ -173,12 +194,15 @@ class _ImplicitRoot(torch.autograd.Function):
         config = ctx.config
         n = config["n_params"]
         tensors = ctx.saved_tensors
-        params = dict(zip(config["param_keys"], tensors[:n], strict=True))
-        meta = dict(zip(config["meta_keys"], tensors[n:], strict=True))
-        cotangent = {
-            k: g if g is not None else torch.zeros_like(params[k])
-            for k, g in zip(config["param_keys"], grad_outputs, strict=True)
-        }
+        params = pytree.tree_unflatten(list(tensors[:n]), config["param_spec"])
+        meta = pytree.tree_unflatten(list(tensors[n:]), config["meta_spec"])
+        cotangent = pytree.tree_unflatten(
+            [
+                g if g is not None else torch.zeros_like(p)
+                for g, p in zip(grad_outputs, tensors[:n], strict=True)
+            ],
+            config["param_spec"],
+        )
         with torch.enable_grad():
             out = _implicit_vjp(
                 config["inner_loss"],
@@ -189,7 +213,7 @@ class _ImplicitRoot(torch.autograd.Function):
                 config["cg_iters"],
                 config["tol"],
             )
-        grads = [out[k] for k in config["meta_keys"]]
+        grads = pytree.tree_leaves(out)
         anchors = [t for t in (*tensors[n:], *grad_outputs) if t is not None and t.requires_grad]
         if torch.is_grad_enabled() and anchors:  # backward(create_graph=True)
             grads = [_FirstOrderOnly.apply(g, *anchors) for g in grads]
@@ -220,6 +244,8 @@ def implicit_root(
 
     The decorated ``solver(meta_params, *args, **kwargs) -> params`` may be anything
     (a loop of ``torch.optim`` steps, a closed form, L-BFGS); it runs without a graph.
+    ``params`` and ``meta_params`` may be any pytree of tensors (a dict, a tuple, nested
+    containers, one tensor); ``inner_loss`` receives them in the same structure.
     The returned parameters carry gradients to the tensors in ``meta_params`` as if the
     solver had been differentiated through at its fixed point
     ``grad_theta inner_loss(params, meta_params) = 0``. First order only: a second
@@ -236,21 +262,23 @@ def implicit_root(
     if cg_iters < 1:
         raise ValueError(f"cg_iters must be >= 1, got {cg_iters}")
 
-    def decorate(solver: Callable[..., Params]) -> Callable[..., Params]:
-        def solve(meta_params: Params, *args: Any, **kwargs: Any) -> Params:
+    def decorate(solver: Callable[..., Any]) -> Callable[..., Any]:
+        def solve(meta_params: Any, *args: Any, **kwargs: Any) -> Any:
+            meta_leaves, meta_spec = _tensor_leaves(meta_params, "meta_params")
             with torch.no_grad():
-                params = _detach(solver(_detach(meta_params), *args, **kwargs))
+                params = detach_tree(solver(detach_tree(meta_params), *args, **kwargs))
+            leaves, spec = _tensor_leaves(params, "the solver's result")
             config = {
-                "n_params": len(params),
-                "param_keys": list(params),
-                "meta_keys": list(meta_params),
+                "n_params": len(leaves),
+                "param_spec": spec,
+                "meta_spec": meta_spec,
                 "inner_loss": inner_loss,
                 "damping": damping,
                 "cg_iters": cg_iters,
                 "tol": tol,
             }
-            out = _ImplicitRoot.apply(config, *params.values(), *meta_params.values())
-            return dict(zip(params, out, strict=True))
+            out = _ImplicitRoot.apply(config, *leaves, *meta_leaves)
+            return pytree.tree_unflatten(list(out), spec)
 
         solve.__doc__ = solver.__doc__
         solve.__name__ = getattr(solver, "__name__", "solve")

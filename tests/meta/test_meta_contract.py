@@ -512,3 +512,59 @@ def test_trainer_checks_its_init_checkpoint_before_loading_data(tmp_path, monkey
     init = str(tmp_path / "missing.pt") if init == "MISSING" else init
     with pytest.raises(ValueError):
         MetaTrainer(tiny_config(init=init), tmp_path / "run", progress=False)
+
+
+class _Ridge:
+    """Ridge regression with a bias: ``0.5 ||X w + b - y||^2 + 0.5 l2 ||w||^2``, its
+    closed-form solution and a validation loss; ``pack`` lays ``(w, b)`` out as the
+    parameter structure under test (tuple, nested dict, one tensor)."""
+
+    def __init__(self, pack, unpack) -> None:
+        gen = torch.Generator().manual_seed(7)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=gen, dtype=F64)
+
+        self.X, self.y, self.Xv, self.yv = randn(20, 3), randn(20), randn(9, 3), randn(9)
+        self.pack, self.unpack = pack, unpack
+
+    def closed_form(self, l2):
+        A = torch.cat([self.X, torch.ones(20, 1, dtype=F64)], 1)
+        reg = torch.diag(torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=F64)) * l2
+        s = torch.linalg.solve(A.T @ A + reg, A.T @ self.y)
+        return s[:3], s[3]
+
+    def solve(self, mp):
+        return self.pack(*self.closed_form(mp["l2"]))
+
+    def inner_loss(self, params, mp):
+        w, b = self.unpack(params)
+        return 0.5 * ((self.X @ w + b - self.y) ** 2).sum() + 0.5 * mp["l2"] * (w @ w)
+
+    def meta_loss(self, params, mp):
+        w, b = self.unpack(params)
+        return 0.5 * ((self.Xv @ w + b - self.yv) ** 2).sum()
+
+
+STRUCTURES = {
+    "tuple": (lambda w, b: (w, b), lambda p: p),
+    "nested-dict": (lambda w, b: {"lin": {"w": w}, "b": b}, lambda p: (p["lin"]["w"], p["b"])),
+    "tensor": (lambda w, b: torch.cat([w, b.reshape(1)]), lambda p: (p[:3], p[3])),
+}
+
+
+@pytest.mark.parametrize("structure", list(STRUCTURES))
+def test_implicit_accepts_any_parameter_pytree(structure):
+    """Inner parameters as a tuple, a nested dict or one tensor (what a user's solver
+    returns) used to fail with ``AttributeError: ... has no attribute 'items'``; the
+    implicit gradient must equal autograd through the closed-form solution."""
+    problem = _Ridge(*STRUCTURES[structure])
+    l2 = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    (exact,) = torch.autograd.grad(problem.meta_loss(problem.solve({"l2": l2}), {}), l2)
+    got = Implicit()({"l2": l2}, problem)
+    torch.testing.assert_close(got.grads["l2"], exact, rtol=1e-8, atol=1e-12)
+    solve = implicit_root(problem.inner_loss)(problem.solve)
+    params = solve({"l2": l2})
+    assert type(params) is type(problem.solve({"l2": l2}))
+    (decorated,) = torch.autograd.grad(problem.meta_loss(params, {}), l2)
+    torch.testing.assert_close(decorated, exact, rtol=1e-8, atol=1e-12)
