@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from metaopt._version import __version__
-from metaopt.continual.data import DATASETS
+from metaopt.continual.data import DATASETS, check_dataset
 from metaopt.continual.report import (
     format_markdown,
     format_table,
@@ -277,6 +277,9 @@ def bench_command(args: argparse.Namespace) -> int:
         )
     _check_n_tasks(results_path, rows, {s.name: s.n_tasks for s in suite.streams})
     to_run = _planned(suite) - skip
+    streams_to_run = {key[0] for key in to_run}
+    for dataset in sorted({s.dataset for s in suite.streams if s.name in streams_to_run}):
+        check_dataset(dataset, args.data_dir)  # before any run, not when its stream comes
     learned = [s for s in suite.settings if s.optimizer == "learned"]
     if learned:
         infos = {s.label: _checkpoint_info(s.checkpoint) for s in learned}

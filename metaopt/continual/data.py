@@ -22,6 +22,7 @@ __all__ = [
     "IDX_FILES",
     "N_CLASSES",
     "DataFileError",
+    "check_dataset",
     "load_dataset",
     "load_digits_tensors",
     "load_mnist",
@@ -133,6 +134,31 @@ def _find_idx(folder: Path, stem: str) -> Path:
         if candidate.is_file():
             return candidate
     raise DataFileError(f"missing {folder / stem}[.gz]")
+
+
+def check_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> None:
+    """Check, without reading them, that the files of dataset ``name`` can be found.
+
+    Args:
+        name: one of :data:`DATASETS` (``"digits"`` ships with scikit-learn: always there).
+        data_dir: folder holding ``name/``; default ``$METAOPT_DATA_DIR``.
+
+    Raises:
+        ValueError: unknown ``name``.
+        DataFileError: no data directory, or a file is missing (the message says how to
+            get it).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+    if name not in MNIST_LIKE:
+        return
+    folder = resolve_data_dir(data_dir) / name
+    try:
+        for files in IDX_FILES.values():
+            for stem in files.values():
+                _find_idx(folder, stem)
+    except DataFileError as exc:
+        raise DataFileError(f"{exc}; {_how_to_get(name)}") from exc
 
 
 def load_mnist(

@@ -869,3 +869,25 @@ def test_run_stream_rejects_a_zero_evaluation_batch() -> None:
     x, y = _toy(40)
     with pytest.raises(ValueError, match="eval_batch_size"):
         _run(split_stream(x, y, x, y, n_tasks=2), steps=1, eval_batch_size=0)
+
+
+@pytest.mark.parametrize("data_dir", [None, "missing"])
+def test_bench_checks_the_data_directory_before_any_run(
+    no_work: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    data_dir: str | None,
+) -> None:
+    """Without MNIST files, a suite whose first stream needs none ran it and failed only
+    when it reached the MNIST stream; the error must come first and say what to set."""
+    monkeypatch.delenv("METAOPT_DATA_DIR", raising=False)
+    argv = _with(TINY, "--streams", "split-digits-task", "split-mnist-task")
+    extra = [] if data_dir is None else ["--data-dir", str(tmp_path / data_dir)]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(tmp_path / "out"), *extra])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "METAOPT_DATA_DIR" in err and "--data-dir" in err
+    if data_dir is not None:
+        assert str(tmp_path / data_dir / "mnist") in err
