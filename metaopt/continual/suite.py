@@ -416,7 +416,8 @@ def suite_from_preset(name: str, **overrides: Any) -> SuiteSpec:
 
     Raises:
         ValueError: unknown suite or stream, an unusable learned optimizer that was asked
-            for, or a stream, model, setting or seed listed twice.
+            for, a stream, model, setting or seed listed twice, or a setting whose optimizer
+            rejects its hyper-parameters (a negative learning rate or strength...).
     """
     if name not in SUITES:
         raise ValueError(f"unknown suite {name!r}; expected one of {sorted(SUITES)}")
@@ -460,6 +461,13 @@ def suite_from_preset(name: str, **overrides: Any) -> SuiteSpec:
         twice = sorted({n for n in names if list(names).count(n) > 1}, key=str)
         if twice:
             raise ValueError(f"duplicate {what} {twice}: each would run (and be stored) once")
+    probe = [torch.nn.Parameter(torch.zeros(1))]
+    for setting in suite.settings:  # a bad value fails here, not after other settings' runs
+        if setting.optimizer != "learned":  # loaded by learned_available above
+            try:
+                make_optimizer(setting)(probe)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"setting {setting.label!r}: {exc}") from exc
     return suite
 
 

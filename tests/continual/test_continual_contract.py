@@ -471,6 +471,8 @@ def _with(argv: list[str], option: str, *values: str) -> list[str]:
         ("--seeds", ["0", "0"], "duplicate"),
         ("--lrs", ["0.1", "0.1"], "duplicate"),
         ("--device", ["nodev"], "nodev"),
+        ("--lrs", ["-0.1"], "sgd lr=-0.1"),
+        ("--optimizers", ["sgd", "ewc"], "ewc lr=0.001 strength=-1"),
     ],
 )
 def test_bench_rejects_bad_arguments_before_any_work(
@@ -483,10 +485,14 @@ def test_bench_rejects_bad_arguments_before_any_work(
 ) -> None:
     """``--n-tasks 0`` silently ran 5 tasks, ``--test-per-task 0`` scored empty test sets
     0%, ``--seeds 0 0`` ran everything twice, ``--device nodev`` was a traceback, the
-    others failed only once the first stream was built (after earlier streams' runs)."""
+    others failed only once the first stream was built or the optimizer made (after the
+    runs that came before)."""
     out = tmp_path / "out"
+    argv = _with(TINY, option, *values)
+    if option == "--optimizers":  # sgd would run first, then ewc fail
+        argv = [*argv, "--ewc-strengths", "-1"]
     with pytest.raises(SystemExit) as exc:
-        main([*_with(TINY, option, *values), "--out", str(out)])
+        main([*argv, "--out", str(out)])
     assert exc.value.code in (1, 2)
     assert message in capsys.readouterr().err
     assert not out.exists()
