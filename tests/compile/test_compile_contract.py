@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.func import grad
 from torch.utils import _pytree as pytree
 
@@ -23,6 +24,7 @@ from metaopt.compile import (
     module_state,
     tensor_hyper,
 )
+from metaopt.rules.schedules import step_decay
 from tests.compile.compile_models import batches, build, unrolled_meta_grad
 
 AOT = {"backend": "aot_eager"}
@@ -343,3 +345,50 @@ def test_compiled_meta_step_raises_the_errors_of_the_eager_one(remat):
         meta_step = make_meta_step(model, loss_fn, factory, remat=remat, **AOT)
         with pytest.raises(error, match=message):
             meta_step(meta, params, buffers, state, train, data[2])
+
+
+@pytest.mark.slow
+def test_compiled_fit_with_a_schedule_matches_torch_optim_without_recompiling():
+    """A schedule is a tensor expression of the (donated, in-place) step count: the
+    compiled fit follows torch.optim's StepLR and compiles one graph."""
+    model, ref = build("mlp"), build("mlp")
+    data = batches("mlp", 3)
+    rule = metaopt.rules.adam(lr=step_decay(0.05, step_size=2, gamma=0.5))
+    graphs = counters["stats"]["unique_graphs"]
+    result = fit(model, data, rule, epochs=2, **AOT)
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    opt = torch.optim.Adam(ref.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    losses = []
+    for x, y in data + data:
+        opt.zero_grad()
+        loss = F.cross_entropy(ref(x), y)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.detach())
+    tol = {"atol": 1e-5, "rtol": 1e-5}  # float32
+    assert_params_equal_module(dict(model.named_parameters()), ref, **tol)
+    torch.testing.assert_close(result.step_losses, torch.stack(losses), **tol)
+    assert float(result.opt_state["0.weight"][0].step) == 6  # adam's state, per parameter
+
+
+def test_compiled_step_with_dropout_draws_from_torch_generator():
+    """In training mode dropout masks are drawn at each call (not baked into the graph),
+    from torch's generator: with the same seed the aot_eager step equals the eager one."""
+    model = dropout_mlp()
+    batch = tuple(batches("mlp", 1)[0])
+    batch = (batch[0].double(), batch[1])
+    outs = {}
+    for compile in (False, True):
+        step = make_step(model, F.cross_entropy, metaopt.rules.sgd(lr=0.1), compile=compile,
+                         **compile_kwargs(compile))
+        params, buffers, state = step.init(model)
+        torch.manual_seed(3)
+        outs[compile] = [step(params, buffers, state, batch) for _ in range(2)]
+    for compile, (first, second) in outs.items():
+        assert first[3]["loss"] != second[3]["loss"], compile  # two calls, two masks
+    tight = {"atol": 1e-12, "rtol": 1e-10}
+    for eager, compiled in zip(outs[False], outs[True], strict=True):
+        torch.testing.assert_close(compiled[:2], eager[:2], **tight)
+        torch.testing.assert_close(compiled[3], eager[3], **tight)
