@@ -114,8 +114,10 @@ class SupervisedProblem(InnerProblem):
         init_prefix: when set, meta-parameters named ``prefix + name`` replace the initial
             parameter ``name`` (learned initialisation, MAML). A meta-parameter with a
             non-empty prefix that names no parameter of the model is an error (a typo
-            would otherwise get a zero meta-gradient). Frozen parameters (``requires_grad=
-            False``) are not trained by the inner loop (see :class:`PureModel`).
+            would otherwise get a zero meta-gradient), and so is one of another shape; one
+            of another dtype is cast (differentiably) to the problem's. Frozen parameters
+            (``requires_grad=False``) are not trained by the inner loop (see
+            :class:`PureModel`).
     """
 
     def __init__(
@@ -156,7 +158,13 @@ class SupervisedProblem(InnerProblem):
                 )
             for name in names & known:
                 tree = params if name in params else buffers
-                tree[name] = meta_params[prefix + name]
+                value = meta_params[prefix + name]
+                if value.shape != tree[name].shape:
+                    raise ValueError(
+                        f"meta-parameter {prefix + name!r} has shape {tuple(value.shape)}, "
+                        f"parameter {name!r} has {tuple(tree[name].shape)}"
+                    )
+                tree[name] = value.to(tree[name].dtype)  # differentiable cast
         return params, buffers
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:

@@ -599,3 +599,21 @@ def test_interrupted_es_training_resumes_identically(tmp_path, estimator):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert full.history == resumed.history
     assert repr(full.meta_optimizer.state_dict()) == repr(resumed.meta_optimizer.state_dict())
+
+
+def test_maml_init_of_another_shape_is_refused_and_another_dtype_is_cast():
+    """A learned initialisation of the wrong shape failed deep in the forward pass
+    ("mat1 and mat2 shapes cannot be multiplied"); a float32 one in a float64 problem
+    failed with a dtype mismatch. The shape is checked up front, naming both; the dtype
+    follows the problem's (the cast is differentiable): the meta-gradient equals the one
+    of the float64 initialisation, in float32."""
+    problem = classification_problem(init_prefix="init.")
+    weight = dict(problem.model.module.named_parameters())["0.weight"].detach()
+    lr = torch.tensor(0.1, dtype=F64)
+    with pytest.raises(ValueError, match=r"init\.0\.weight.*\(3, 4\).*\(4, 3\)"):
+        Unrolled(lr_rule)({"init.0.weight": weight.T.double().contiguous(), "lr": lr}, problem)
+    as_f32 = Unrolled(lr_rule)({"init.0.weight": weight.float(), "lr": lr}, problem)
+    as_f64 = Unrolled(lr_rule)({"init.0.weight": weight.double(), "lr": lr}, problem)
+    assert as_f32.grads["init.0.weight"].dtype == torch.float32
+    torch.testing.assert_close(as_f32.grads["init.0.weight"],
+                               as_f64.grads["init.0.weight"].float())
