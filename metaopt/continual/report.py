@@ -56,6 +56,8 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
         raise ValueError(f"{path}: not a metaopt results file (no 'rows' list)")
+    if not isinstance(data.get("meta", {}), dict):
+        raise ValueError(f"{path}: not a metaopt results file ('meta' is not an object)")
     for i, row in enumerate(data["rows"]):
         if not isinstance(row, dict) or not all(k in row for k in _ROW_KEYS):
             raise ValueError(f"{path}: row {i} is not a result row (needs {', '.join(_ROW_KEYS)})")

@@ -726,6 +726,7 @@ def test_shared_label_streams_need_a_task(builder: str) -> None:
     [
         ("{not json", "not valid JSON"),
         ('{"meta": {}, "rows": [{"stream": "s"}]}', "row 0"),
+        ('{"meta": ["x"], "rows": []}', "meta"),
     ],
 )
 def test_bench_names_an_unreadable_results_file(
