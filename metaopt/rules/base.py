@@ -80,6 +80,10 @@ def apply_updates(params: Any, updates: Any) -> Any:
     Returns:
         A new tree; ``params`` is left untouched. A ``None`` update (a parameter without
         gradient) leaves its parameter as it is.
+
+    Raises:
+        ValueError: the keys differ, or an update's shape is not its parameter's (it
+            would broadcast the parameter to another shape).
     """
     items = named_leaves(params)
     new = dict(named_leaves(updates))
@@ -88,6 +92,13 @@ def apply_updates(params: Any, updates: Any) -> Any:
             f"apply_updates: updates have keys {sorted(new)}, params have "
             f"{sorted(key for key, _ in items)}"
         )
+    for key, p in items:
+        u = new[key]
+        if u is not None and u.shape != p.shape:
+            raise ValueError(
+                f"apply_updates: the update of {key!r} has shape {tuple(u.shape)}, "
+                f"the parameter {tuple(p.shape)}"
+            )
     return rebuild(
         params, [p if new[key] is None else p + new[key].to(p.dtype) for key, p in items]
     )

@@ -299,3 +299,15 @@ def test_states_saved_with_torch_save_load_with_weights_only(tmp_path) -> None:
     ref, _ = rule.update(grads, state, params)
     for k in params:
         torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=0)
+
+
+def test_apply_updates_rejects_updates_that_would_reshape_a_parameter() -> None:
+    """``p + u`` broadcasts: an update of another shape silently turned a 0-d parameter
+    into ``[1]`` or a ``[3]`` one into ``[2, 3]``."""
+    params = {"t": torch.tensor(1.0), "v": torch.zeros(3)}
+    with pytest.raises(ValueError, match=r"update of 't' has shape \(1,\)"):
+        metaopt.apply_updates(params, {"t": torch.ones(1), "v": torch.ones(3)})
+    with pytest.raises(ValueError, match=r"update of 'v' has shape \(2, 3\)"):
+        metaopt.apply_updates(params, {"t": torch.tensor(1.0), "v": torch.ones(2, 3)})
+    new = metaopt.apply_updates(params, {"t": torch.tensor(1.0), "v": None})
+    assert float(new["t"]) == 2.0 and new["v"] is params["v"]
