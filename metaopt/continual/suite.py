@@ -460,7 +460,7 @@ def suite_from_preset(name: str, **overrides: Any) -> SuiteSpec:
     ):
         twice = sorted({n for n in names if list(names).count(n) > 1}, key=str)
         if twice:
-            raise ValueError(f"duplicate {what} {twice}: each would run (and be stored) once")
+            raise ValueError(f"duplicate {what} {twice}: each would run twice, stored once")
     probe = [torch.nn.Parameter(torch.zeros(1))]
     for setting in suite.settings:  # a bad value fails here, not after other settings' runs
         if setting.optimizer != "learned":  # loaded by learned_available above
