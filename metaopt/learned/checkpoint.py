@@ -12,6 +12,7 @@ Checkpoints shipped with the package live in ``metaopt/learned/checkpoints/<name
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,8 @@ def save_checkpoint(net: LearnedRuleNet, path: str | Path, metadata: dict[str, A
             ``{"description": ..., "trained_on": ..., "meta_steps": ...}``.
 
     Returns:
-        The path written.
+        The path written. The write is atomic: if it fails, a file already at ``path``
+        is left as it was.
     """
     if not isinstance(net, LearnedRuleNet):
         raise TypeError(f"save_checkpoint expects a LearnedRuleNet, got {type(net).__name__}")
@@ -66,7 +68,14 @@ def save_checkpoint(net: LearnedRuleNet, path: str | Path, metadata: dict[str, A
         "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
         "metadata": metadata,
     }
-    torch.save(payload, path)
+    # written next to the destination and moved over it: a failed or interrupted write
+    # leaves an existing checkpoint as it was
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        torch.save(payload, partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 

@@ -296,3 +296,24 @@ def test_learned_state_saved_with_torch_save_loads_with_weights_only(tmp_path: P
         assert loaded[k].anchor.dtype == torch.bfloat16 and loaded[k].pending.numel() == 1
         torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=0)
         torch.testing.assert_close(new[k].importance, ref_new[k].importance, rtol=0, atol=0)
+
+
+def test_a_failed_save_leaves_the_existing_checkpoint_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Overwriting a checkpoint wrote into it directly: a write that failed half-way
+    (disk full, interrupted) left a truncated file in place of the good one."""
+    path = save_checkpoint(perturbed_net(), tmp_path / "net.pt", {"description": "good"})
+    good = path.read_bytes()
+
+    def failing_save(obj: Any, f: Any) -> None:
+        Path(f).write_bytes(b"PK\x03\x04 half a zip")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(LearnedRuleNet(), path, {"description": "new"})
+    monkeypatch.undo()
+    assert path.read_bytes() == good
+    assert load_checkpoint(path)[1] == {"description": "good"}
+    assert [p.name for p in tmp_path.iterdir()] == ["net.pt"]
