@@ -74,9 +74,25 @@ class QuadraticRegularizer(torch.optim.Optimizer):
         self.param_groups = self.base.param_groups
         self.strength = strength
         for p in self._params():
-            self.state[p]["anchor"] = p.detach().clone()
-            self.state[p]["importance"] = torch.zeros_like(p)
+            self._init_param_state(p)
         self.n_tasks_consolidated = 0
+
+    def _init_param_state(self, p: torch.Tensor) -> None:
+        """Penalty buffers of a new parameter: anchored where it is, no importance yet."""
+        self.state[p]["anchor"] = p.detach().clone()
+        self.state[p]["importance"] = torch.zeros_like(p)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer (which fills in its own defaults) and start
+        the penalty buffers of its parameters (no importance before the next boundary)."""
+        if self.param_groups is not self.base.param_groups:
+            # torch.optim.Optimizer.__init__ building the wrapper's own groups, replaced
+            # by the base optimizer's right after
+            super().add_param_group(param_group)
+            return
+        self.base.add_param_group({**param_group, "params": _trainable(param_group["params"])})
+        for p in self.base.param_groups[-1]["params"]:
+            self._init_param_state(p)
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -194,12 +210,19 @@ class EWC(QuadraticRegularizer):
         super().__init__(params, base, strength=strength, **base_options)
         self.n_fisher = n_fisher
         self.gamma = gamma
-        self._reset_task_buffers()
+        self._n_steps = 0
+
+    def _init_param_state(self, p: torch.Tensor) -> None:
+        super()._init_param_state(p)
+        self._clear_task_buffers(p)
+
+    def _clear_task_buffers(self, p: torch.Tensor) -> None:
+        self.state[p]["fisher"] = None
+        self.state[p]["grad_sq"] = torch.zeros_like(p)
 
     def _reset_task_buffers(self) -> None:
         for p in self._params():
-            self.state[p]["fisher"] = None
-            self.state[p]["grad_sq"] = torch.zeros_like(p)
+            self._clear_task_buffers(p)
         self._n_steps = 0
 
     @torch.no_grad()
@@ -272,8 +295,10 @@ class SI(QuadraticRegularizer):
             raise ValueError(f"xi must be > 0 (it damps a division by delta^2), got {xi}")
         super().__init__(params, base, strength=strength, **base_options)
         self.xi = xi
-        for p in self._params():
-            self.state[p]["path"] = torch.zeros_like(p)
+
+    def _init_param_state(self, p: torch.Tensor) -> None:
+        super()._init_param_state(p)
+        self.state[p]["path"] = torch.zeros_like(p)
 
     @torch.no_grad()
     def _before_step(self) -> None:

@@ -898,3 +898,25 @@ def test_bench_checks_the_data_directory_before_any_run(
     assert "METAOPT_DATA_DIR" in err and "--data-dir" in err
     if data_dir is not None:
         assert str(tmp_path / data_dir / "mnist") in err
+
+
+@pytest.mark.parametrize("cls", [EWC, SI])
+def test_parameter_group_added_later_trains_and_is_consolidated(cls: type) -> None:
+    """Adding a head per task (``add_param_group``, as progressive models do) went to the
+    wrapper's defaults: the base Adam's step failed (no ``betas``) and the new parameters
+    had no penalty state."""
+    w = nn.Parameter(torch.ones(2))
+    opt = cls([w], lr=0.1, strength=1.0)
+    _quadratic_steps(opt, w, torch.zeros(2), 2)
+    head = nn.Parameter(torch.ones(3))
+    opt.add_param_group({"params": [head], "lr": 0.05})
+    assert opt.param_groups[-1]["betas"] == opt.base.defaults["betas"]
+    before = head.detach().clone()
+    for _ in range(3):
+        opt.zero_grad()
+        (((w - 1.0) ** 2).sum() + ((head + 2.0) ** 2).sum()).backward()
+        opt.step()
+    assert (head.detach() < before).all()
+    opt.new_task()  # EWC without end_task: mean squared task gradient; SI: path integral
+    assert (opt.state[head]["importance"] > 0).all()
+    assert torch.equal(opt.state[head]["anchor"], head.detach())
