@@ -73,40 +73,44 @@ def test_meta_step_with_dropout_is_the_gradient_of_the_sampled_unroll(compile, s
     torch.testing.assert_close(results[True].init_grads, results[False].init_grads, **tight)
 
 
-def _bad_calls(model: nn.Module):
-    """``(loss_fn, batch, state transform, expected error, message)`` of bad calls."""
+BAD_CALLS = ["per-sample loss", "(loss, aux)", "dict batch", "3-tuple batch", "state", "width"]
+
+
+def _bad_call(case: str):
+    """``(loss_fn, batch, state transform, expected error, message)`` of a bad call."""
     x, y = batches("mlp", 1)[0]
     per_sample = lambda out, t: F.cross_entropy(out, t, reduction="none")  # noqa: E731
     with_aux = lambda out, t: (F.cross_entropy(out, t), out)  # noqa: E731
     same = lambda s: s  # noqa: E731
     drop_last = lambda s: dict(list(s.items())[:-1])  # noqa: E731
-    return [
-        (per_sample, (x, y), same, ValueError, "0-d loss"),
-        (with_aux, (x, y), same, TypeError, "0-d loss tensor, got a tuple"),
-        (F.cross_entropy, {"inputs": x, "targets": y}, same, TypeError, "pair, got a dict"),
-        (F.cross_entropy, (x, y, y), same, TypeError, "pair, got a tuple of length 3"),
-        (F.cross_entropy, (x, y), drop_last, ValueError, "state does not match"),
-        (F.cross_entropy, (x[:, :5], y), same, RuntimeError, "shape"),
-    ]
+    return {
+        "per-sample loss": (per_sample, (x, y), same, ValueError, "0-d loss"),
+        "(loss, aux)": (with_aux, (x, y), same, TypeError, "0-d loss tensor, got a tuple"),
+        "dict batch": (F.cross_entropy, {"x": x, "y": y}, same, TypeError, "pair, got a dict"),
+        "3-tuple batch": (F.cross_entropy, (x, y, y), same, TypeError, "tuple of length 3"),
+        "state": (F.cross_entropy, (x, y), drop_last, ValueError, "state does not match"),
+        "width": (F.cross_entropy, (x[:, :5], y), same, RuntimeError, "shape"),
+    }[case]
 
 
+@pytest.mark.parametrize("case", BAD_CALLS)
 @pytest.mark.parametrize("donate", [False, True])
-def test_compiled_step_raises_the_errors_of_the_eager_step(donate):
+def test_compiled_step_raises_the_errors_of_the_eager_step(donate, case):
     """Bad input gives the same exception type and message compiled as eager (not
     Dynamo's report of it), and leaves the arguments as they were."""
     model = build("mlp")
-    for loss_fn, batch, edit, error, message in _bad_calls(model):
-        for compile in (False, True):
-            step = make_step(model, loss_fn, metaopt.rules.adam(lr=0.1), compile=compile,
-                             donate=donate, **compile_kwargs(compile))
-            params, buffers, state = step.init(model)
-            state = edit(state)
-            snapshot = pytree.tree_map(torch.clone, (params, buffers, state))
-            with pytest.raises(error, match=message):
-                step(params, buffers, state, batch)
-            for a, b in zip(pytree.tree_leaves((params, buffers, state)),
-                            pytree.tree_leaves(snapshot), strict=True):
-                assert torch.equal(a, b)
+    loss_fn, batch, edit, error, message = _bad_call(case)
+    for compile in (False, True):
+        step = make_step(model, loss_fn, metaopt.rules.adam(lr=0.1), compile=compile,
+                         donate=donate, **compile_kwargs(compile))
+        params, buffers, state = step.init(model)
+        state = edit(state)
+        snapshot = pytree.tree_map(torch.clone, (params, buffers, state))
+        with pytest.raises(error, match=message):
+            step(params, buffers, state, batch)
+        for a, b in zip(pytree.tree_leaves((params, buffers, state)),
+                        pytree.tree_leaves(snapshot), strict=True):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("compile", COMPILE)
@@ -243,7 +247,7 @@ class TiedModel(nn.Module):
         return self.out(torch.tanh(self.mid(torch.tanh(self.embed(x)))))
 
 
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile", COMPILE)
 def test_fit_tied_weights_match_torch_optim(compile):
     """A tied weight is one parameter: its gradient sums both uses, and it stays tied."""
     torch.manual_seed(0)
@@ -327,7 +331,7 @@ def test_meta_step_keeps_frozen_parameters_fixed_in_the_inner_steps(compile, rem
     assert out.init_grads["0.weight"].abs().sum() > 0  # through the frozen layer
 
 
-@pytest.mark.parametrize("remat", [True, False])
+@pytest.mark.parametrize("remat", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_compiled_meta_step_raises_the_errors_of_the_eager_one(remat):
     model = build("mlp")
     factory = lambda m: metaopt.rules.adam(lr=m["lr"])  # noqa: E731
