@@ -54,7 +54,7 @@ _TINY = 1e-30
 def _check_options(
     lr: Any,
     betas: Any,
-    eps: float,
+    eps: Scalar,
     max_block: int,
     sample_size: int,
     topk_fraction: float | None,
@@ -92,8 +92,8 @@ def learned_rule(
     lr: Scalar = 1e-3,
     *,
     meta_params: Mapping[str, torch.Tensor] | None = None,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
+    betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+    eps: Scalar = 1e-8,
     max_block: int = 65536,
     sample_size: int = 32,
     aux_dtype: torch.dtype | None = torch.bfloat16,
@@ -113,8 +113,9 @@ def learned_rule(
         meta_params: ``{name: tensor}`` replacing ``net``'s parameters through
             ``torch.func.functional_call`` (gradients then flow to these tensors); every
             name must be one of ``net``'s parameters or buffers (``ValueError``).
-        betas: Adam's moment decay rates.
-        eps: Adam's denominator constant.
+        betas: Adam's moment decay rates (numbers or 0-d tensors; tensors that require
+            grad receive meta-gradients).
+        eps: Adam's denominator constant (a number or a 0-d tensor).
         max_block: target size of a token (larger tensors are split into equal blocks
             of at most about this many elements, see
             :func:`metaopt.learned.features.layout_of`).
@@ -623,9 +624,9 @@ def _learned_step(
     run_net: Callable[[torch.Tensor, torch.Tensor], TokenCoefficients],
     *,
     lr: Scalar,
-    b1: float,
-    b2: float,
-    eps: float,
+    b1: Scalar,
+    b2: Scalar,
+    eps: Scalar,
     max_block: int,
     sample_size: int,
     topk_fraction: float | None,
@@ -655,6 +656,13 @@ def _learned_step(
         torch._foreach_mul_(v_old, b2)
         torch._foreach_addcmul_(v_old, g_dense, g_dense, value=1.0 - b2)
         m_new, v_dense = m_old, v_old
+    elif isinstance(b1, torch.Tensor) or isinstance(b2, torch.Tensor):
+        # tensor betas (meta-learned): the foreach ops take numbers only; the fused step's
+        # formulas
+        m_new = [torch.lerp(m, g, 1.0 - b1) for m, g in zip(m_old, g_v, strict=True)]
+        v_dense = [
+            torch.addcmul(v * b2, g * (1.0 - b2), g) for v, g in zip(v_old, g_dense, strict=True)
+        ]
     else:
         m_new = torch._foreach_lerp(m_old, g_v, 1.0 - b1)
         v_dense = torch._foreach_addcmul(

@@ -317,3 +317,30 @@ def test_a_failed_save_leaves_the_existing_checkpoint_intact(
     assert path.read_bytes() == good
     assert load_checkpoint(path)[1] == {"description": "good"}
     assert [p.name for p in tmp_path.iterdir()] == ["net.pt"]
+
+
+def test_tensor_betas_and_eps_receive_meta_gradients() -> None:
+    """``betas`` and ``eps`` given as tensors that require grad (meta-learned Adam
+    constants): the update failed in ``torch._foreach_lerp`` (numbers only)."""
+    net = perturbed_net(dtype=torch.float64)
+    params = _params({"w": (3, 2), "s": ()})
+    grads = _grads(params, 0)
+
+    def updates(b1: torch.Tensor, b2: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        rule = learned_rule(net, lr=1e-2, betas=(b1, b2), eps=eps, aux_dtype=None)
+        state = rule.init(params)
+        _, state = rule.update(grads, state, params)
+        out, _ = rule.update({k: -g for k, g in grads.items()}, state, params)
+        return torch.cat([u.reshape(-1) for u in out.values()])
+
+    hypers = tuple(
+        torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (0.9, 0.99, 1e-3)
+    )
+    assert torch.autograd.gradcheck(updates, hypers)
+    ref = learned_rule(net, lr=1e-2, betas=(0.9, 0.99), eps=1e-3, aux_dtype=None)
+    _, state = ref.update(grads, ref.init(params), params)
+    expected, _ = ref.update({k: -g for k, g in grads.items()}, state, params)
+    got = updates(*(h.detach() for h in hypers))
+    torch.testing.assert_close(
+        got, torch.cat([u.reshape(-1) for u in expected.values()]), rtol=1e-12, atol=0
+    )
