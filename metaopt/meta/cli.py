@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from metaopt.meta.distributed import init_distributed
 from metaopt.meta.tasks import DATASETS, KINDS, MODELS, FamilyConfig
-from metaopt.meta.trainer import MetaTrainer, TrainConfig
+from metaopt.meta.trainer import MetaTrainer, TrainConfig, check_out_dir
 
 __all__ = ["check_args", "config_from_args", "register"]
 
@@ -140,9 +140,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.compare < 0:
         raise ValueError(f"--compare must be >= 0, got {args.compare}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+    check_out_dir(Path(args.out))
     if args.export and Path(args.export).is_dir():
         raise ValueError(f"--export {args.export} is a directory; give a file path")
 

@@ -40,7 +40,7 @@ from metaopt.meta.unroll import Unrolled
 from metaopt.rules import adam
 from metaopt.tree import Params
 
-__all__ = ["CHECKPOINT_FORMAT", "MetaTrainer", "TrainConfig", "plot_history"]
+__all__ = ["CHECKPOINT_FORMAT", "MetaTrainer", "TrainConfig", "check_out_dir", "plot_history"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,19 @@ def _load_init(net: LearnedRuleNet, name: str) -> None:
     net.load_state_dict(start.state_dict())
 
 
+def check_out_dir(path: Path) -> None:
+    """Raise ``ValueError`` unless ``path`` is, or can be made, a writable directory: the
+    nearest existing ancestor (or ``path`` itself) must be a writable directory, so that
+    the first checkpoint does not fail after the training it was meant to keep."""
+    for existing in (path, *path.absolute().parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise ValueError(f"output folder {path}: {existing} is not a directory")
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise ValueError(f"output folder {path}: {existing} is not writable")
+            return
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
@@ -199,8 +212,7 @@ class MetaTrainer:
                 f"compile=True needs the unrolled estimator, got estimator={config.estimator!r}"
             )
         self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise ValueError(f"out_dir {self.out_dir} exists and is not a directory")
+        check_out_dir(self.out_dir)
         self.config = config
         self.compile = compile
         self.ctx = ctx or DistributedContext()

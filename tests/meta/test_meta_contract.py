@@ -427,6 +427,7 @@ def _cli_args(tmp_path) -> list[str]:
         ["--earlier-weight", "-1"],
         ["--meta-lr", "inf"],
         ["--out", "FILE"],
+        ["--out", "FILE/run"],
         ["--export", "DIR"],
     ],
 )
@@ -446,7 +447,7 @@ def test_cli_refuses_bad_arguments_before_any_work(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(torch, "set_num_threads", no_work)
     (tmp_path / "FILE").write_text("")
     (tmp_path / "DIR").mkdir()
-    extra = [str(tmp_path / a) if a in ("FILE", "DIR") else a for a in extra]
+    extra = [str(tmp_path / a) if a.startswith(("FILE", "DIR")) else a for a in extra]
     with pytest.raises(SystemExit) as exit_info:
         metaopt.cli.main([*_cli_args(tmp_path), *extra])
     assert exit_info.value.code == 1
