@@ -115,7 +115,7 @@ def _advance(leaf: LearnedState) -> LearnedState:
     )
 
 
-def new_task(state: Any, params: Any | None = None, *, importance: str = "path") -> Any:
+def new_task(state: Any, params: Any | None = None, *, importance: str | None = None) -> Any:
     """Mark a task boundary (pure): returns a new state, ``state`` is unchanged.
 
     Every learned leaf state gets its task index incremented, its in-task counters and
@@ -127,13 +127,25 @@ def new_task(state: Any, params: Any | None = None, *, importance: str = "path")
     Args:
         state: the state of ``learned_rule`` or of a chain containing it.
         params: the current parameters (same tree as given to ``update``), optional.
-        importance: importance score of the finished task, see :data:`IMPORTANCE_KINDS`.
+        importance: importance score of the finished task, see :data:`IMPORTANCE_KINDS`
+            (default ``"path"``). Only with ``params``: without them the next ``update``
+            scores the task with the rule's own ``importance`` option.
+
+    Raises:
+        ValueError: ``importance`` given without ``params`` (it would be ignored).
     """
-    check_importance(importance)
     if params is None:
+        if importance is not None:
+            raise ValueError(
+                "new_task: importance is only used with params; without them the next "
+                "update folds the task with the rule's importance option "
+                "(learned_rule(..., importance=...))"
+            )
         return map_learned(
             state, lambda key, leaf: _advance(leaf)._replace(pending=leaf.pending.new_ones(1))
         )
+    importance = "path" if importance is None else importance
+    check_importance(importance)
     param_of = dict(named_leaves(params))
     missing = set(state) - set(param_of)
     if missing:

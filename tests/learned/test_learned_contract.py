@@ -344,3 +344,19 @@ def test_tensor_betas_and_eps_receive_meta_gradients() -> None:
     torch.testing.assert_close(
         got, torch.cat([u.reshape(-1) for u in expected.values()]), rtol=1e-12, atol=0
     )
+
+
+def test_new_task_without_params_does_not_ignore_an_importance_kind() -> None:
+    """``new_task(state, importance="fisher")`` marked a pending boundary that the next
+    update folded with the rule's own kind ("path"): the argument was silently ignored."""
+    params = _params({"w": (3, 2)})
+    rule = learned_rule(LearnedRuleNet(), lr=1e-2, aux_dtype=None)
+    _, state = rule.update(_grads(params, 0), rule.init(params), params)
+    with pytest.raises(ValueError, match="importance is only used with params"):
+        new_task(state, importance="fisher")
+    with pytest.raises(ValueError, match="importance must be one of"):
+        new_task(state, params, importance="nope")
+    folded = new_task(state, params, importance="fisher")
+    torch.testing.assert_close(folded["w"].importance, state["w"].exp_avg_sq, rtol=0, atol=0)
+    deferred = new_task(state)  # folded at the next update with the rule's kind
+    assert deferred["w"].pending.numel() == 1
