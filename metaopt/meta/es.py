@@ -50,7 +50,8 @@ def _check_meta_params(meta_params: Params) -> None:
 
 def _pair_seed(generator: torch.Generator | None) -> int:
     """The seed both runs of one antithetic pair start torch's global generator from."""
-    return int(torch.randint(2**62, (1,), generator=generator))
+    device = generator.device if generator is not None else None  # a CUDA generator too
+    return int(torch.randint(2**62, (1,), generator=generator, device=device))
 
 
 @contextlib.contextmanager
