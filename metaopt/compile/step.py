@@ -73,8 +73,9 @@ def loss_and_buffers(
     """The loss of ``model`` with ``params`` and ``buffers`` on ``batch``, computed purely.
 
     The module updates its buffers in place (batchnorm running statistics in training
-    mode); it does so on fresh copies, which are returned, so ``buffers`` is untouched and
-    the function stays pure (and differentiable under :mod:`torch.func` transforms).
+    mode) or reassigns them (``self.count = self.count + 1``); it does so on fresh copies,
+    which are returned, so ``buffers`` is untouched and the function stays pure (and
+    differentiable under :mod:`torch.func` transforms).
 
     Returns:
         ``(loss, new_buffers)``: a 0-d loss and the updated buffers.
@@ -85,8 +86,11 @@ def loss_and_buffers(
             got += f" of length {len(batch)}"
         raise TypeError(f"batch must be an (inputs, targets) pair, got a {got}")
     inputs, targets = batch
-    new_buffers = {name: b.clone() for name, b in buffers.items()}
-    outputs = functional_call(model, (params, new_buffers), (inputs,))
+    # one dict: functional_call writes into it the buffers the forward reassigns
+    # (``self.count = self.count + 1``), which a dict merged from two it would lose
+    tensors = {**params, **{name: b.clone() for name, b in buffers.items()}}
+    outputs = functional_call(model, tensors, (inputs,))
+    new_buffers = {name: tensors[name] for name in buffers}
     loss = loss_fn(outputs, targets)
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"loss_fn must return a 0-d loss tensor, got a {type(loss).__name__}")

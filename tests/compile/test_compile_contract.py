@@ -396,3 +396,41 @@ def test_compiled_step_with_dropout_draws_from_torch_generator():
     for eager, compiled in zip(outs[False], outs[True], strict=True):
         torch.testing.assert_close(compiled[:2], eager[:2], **tight)
         torch.testing.assert_close(compiled[3], eager[3], **tight)
+
+
+class ReassignsBuffers(nn.Module):
+    """Counts its training calls and keeps a running mean of its inputs by reassigning
+    its buffers (``self.calls = self.calls + 1``), not by writing into them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 3)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("mean", torch.zeros(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls = self.calls + 1
+            self.mean = 0.9 * self.mean + 0.1 * x.mean(0)
+        return self.lin(x - self.mean)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_fit_keeps_buffers_that_the_forward_reassigns(compile):
+    """fit (and make_step) return the buffers a forward reassigns, as the eager module
+    keeps them; the parameters then follow torch.optim's."""
+    torch.manual_seed(0)
+    model = ReassignsBuffers()
+    ref = ReassignsBuffers()
+    ref.load_state_dict(model.state_dict())
+    data = batches("mlp", 3)
+    fit(model, data, metaopt.rules.sgd(lr=0.1), epochs=2, compile=compile,
+        **compile_kwargs(compile))
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for x, y in data + data:
+        opt.zero_grad()
+        F.cross_entropy(ref(x), y).backward()
+        opt.step()
+    assert int(model.calls) == 6
+    tol = {"atol": 1e-6, "rtol": 1e-5}  # float32
+    torch.testing.assert_close(model.state_dict(), ref.state_dict(), **tol)
