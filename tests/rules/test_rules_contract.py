@@ -311,3 +311,39 @@ def test_apply_updates_rejects_updates_that_would_reshape_a_parameter() -> None:
         metaopt.apply_updates(params, {"t": torch.tensor(1.0), "v": torch.ones(2, 3)})
     new = metaopt.apply_updates(params, {"t": torch.tensor(1.0), "v": None})
     assert float(new["t"]) == 2.0 and new["v"] is params["v"]
+
+
+@pytest.mark.parametrize(
+    "fill", [0.0, float("inf"), float("nan"), 1e30], ids=["zero", "inf", "nan", "huge"]
+)
+def test_clip_by_global_norm_on_degenerate_gradients_matches_clip_grad_norm(fill: float) -> None:
+    """Zero, infinite, NaN and overflowing gradients are clipped exactly as
+    ``torch.nn.utils.clip_grad_norm_`` clips them (no error, same values)."""
+    grads = {"a": torch.tensor([fill, 1.0]), "b": torch.zeros(2), "c": torch.ones(3) * 0.5}
+    if fill == 0.0:
+        grads = {k: torch.zeros_like(v) for k, v in grads.items()}
+    rule = rules.clip_by_global_norm(1.0)
+    ours, _ = rule.update(grads, rule.init(grads))
+    ref = [g.clone().requires_grad_(True) for g in grads.values()]
+    for p, g in zip(ref, grads.values(), strict=True):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(ref, 1.0, foreach=False)
+    for (k, g), p in zip(ours.items(), ref, strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=0, equal_nan=True, msg=k)
+
+
+def test_adam_first_step_is_the_sign_of_the_gradient_times_lr() -> None:
+    """Bias correction at step 1: ``m_hat = g`` and ``v_hat = g^2``, so Adam's first update
+    is ``-lr * g / (|g| + eps)`` whatever the betas (float64, bfloat16 and complex)."""
+    for dtype in (torch.float64, torch.bfloat16):
+        g = torch.tensor([3.0, -1e-3, 0.25], dtype=dtype)
+        for betas in ((0.9, 0.999), (0.0, 0.5), (0.99, 0.9999)):
+            rule = rules.adam(lr=0.1, betas=betas, eps=0.0)
+            updates, _ = rule.update({"p": g}, rule.init({"p": g}), {"p": g})
+            assert updates["p"].dtype == dtype
+            torch.testing.assert_close(updates["p"], -0.1 * g.sign(), rtol=1e-2, atol=0)
+    z = torch.tensor([3 - 4j, 1e-3 + 2j], dtype=torch.complex128)
+    rule = rules.adam(lr=0.1, eps=0.0)
+    updates, _ = rule.update({"p": z}, rule.init({"p": z}), {"p": z})
+    expected = -0.1 * torch.complex(z.real.sign(), z.imag.sign())
+    torch.testing.assert_close(updates["p"], expected, rtol=1e-12, atol=0)
