@@ -53,7 +53,9 @@ def dropout_problem(steps: int = 3) -> SupervisedProblem:
 # ---------------------------------------------------------------- ES / PES
 
 
-def _es(cls, sigma: float, seed: int = 1, **kw):
+def _es(cls: type, sigma: float, seed: int = 1, **kw) -> ES | PES:
+    """An ES or PES estimator of ``lr_rule`` (4 pairs, PES windows of 1 step by default)
+    with a generator seeded by ``seed``."""
     if cls is PES:
         kw.setdefault("truncation", 1)
     return cls(lr_rule, sigma=sigma, num_pairs=4, generator=torch.Generator().manual_seed(seed),
@@ -78,6 +80,7 @@ def test_es_with_dropout_is_reproducible_and_antithetic_pairs_share_the_masks(cl
 
 @pytest.mark.parametrize("cls", [ES, PES])
 def test_es_refuses_empty_meta_params_before_running(cls):
+    """No meta-parameters used to run every trajectory, then fail with StopIteration."""
     calls = []
 
     def rule_fn(mp):
@@ -100,6 +103,8 @@ def test_es_refuses_empty_meta_params_before_running(cls):
     ],
 )
 def test_fractional_window_or_pair_counts_are_refused(make):
+    """``truncation=2.5`` used to cut windows at steps 0, 4, 5...; ``num_pairs=2.5`` failed
+    only when called."""
     with pytest.raises(TypeError, match="integer"):
         make()
 
@@ -154,6 +159,7 @@ def test_implicit_on_a_singular_hessian_fails_clearly_and_damping_matches_closed
 
 
 def test_conjugate_gradient_refuses_an_indefinite_operator():
+    """``diag(1, 0)``: the second direction has ``p^T A p = 0``; CG returned NaN."""
     A = torch.diag(torch.tensor([1.0, 0.0], dtype=F64))
     with pytest.raises(torch.linalg.LinAlgError, match="positive definite"):
         conjugate_gradient(lambda v: {"x": A @ v["x"]}, {"x": torch.ones(2, dtype=F64)})
@@ -387,6 +393,8 @@ def test_train_config_refuses_estimator_settings_up_front(bad):
     ],
 )
 def test_family_config_refuses_bad_ranges_before_loading_data(bad):
+    """Each of these passed the configuration and failed (or gave NaN losses) only when a
+    sequence was drawn or a model built, after the images had been loaded."""
     with pytest.raises(ValueError):
         FamilyConfig(**bad)
 
@@ -495,6 +503,7 @@ def test_continual_problem_refuses_sizes_that_give_nan_or_drop_the_speed_term(ba
 
 
 def test_supervised_problem_refuses_a_fractional_step_count():
+    """``num_steps=2.5`` used to run 2 steps."""
     base = classification_problem()
     with pytest.raises(TypeError, match="integer"):
         SupervisedProblem(base.model, base.batches, base.meta_batch, num_steps=2.5)
