@@ -18,6 +18,7 @@ regularises an ill-conditioned or indefinite ``H``. The result does not depend o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -26,7 +27,7 @@ from torch.func import grad, jvp, vjp
 from torch.utils import _pytree as pytree
 
 from metaopt.meta.functional import detach_tree
-from metaopt.meta.problem import MetaGradient
+from metaopt.meta.problem import MetaGradient, check_count
 from metaopt.tree import Params
 
 __all__ = ["Implicit", "ImplicitProblem", "conjugate_gradient", "implicit_root"]
@@ -101,6 +102,14 @@ def conjugate_gradient(
     return x
 
 
+def _check_solver(cg_iters: int, damping: float) -> int:
+    """``cg_iters`` as an int ``>= 1``; ``damping`` must be finite and ``>= 0`` (NaN gave
+    NaN gradients, infinity dropped the implicit term)."""
+    if not 0 <= damping < math.inf:
+        raise ValueError(f"damping must be finite and >= 0, got {damping}")
+    return check_count("cg_iters", cg_iters)
+
+
 def _tensor_leaves(tree: Any, what: str) -> tuple[list[torch.Tensor], pytree.TreeSpec]:
     """The leaves of ``tree`` (any :mod:`torch.utils._pytree` structure), all tensors."""
     leaves, spec = pytree.tree_flatten(tree)
@@ -157,11 +166,7 @@ class Implicit:
     """
 
     def __init__(self, cg_iters: int = 100, damping: float = 0.0, tol: float = 1e-12) -> None:
-        if damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
-        if cg_iters < 1:
-            raise ValueError(f"cg_iters must be >= 1, got {cg_iters}")
-        self.cg_iters, self.damping, self.tol = cg_iters, damping, tol
+        self.cg_iters, self.damping, self.tol = _check_solver(cg_iters, damping), damping, tol
 
     def __call__(self, meta_params: Params, problem: ImplicitProblem) -> MetaGradient:
         meta_params = detach_tree(meta_params)
@@ -257,10 +262,7 @@ def implicit_root(
         ...     return {"w": closed_form(mp["l2"])}
         >>> w = solve(meta_params)            # differentiable w.r.t. meta_params
     """
-    if damping < 0:
-        raise ValueError(f"damping must be >= 0, got {damping}")
-    if cg_iters < 1:
-        raise ValueError(f"cg_iters must be >= 1, got {cg_iters}")
+    cg_iters = _check_solver(cg_iters, damping)
 
     def decorate(solver: Callable[..., Any]) -> Callable[..., Any]:
         def solve(meta_params: Any, *args: Any, **kwargs: Any) -> Any:

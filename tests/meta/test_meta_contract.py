@@ -475,11 +475,25 @@ def test_es_sigma_below_the_meta_parameters_resolution_is_refused(cls):
         _es(cls, float("inf"))
 
 
-def test_implicit_root_refuses_zero_cg_iterations():
-    """``Implicit(cg_iters=0)`` is refused; the decorator took it and returned an implicit
-    gradient of exactly zero (conjugate gradient never ran)."""
-    with pytest.raises(ValueError, match="cg_iters"):
-        implicit_root(lambda p, mp: (p["w"] ** 2).sum(), cg_iters=0)
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"cg_iters": 0}, ValueError),
+        ({"cg_iters": 2.5}, TypeError),
+        ({"damping": float("nan")}, ValueError),
+        ({"damping": float("inf")}, ValueError),
+    ],
+)
+@pytest.mark.parametrize("api", ["Implicit", "implicit_root"])
+def test_implicit_refuses_bad_solver_settings(api, kwargs, error):
+    """``implicit_root(cg_iters=0)`` returned an implicit gradient of exactly zero
+    (conjugate gradient never ran); ``cg_iters=2.5`` failed only in the backward pass;
+    a NaN damping gave NaN gradients and an infinite one dropped the implicit term."""
+    with pytest.raises(error, match=r"cg_iters|damping"):
+        if api == "Implicit":
+            Implicit(**kwargs)
+        else:
+            implicit_root(lambda p, mp: (p["w"] ** 2).sum(), **kwargs)
 
 
 def _two_tasks():
