@@ -70,6 +70,9 @@ def _check_options(
         raise ValueError(f"invalid betas: {betas} (two values in [0, 1))")
     if not eps >= 0:
         raise ValueError(f"invalid eps: {eps} (must be >= 0)")
+    for name, value in (("max_block", max_block), ("sample_size", sample_size)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {value!r}")
     if max_block < 1 or sample_size < 1:
         raise ValueError(f"max_block ({max_block}) and sample_size ({sample_size}) must be >= 1")
     if topk_fraction is not None and not 0.0 < topk_fraction <= 1.0:

@@ -360,3 +360,11 @@ def test_new_task_without_params_does_not_ignore_an_importance_kind() -> None:
     torch.testing.assert_close(folded["w"].importance, state["w"].exp_avg_sq, rtol=0, atol=0)
     deferred = new_task(state)  # folded at the next update with the rule's kind
     assert deferred["w"].pending.numel() == 1
+
+
+@pytest.mark.parametrize("options", [{"max_block": 7.5}, {"max_block": True}, {"sample_size": 2.5}])
+def test_token_sizes_must_be_ints(options: dict[str, Any]) -> None:
+    """A float ``max_block`` silently cut tensors into tokens of fractional targets, a
+    float ``sample_size`` failed deep in ``index_select``."""
+    with pytest.raises(TypeError, match="must be an int"):
+        learned_rule(LearnedRuleNet(), **options)
