@@ -30,7 +30,13 @@ from collections.abc import Iterator
 
 import torch
 
-from metaopt.meta.problem import InnerProblem, MetaGradient, RuleFactory, check_count
+from metaopt.meta.problem import (
+    InnerProblem,
+    MetaGradient,
+    RuleFactory,
+    check_count,
+    scalar_loss,
+)
 from metaopt.meta.unroll import InnerCarry, inner_step
 from metaopt.tree import Params
 
@@ -105,7 +111,7 @@ def _run(
         with torch.no_grad():
             contribution = problem.meta_loss(carry.params, carry.buffers, step)
         if contribution is not None:
-            total += contribution.detach().double()
+            total += scalar_loss(contribution, "problem.meta_loss").detach().double()
     return carry, total
 
 

@@ -54,6 +54,17 @@ def check_count(name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
+def scalar_loss(value: torch.Tensor, what: str) -> torch.Tensor:
+    """``value`` as a 0-d tensor; one holding several numbers (a loss per example, say)
+    raises ``ValueError`` naming ``what`` (e.g. ``"problem.meta_loss"``)."""
+    if value.numel() != 1:
+        raise ValueError(
+            f"{what} must return a 0-d tensor (one number), got shape {tuple(value.shape)}; "
+            "reduce it (e.g. .mean())"
+        )
+    return value.reshape(())
+
+
 class MetaGradient(NamedTuple):
     """An estimator's result: the meta-loss (0-d, detached) and ``{name: grad}`` with the
     shapes of the meta-parameters (zeros where the meta-loss does not depend on one)."""

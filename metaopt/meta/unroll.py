@@ -18,7 +18,13 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from metaopt.meta.functional import detach_tree
-from metaopt.meta.problem import InnerProblem, MetaGradient, RuleFactory, check_count
+from metaopt.meta.problem import (
+    InnerProblem,
+    MetaGradient,
+    RuleFactory,
+    check_count,
+    scalar_loss,
+)
 from metaopt.rules.base import State, UpdateRule, apply_updates
 from metaopt.tree import Params
 
@@ -58,6 +64,7 @@ def inner_step(
         if not create_graph:
             params = {k: p.detach().requires_grad_(True) for k, p in params.items()}
         loss, buffers = problem.inner_loss(params, carry.buffers, step)
+        loss = scalar_loss(loss, "problem.inner_loss")
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
     grads = dict(zip(params, grads, strict=True))
     state = problem.prepare_state(carry.state, step, loss.detach())
@@ -135,6 +142,7 @@ class Unrolled:
                 carry, _ = self.step_fn(mp, problem, carry, step)
             contribution = problem.meta_loss(carry.params, carry.buffers, step)
             if contribution is not None:
+                contribution = scalar_loss(contribution, "problem.meta_loss")
                 window_loss = contribution if window_loss is None else window_loss + contribution
             if (step + 1) % window == 0 or step == problem.num_steps - 1:
                 if window_loss is not None:

@@ -641,3 +641,34 @@ def test_maml_init_of_another_shape_is_refused_and_another_dtype_is_cast():
     assert as_f32.grads["init.0.weight"].dtype == torch.float32
     torch.testing.assert_close(as_f32.grads["init.0.weight"],
                                as_f64.grads["init.0.weight"].float())
+
+
+@pytest.mark.parametrize("cls", [Unrolled, ES])
+def test_per_example_losses_are_refused_clearly_and_one_element_losses_accepted(cls):
+    """``reduction="none"`` (a loss per example) failed with "grad can be implicitly
+    created only for scalar outputs"; a meta-loss of shape ``[1]`` failed with "output
+    with shape [] doesn't match the broadcast shape [1]". The first is refused naming
+    the problem's method, the second counts as the number it holds."""
+
+    def est(mp, problem):
+        if cls is Unrolled:
+            return cls(lr_rule)(mp, problem)
+        return cls(lr_rule, sigma=1e-3, num_pairs=1, generator=torch.Generator().manual_seed(0))(
+            mp, problem)
+
+    mp = {"lr": torch.tensor(0.1, dtype=F64)}
+    per_example = classification_problem(
+        loss_fn=lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"))
+    with pytest.raises(ValueError, match=r"inner_loss.*0-d"):
+        est(mp, per_example)
+
+    class OneElement(SupervisedProblem):
+        def meta_loss(self, params, buffers, step):
+            loss = super().meta_loss(params, buffers, step)
+            return None if loss is None else loss.reshape(1)
+
+    base = classification_problem()
+    one = OneElement(base.model, base.batches, base.meta_batch, base.num_steps, dtype=F64)
+    got, want = est(mp, one), est(mp, base)
+    assert torch.equal(got.loss, want.loss)
+    torch.testing.assert_close(got.grads["lr"], want.grads["lr"], rtol=1e-12, atol=0)
