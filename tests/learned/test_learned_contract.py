@@ -368,3 +368,31 @@ def test_token_sizes_must_be_ints(options: dict[str, Any]) -> None:
     float ``sample_size`` failed deep in ``index_select``."""
     with pytest.raises(TypeError, match="must be an int"):
         learned_rule(LearnedRuleNet(), **options)
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False])
+def test_update_new_task_and_observe_loss_mutate_nothing(grad_enabled: bool) -> None:
+    """The pure API (default options) leaves its inputs as they were: gradients,
+    parameters and every tensor of the state, through a pending boundary, a loss, a
+    ``None`` gradient and an empty tensor."""
+    net = perturbed_net(dtype=torch.float64)
+    params = _params({"w": (3, 4), "e": (0, 2), "s": (), "b": (4,)})
+    rule = learned_rule(net, lr=1e-2, max_block=4)
+    _, state = rule.update(_grads(params, 0), rule.init(params), params)
+    state = observe_loss(new_task(state), 3.0)
+    grads = {**_grads(params, 1), "s": None}
+
+    def snapshot(tree: Any) -> list[torch.Tensor]:
+        leaves = torch.utils._pytree.tree_leaves(tree)
+        return [x.clone() for x in leaves if isinstance(x, torch.Tensor)]
+
+    before = [snapshot(x) for x in (grads, params, state)]
+    with torch.set_grad_enabled(grad_enabled):
+        updates, new_state = rule.update(grads, state, params)
+        new_task(new_state, params, importance="weight_grad")
+        observe_loss(new_state, float("nan"))
+    for old, tree in zip(before, (grads, params, state), strict=True):
+        now = snapshot(tree)
+        assert len(now) == len(old)
+        assert all(torch.equal(a, b) for a, b in zip(now, old, strict=True))
+    assert updates["s"] is None and new_state["w"].pending.numel() == 0
