@@ -94,10 +94,11 @@ def apply_updates(params: Any, updates: Any) -> Any:
         )
     for key, p in items:
         u = new[key]
-        if u is not None and u.shape != p.shape:
+        if u is not None and (p is None or u.shape != p.shape):
+            have = "is None" if p is None else f"has shape {tuple(p.shape)}"
             raise ValueError(
                 f"apply_updates: the update of {key!r} has shape {tuple(u.shape)}, "
-                f"the parameter {tuple(p.shape)}"
+                f"the parameter {have}"
             )
     return rebuild(
         params, [p if new[key] is None else p + new[key].to(p.dtype) for key, p in items]

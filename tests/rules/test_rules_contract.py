@@ -311,6 +311,8 @@ def test_apply_updates_rejects_updates_that_would_reshape_a_parameter() -> None:
         metaopt.apply_updates(params, {"t": torch.tensor(1.0), "v": torch.ones(2, 3)})
     new = metaopt.apply_updates(params, {"t": torch.tensor(1.0), "v": None})
     assert float(new["t"]) == 2.0 and new["v"] is params["v"]
+    with pytest.raises(ValueError, match="the parameter is None"):
+        metaopt.apply_updates({"t": None}, {"t": torch.tensor(1.0)})
 
 
 @pytest.mark.parametrize(
