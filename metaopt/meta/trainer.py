@@ -142,6 +142,16 @@ def _family_config(data: dict[str, Any]) -> FamilyConfig:
     return FamilyConfig(**tuples)
 
 
+def _comparable(config: TrainConfig) -> dict[str, Any]:
+    """``config`` as plain data with every default filled in (the family's too) and
+    without ``steps``, so a checkpoint written before a field existed compares equal
+    when the field has its default."""
+    data = config.to_dict()
+    data["family"] = json.loads(json.dumps(_family_config(data["family"]).to_dict()))
+    data.pop("steps")
+    return data
+
+
 def _load_init(net: LearnedRuleNet, name: str) -> None:
     """Copy the weights of the learned checkpoint ``name`` into ``net`` (same config)."""
     start = load_pretrained(name)
@@ -450,10 +460,13 @@ class MetaTrainer:
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
         self._check_payload(path, payload)
-        saved = dict(payload["config"])
-        mine = self.config.to_dict()
-        saved.pop("steps", None)
-        mine.pop("steps", None)
+        try:
+            saved = _comparable(TrainConfig.from_dict(dict(payload["config"])))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"{path} holds a configuration this version cannot read: {exc}"
+            ) from exc
+        mine = _comparable(self.config)
         if saved != mine:
             diff = sorted(k for k in mine if saved.get(k) != mine[k])
             raise ValueError(f"{path} was written with another configuration (differs in {diff})")

@@ -672,3 +672,23 @@ def test_per_example_losses_are_refused_clearly_and_one_element_losses_accepted(
     got, want = est(mp, one), est(mp, base)
     assert torch.equal(got.loss, want.loss)
     torch.testing.assert_close(got.grads["lr"], want.grads["lr"], rtol=1e-12, atol=0)
+
+
+@pytest.mark.slow  # the trainer fixture builds task families (~4 s on a loaded machine)
+def test_resume_accepts_a_checkpoint_written_before_a_config_field_existed(
+    trainer_with_checkpoint, tmp_path
+):
+    """A checkpoint written by a version without a newer ``TrainConfig`` field (``init``
+    was added later) holds the same configuration when that field has its default; it
+    used to be refused as "written with another configuration (differs in [])". A
+    field this version does not know is refused by name."""
+    trainer = trainer_with_checkpoint
+    payload = torch.load(trainer.checkpoint_path, weights_only=True)
+    older = tmp_path / "older.pt"
+    torch.save({**payload, "config": {k: v for k, v in payload["config"].items()
+                                      if k != "init"}}, older)
+    assert trainer.resume(older)
+    newer = tmp_path / "newer.pt"
+    torch.save({**payload, "config": {**payload["config"], "warp_drive": 1}}, newer)
+    with pytest.raises(ValueError, match="warp_drive"):
+        trainer.resume(newer)
