@@ -35,8 +35,15 @@ from torch.func import grad_and_value, vjp
 from torch.utils import _pytree as pytree
 
 from metaopt._own_cache import compile_own
-from metaopt.compile.step import Batch, LossFn, loss_and_buffers, raise_eager_error
-from metaopt.rules.base import State, UpdateRule, apply_updates
+from metaopt.compile.step import (
+    Batch,
+    LossFn,
+    frozen_names,
+    loss_and_buffers,
+    raise_eager_error,
+    update_step,
+)
+from metaopt.rules.base import State, UpdateRule
 from metaopt.tree import Params
 
 __all__ = ["MetaStep", "MetaStepResult", "RuleFactory", "make_meta_step"]
@@ -131,31 +138,13 @@ def _compiled(fn: Callable[..., Any], **compile_kwargs: Any) -> Callable[..., An
 class _Pieces:
     """The three pure functions a meta step is made of (compiled or not)."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        rule_factory: RuleFactory,
-        frozen: frozenset[str] = frozenset(),
-    ):
+    def __init__(self, model: nn.Module, loss_fn: LossFn, rule_factory: RuleFactory):
         self.loss = functools.partial(loss_and_buffers, model, loss_fn)
         self.rule_factory = rule_factory
-        self.frozen = frozen
-
-    def _split_loss(self, trainable: Params, fixed: Params, buffers: Params, batch: Batch):
-        return self.loss({**trainable, **fixed}, buffers, batch)
-
-    def step(self, rule: UpdateRule, params: Params, buffers: Params, opt_state: State, batch):
-        """One inner step: ``(params, buffers, opt_state, loss)``; the parameters named in
-        ``frozen`` are neither differentiated nor updated (they have no state)."""
-        trainable = {k: v for k, v in params.items() if k not in self.frozen}
-        fixed = {k: v for k, v in params.items() if k in self.frozen}
-        grads, (loss, buffers) = grad_and_value(self._split_loss, has_aux=True)(
-            trainable, fixed, buffers, batch
-        )
-        updates, opt_state = rule.update(grads, opt_state, trainable)
-        params = {**params, **apply_updates(trainable, updates)}  # params' key order
-        return params, buffers, opt_state, loss
+        self.frozen = frozen_names(model)
+        # one inner step, frozen parameters left as they are: (rule, params, buffers,
+        # opt_state, batch) -> (params, buffers, opt_state, loss)
+        self.step = functools.partial(update_step, model, loss_fn, self.frozen)
 
     def inner(self, meta: dict, params: Params, buffers: Params, opt_state: State, batches):
         """``len(batches)`` inner steps: ``(params, buffers, opt_state, losses)`` after
@@ -400,8 +389,7 @@ def make_meta_step(
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if type(steps_per_call) is not int or steps_per_call < 1:
         raise ValueError(f"steps_per_call must be an integer >= 1, got {steps_per_call!r}")
-    frozen = frozenset(name for name, p in model.named_parameters() if not p.requires_grad)
-    pieces = _Pieces(model, loss_fn, rule_factory, frozen)
+    pieces = _Pieces(model, loss_fn, rule_factory)
     if not compile:
         if compile_kwargs:
             raise TypeError(f"compile_kwargs {sorted(compile_kwargs)} need compile=True")

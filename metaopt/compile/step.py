@@ -35,11 +35,13 @@ __all__ = [
     "InnerStep",
     "LossFn",
     "StepFn",
+    "frozen_names",
     "loss_and_buffers",
     "make_step",
     "module_state",
     "raise_eager_error",
     "tensor_hyper",
+    "update_step",
     "write_into",
 ]
 
@@ -145,23 +147,45 @@ def raise_eager_error(
     raise compile_error
 
 
+def frozen_names(model: nn.Module) -> frozenset[str]:
+    """Names of ``model``'s parameters that do not require grad."""
+    return frozenset(name for name, p in model.named_parameters() if not p.requires_grad)
+
+
+def update_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    frozen: frozenset[str],
+    rule: UpdateRule,
+    params: Params,
+    buffers: Params,
+    opt_state: State,
+    batch: Batch,
+) -> tuple[Params, Params, State, torch.Tensor]:
+    """One pure training step: ``(params, buffers, opt_state, loss)`` after it, ``loss``
+    the loss before it. The parameters named in ``frozen`` enter the forward as they are:
+    they are neither differentiated nor updated, and ``opt_state`` has no entry for them."""
+    trainable = {k: v for k, v in params.items() if k not in frozen}
+    fixed = {k: v for k, v in params.items() if k in frozen}
+
+    def loss(trainable: Params) -> tuple[torch.Tensor, Params]:
+        return loss_and_buffers(model, loss_fn, {**trainable, **fixed}, buffers, batch)
+
+    grads, (value, new_buffers) = grad_and_value(loss, has_aux=True)(trainable)
+    updates, new_state = rule.update(grads, opt_state, trainable)
+    new_params = {**params, **apply_updates(trainable, updates)}  # params' key order
+    return new_params, new_buffers, new_state, value
+
+
 def _pure_step(
     model: nn.Module, loss_fn: LossFn, rule: UpdateRule, donate: bool, frozen: frozenset[str]
 ) -> StepFn:
-    """The step; parameters named in ``frozen`` enter the forward but are neither
-    differentiated nor updated."""
-
-    def loss(trainable: Params, fixed: Params, buffers: Params, batch: Batch):
-        return loss_and_buffers(model, loss_fn, {**trainable, **fixed}, buffers, batch)
-
-    grad_fn = grad_and_value(loss, has_aux=True)
+    """:func:`update_step` as a :data:`StepFn`, writing into its inputs if ``donate``."""
 
     def step(params: Params, buffers: Params, opt_state: State, batch: Batch):
-        trainable = {k: v for k, v in params.items() if k not in frozen}
-        fixed = {k: v for k, v in params.items() if k in frozen}
-        grads, (loss, new_buffers) = grad_fn(trainable, fixed, buffers, batch)
-        updates, new_state = rule.update(grads, opt_state, trainable)
-        new_params = {**params, **apply_updates(trainable, updates)}  # params' key order
+        new_params, new_buffers, new_state, loss = update_step(
+            model, loss_fn, frozen, rule, params, buffers, opt_state, batch
+        )
         if donate:
             new_params = write_into(params, new_params)
             new_buffers = write_into(buffers, new_buffers)
@@ -280,7 +304,7 @@ def make_step(
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if compile_kwargs and not compile:
         raise TypeError(f"compile_kwargs {sorted(compile_kwargs)} need compile=True")
-    frozen = frozenset(name for name, p in model.named_parameters() if not p.requires_grad)
+    frozen = frozen_names(model)
     eager = _pure_step(model, loss_fn, rule, donate, frozen)
     if not compile:
         return InnerStep(eager, eager, rule, False, donate, frozen)
