@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._dynamo.exc import TorchDynamoException
 from torch.func import grad_and_value, vjp
 from torch.utils import _pytree as pytree
 
@@ -129,8 +128,8 @@ def _compiled(fn: Callable[..., Any], **compile_kwargs: Any) -> Callable[..., An
     def call(*args: Any) -> Any:
         try:
             return compiled(*args)
-        except TorchDynamoException as compile_error:
-            raise_eager_error(compile_error, fn, *args)
+        except Exception as error:
+            raise_eager_error(error, fn, *args)
 
     return call
 

@@ -22,7 +22,6 @@ from typing import Any, NoReturn
 
 import torch
 from torch import nn
-from torch._dynamo.exc import TorchDynamoException
 from torch.func import functional_call, grad_and_value
 from torch.utils import _pytree as pytree
 
@@ -129,22 +128,26 @@ def write_into(old: Any, new: Any) -> Any:
     return pytree.tree_unflatten(out, old_spec)
 
 
-def raise_eager_error(
-    compile_error: TorchDynamoException, eager: Callable[..., Any], *args: Any
-) -> NoReturn:
-    """Report the failure of a compiled function as its eager version would.
+def raise_eager_error(error: Exception, eager: Callable[..., Any], *args: Any) -> NoReturn:
+    """Raise ``error``, raised by the compiled version of ``eager`` on ``args``, as the
+    eager function would report the failure.
 
     A Python exception raised while Dynamo traces (a bad batch or loss, a state that does
     not match) reaches the caller as Dynamo's report of it (``Unsupported: Observed
-    exception``). This runs ``eager`` (the function uncompiled; it must not mutate its
-    arguments) on ``args`` and raises its error, chained to ``compile_error``; if it runs
-    without error, ``compile_error`` is raised.
+    exception``). For such an error this first runs ``eager`` (the function uncompiled;
+    it must not mutate its arguments) on ``args`` and raises its error, chained to
+    ``error``; any other error, or one that ``eager`` does not reproduce, is raised as is.
     """
-    try:
-        eager(*args)
-    except Exception as error:
-        raise error from compile_error
-    raise compile_error
+    # imported here: torch._dynamo costs seconds to import, and the compiled call that
+    # raised ``error`` has imported it already
+    from torch._dynamo.exc import TorchDynamoException
+
+    if isinstance(error, TorchDynamoException):
+        try:
+            eager(*args)
+        except Exception as eager_error:
+            raise eager_error from error
+    raise error
 
 
 def frozen_names(model: nn.Module) -> frozenset[str]:
@@ -229,10 +232,10 @@ class InnerStep:
         """
         try:
             return self.fn(params, buffers, opt_state, batch)
-        except TorchDynamoException as compile_error:
+        except Exception as error:
             if self.pure is None:
                 raise
-            raise_eager_error(compile_error, self.pure, params, buffers, opt_state, batch)
+            raise_eager_error(error, self.pure, params, buffers, opt_state, batch)
 
     def trainable(self, params: Params) -> Params:
         """The entries of ``params`` that the step trains (all but :attr:`frozen`)."""

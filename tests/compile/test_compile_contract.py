@@ -7,6 +7,10 @@ Compiled steps use ``backend="aot_eager"`` (no Inductor) to stay fast.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -434,3 +438,11 @@ def test_fit_keeps_buffers_that_the_forward_reassigns(compile):
     assert int(model.calls) == 6
     tol = {"atol": 1e-6, "rtol": 1e-5}  # float32
     torch.testing.assert_close(model.state_dict(), ref.state_dict(), **tol)
+
+
+@pytest.mark.slow
+def test_importing_metaopt_compile_does_not_import_dynamo():
+    """torch._dynamo takes seconds to import; metaopt.compile needs it only once a step
+    is compiled (its error handling imports Dynamo's exception class lazily)."""
+    code = "import sys, metaopt.compile; assert 'torch._dynamo' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
