@@ -566,7 +566,8 @@ def plot_history(
     axes[1].set(xlabel="meta-step", ylabel="held-out accuracy (end of sequence)",
                 title="validation sequences")
     for ax in axes:
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # nothing plotted yet: no empty legend
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)

@@ -7,6 +7,7 @@ closed form, finite differences or a plain PyTorch loop."""
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from metaopt.meta import (
     conjugate_gradient,
     implicit_root,
 )
-from metaopt.meta.trainer import MetaTrainer
+from metaopt.meta.trainer import MetaTrainer, plot_history
 from tests.meta.meta_helpers import classification_problem
 from tests.meta.test_trainer import tiny_config
 
@@ -692,3 +693,13 @@ def test_resume_accepts_a_checkpoint_written_before_a_config_field_existed(
     torch.save({**payload, "config": {**payload["config"], "warp_drive": 1}}, newer)
     with pytest.raises(ValueError, match="warp_drive"):
         trainer.resume(newer)
+
+
+def test_plotting_an_empty_history_warns_nothing(tmp_path):
+    """A checkpoint saved before the first validation (``MetaTrainer.save()`` right after
+    construction) plotted empty axes and matplotlib warned "No artists with labels found
+    to put in legend"."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = plot_history([], {}, tmp_path / "curves.png")
+    assert path.is_file()
