@@ -31,7 +31,9 @@ class TokenCoefficients(NamedTuple):
              + grad * g / denom + param * w / rms(w) + drift * (w - anchor) / rms(w))
              - min(1, rho * imp) * (w - anchor)
 
-    with ``imp`` the importance normalised by its mean over all tokens.
+    with ``imp`` the importance normalised by its mean over all tokens. ``gate_score`` is
+    ``gate`` before its clamp to [0, 1]: it ranks the tokens for a hard top-k selection
+    (``learned_rule(topk_fraction=...)``), where saturated gates would tie.
     """
 
     log_scale: torch.Tensor
@@ -41,9 +43,11 @@ class TokenCoefficients(NamedTuple):
     gate: torch.Tensor
     gate_lambda: torch.Tensor
     rho: torch.Tensor
+    gate_score: torch.Tensor
 
 
-N_COEFFICIENTS = len(TokenCoefficients._fields)
+N_COEFFICIENTS = len(TokenCoefficients._fields) - 1
+"""Outputs of the net's head per token (``gate_score`` is derived from the gate's)."""
 
 
 class LearnedRuleNet(nn.Module):
@@ -124,6 +128,7 @@ class LearnedRuleNet(nn.Module):
             gate=(1.0 - gate).clamp(0.0, 1.0),
             gate_lambda=lam.clamp(min=0.0),
             rho=self.rho_scale * rho.clamp(min=0.0),
+            gate_score=1.0 - gate,
         )
 
 

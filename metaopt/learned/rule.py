@@ -127,7 +127,10 @@ def learned_rule(
         importance: how a finished task's importance is scored, one of
             :data:`metaopt.learned.tasks.IMPORTANCE_KINDS` (used for pending boundaries).
         topk_fraction: if set, only the ``ceil(topk_fraction * T)`` tokens with the largest
-            gates move in each update (hard selection); the others get gate 0.
+            gates move in each update (hard selection); the others get gate 0. Tokens are
+            ranked by the gate before its clamp to [0, 1] (``TokenCoefficients.gate_score``),
+            so the selection does not depend on the order of the parameters; tokens with
+            equal scores all move.
         depth: each parameter's depth in [0, 1] (a ``{key: depth}`` mapping or a
             ``(key, param) -> depth`` function); default: position in ``init``'s tree.
         inplace_state: with autograd off, update Adam's moment buffers of the given state
@@ -554,9 +557,11 @@ def coefficient_lists(
     coef = run_net(tokens, task)
     gate = coef.gate
     if topk_fraction is not None:
-        k = max(1, math.ceil(topk_fraction * gate.numel()))
-        keep = torch.zeros_like(gate).scatter(0, torch.topk(gate, k).indices, 1.0)
-        gate = gate * keep
+        # ranked by the unclamped gate: saturated gates tie at 1, and topk would break
+        # those ties by the order of the parameters; equal scores (equal tokens) all move
+        score = coef.gate_score
+        kth_largest = torch.topk(score, max(1, math.ceil(topk_fraction * score.numel()))).values
+        gate = gate * (score >= kth_largest[-1]).to(gate.dtype)
     # coefficient arithmetic in the widest dtype around (float64 params stay exact)
     work = torch.promote_types(wide, net_dtype)
     rms_w = param_reference(w_s, a_s, lr).to(work)

@@ -168,6 +168,25 @@ def test_topk_fraction_moves_only_selected_tokens():
     assert len(moved) == math.ceil(0.5 * len(params))  # one token per tensor here
 
 
+def test_topk_selection_does_not_depend_on_parameter_order():
+    """Gates saturate at exactly 1, so several tokens tie at the k-th largest gate; all of
+    them move, whatever the order of the parameters."""
+    net = perturbed_net(dtype=torch.float64)
+    params = mlp_params(torch.float64)
+    rule = learned_rule(net, lr=1e-2, topk_fraction=0.5)
+    state = rule.init(params)
+    grads = _grads(params, 2)
+    updates, _ = rule.update(grads, state, params)
+    order = list(reversed(params))
+    reordered, _ = rule.update(
+        {k: grads[k] for k in order}, {k: state[k] for k in order}, {k: params[k] for k in order}
+    )
+    moved = {k for k, u in updates.items() if bool(u.abs().sum() > 0)}
+    assert 0 < len(moved) < len(params)
+    for k in params:
+        torch.testing.assert_close(reordered[k], updates[k], rtol=1e-10, atol=1e-14)
+
+
 def test_gradcheck_wrt_network_parameters_float64():
     net = perturbed_net(dtype=torch.float64)
     params = {"w": torch.randn(3, 2, dtype=torch.float64), "b": torch.randn(3, dtype=torch.float64)}
