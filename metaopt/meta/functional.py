@@ -92,7 +92,10 @@ def pure_call(module: nn.Module, params: Params, buffers: Params, *args: Any, **
     """``module`` run with ``params`` and ``buffers`` (:func:`torch.func.functional_call`
     on clones of the buffers); returns ``(output, new_buffers)``, ``buffers`` untouched.
     What :class:`PureModel` calls; traceable by ``torch.compile`` with ``module`` as an
-    argument."""
-    new_buffers = {k: b.clone() for k, b in buffers.items()}
-    out = functional_call(module, {**params, **new_buffers}, args, kwargs, strict=True)
-    return out, new_buffers
+    argument. Buffers the forward reassigns (``self.count = self.count + 1``) are
+    returned with their new values, like those it updates in place."""
+    # one dict: functional_call writes the reassigned buffers back into the dict it is
+    # given, so they must be read from that dict, not from the clones put into it
+    tensors = {**params, **{k: b.clone() for k, b in buffers.items()}}
+    out = functional_call(module, tensors, args, kwargs, strict=True)
+    return out, {k: tensors[k] for k in buffers}

@@ -115,6 +115,32 @@ def test_pure_model_batchnorm_train_mode_updates_returned_buffers_only():
     torch.testing.assert_close(model.get_buffer("1.running_mean"), before["1.running_mean"])
 
 
+class _CountingLinear(torch.nn.Module):
+    """Counts its calls in a buffer it reassigns (not updates in place)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls = self.calls + 1
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_pure_model_returns_buffers_the_forward_reassigns(frozen):
+    model = _CountingLinear()
+    model.lin.bias.requires_grad_(not frozen)
+    pure = PureModel(model)
+    params, buffers = pure.init()
+    _, once = pure(params, buffers, torch.randn(4, 3))
+    _, twice = pure(params, once, torch.randn(4, 3))
+    assert float(buffers["calls"]) == 0.0 and float(model.calls) == 0.0
+    assert float(once["calls"]) == 1.0 and float(twice["calls"]) == 2.0
+    assert set(twice) == set(buffers)
+
+
 def test_bad_input_is_rejected():
     with pytest.raises(ValueError, match="truncation"):
         Unrolled(RULES["toy"][0], truncation=0)
