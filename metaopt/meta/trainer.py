@@ -17,11 +17,14 @@ continues as if never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -324,6 +327,11 @@ class MetaTrainer:
     def train(self, steps: int | None = None) -> dict[str, Any]:
         """Meta-train until ``steps`` (default ``config.steps``) meta-steps are done.
 
+        Ctrl-C (SIGINT) in a single-process run finishes the current meta-step, writes a
+        checkpoint and then raises ``KeyboardInterrupt``, so no finished step is lost; a
+        second Ctrl-C stops at once. (Distributed runs keep the default handling: ranks
+        would stop at different steps.)
+
         Returns:
             The best validation record (``{"step", "meta_loss", "acc", ...}``).
         """
@@ -338,16 +346,28 @@ class MetaTrainer:
             desc="meta-train",
             disable=not (self.progress and self.ctx.is_main),
         )
-        while self.step < target:
-            record = self.train_step()
-            self.history.append(record)
-            bar.update(1)
-            bar.set_postfix(meta_loss=f"{record['meta_loss']:.4f}")
-            logger.debug("meta-step %(step)d: meta-loss %(meta_loss).5f", record)
-            if self.step % self.config.val_every == 0 or self.step == target:
-                self._record_validation()
-            if self.step % self.config.ckpt_every == 0 or self.step == target:
-                self.save()
+        with _deferred_interrupt(self.ctx.world_size == 1) as interrupted:
+            while self.step < target:
+                record = self.train_step()
+                self.history.append(record)
+                bar.update(1)
+                bar.set_postfix(meta_loss=f"{record['meta_loss']:.4f}")
+                logger.debug("meta-step %(step)d: meta-loss %(meta_loss).5f", record)
+                if self.step % self.config.val_every == 0 or self.step == target:
+                    self._record_validation()
+                if self.step % self.config.ckpt_every == 0 or self.step == target:
+                    self.save()
+                elif interrupted():
+                    self.save()
+                if interrupted():
+                    bar.close()
+                    logger.warning(
+                        "interrupted: checkpoint of meta-step %d written to %s; the same "
+                        "command resumes from it",
+                        self.step,
+                        self.checkpoint_path,
+                    )
+                    raise KeyboardInterrupt
         bar.close()
         return self.best
 
@@ -437,7 +457,7 @@ class MetaTrainer:
         return self.checkpoint_path
 
     def resume(self, path: str | Path | None = None) -> bool:
-        """Load ``path`` (default ``<out>/checkpoint.pt``) if it exists.
+        """Load ``path``, or ``<out>/checkpoint.pt`` if it exists (``path=None``).
 
         Returns:
             True when a checkpoint was loaded.
@@ -448,6 +468,8 @@ class MetaTrainer:
                 or was written with another configuration. Everything is checked before
                 anything is loaded, so the trainer is unchanged then.
         """
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"no checkpoint at {path}")
         path = Path(path) if path is not None else self.checkpoint_path
         if not path.is_file():
             return False
@@ -576,3 +598,26 @@ def plot_history(
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+@contextlib.contextmanager
+def _deferred_interrupt(enabled: bool) -> Iterator[Callable[[], bool]]:
+    """Within the block, the first SIGINT only sets a flag (read by the yielded function)
+    and restores the previous handler, so a second one interrupts at once. Does nothing
+    when not ``enabled`` or outside the main thread (where handlers cannot be set)."""
+    received: list[bool] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(True)
+        signal.signal(signal.SIGINT, previous)
+        logger.warning("Ctrl-C: stopping after this meta-step (press again to stop now)")
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(received)
+    finally:
+        signal.signal(signal.SIGINT, previous)

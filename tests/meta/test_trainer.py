@@ -77,6 +77,53 @@ def test_resume_continues_identically(uninterrupted, tmp_path):
     assert second.history == uninterrupted.history
 
 
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_identically(tmp_path):
+    """SIGINT during meta-step 3 of a run that checkpoints every 10 steps: the step
+    finishes, a checkpoint of step 3 is written, KeyboardInterrupt is raised, and the
+    resumed run ends where an uninterrupted one does. A second SIGINT stops at once."""
+    config = tiny_config(ckpt_every=10)
+    reference = MetaTrainer(config, tmp_path / "reference", progress=False)
+    reference.train()
+
+    trainer = MetaTrainer(config, tmp_path / "run", progress=False)
+    step_once = trainer.train_step
+
+    def interrupted_step():
+        if trainer.step == 2:
+            signal.raise_signal(signal.SIGINT)
+        return step_once()
+
+    trainer.train_step = interrupted_step
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert trainer.step == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    resumed = MetaTrainer(config, tmp_path / "run", progress=False)
+    assert resumed.resume() and resumed.step == 3
+    resumed.train()
+    assert states_equal(resumed.net.state_dict(), reference.net.state_dict())
+    assert resumed.history == reference.history
+
+    again = MetaTrainer(config, tmp_path / "again", progress=False)
+
+    def twice_interrupted_step():
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # the default handler again: raises here
+        raise AssertionError("not reached")
+
+    again.train_step = twice_interrupted_step
+    with pytest.raises(KeyboardInterrupt):
+        again.train()
+    assert again.step == 0 and not again.checkpoint_path.exists()
+
+
+def test_resume_from_a_named_file_that_does_not_exist_raises(tmp_path):
+    trainer = MetaTrainer(tiny_config(), tmp_path, progress=False)
+    assert not trainer.resume()  # its own checkpoint: none yet, start afresh
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        trainer.resume(tmp_path / "typo.pt")
+
+
 def test_export_writes_a_learned_checkpoint_with_metadata(uninterrupted, tmp_path):
     path = uninterrupted.export(tmp_path / "rule.pt", {"command": "test"})
     net, meta = load_checkpoint(path)
