@@ -57,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError) as exc:
         parser.exit(1, f"metaopt {args.command}: error: {exc}\n")
+    except KeyboardInterrupt:  # Ctrl-C: what was saved has been logged; no traceback
+        parser.exit(130, f"metaopt {args.command}: interrupted\n")
 
 
 if __name__ == "__main__":

@@ -113,3 +113,16 @@ def test_bench_learned_from_a_checkpoint_file(tmp_path: Path, capsys) -> None:
     data = json.loads((out / "results.json").read_text())
     assert [r["optimizer"] for r in data["rows"]] == ["learned[mine]"]
     assert data["meta"]["learned_checkpoints"]["learned[mine]"]["path"] == str(mine)
+
+
+def test_ctrl_c_exits_with_status_130_and_no_traceback(monkeypatch, capsys):
+    import metaopt.meta.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(metaopt.meta.cli, "meta_train_command", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["meta-train", "--out", "unused"])
+    assert exit_info.value.code == 130
+    assert "metaopt meta-train: interrupted" in capsys.readouterr().err
