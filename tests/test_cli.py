@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ TINY = [
 ]
 
 
-def test_bench_tiny_writes_results_and_merges(tmp_path: Path, capsys) -> None:
+def test_bench_tiny_writes_results_and_merges(tmp_path: Path, capsys, caplog) -> None:
     out = tmp_path / "out"
     argv = [*TINY, "--optimizers", "sgd", "adam", "--lrs", "0.1", "0.01", "--out", str(out)]
     assert main([*argv, "--plot"]) == 0
@@ -74,6 +75,11 @@ def test_bench_tiny_writes_results_and_merges(tmp_path: Path, capsys) -> None:
     # resume: everything already there, nothing runs again
     assert main([*argv, "--resume"]) == 0
     assert "= 0 runs" in capsys.readouterr().out
+    # a fresh run into the same folder replaces the results, with a warning
+    with caplog.at_level(logging.WARNING, logger="metaopt.continual.cli"):
+        assert main([*TINY, "--optimizers", "sgd", "--lrs", "0.1", "--out", str(out)]) == 0
+    assert "replaces it; pass --resume or --merge-into" in caplog.text
+    assert len(json.loads((out / "results.json").read_text())["rows"]) == 1
 
 
 def test_errors_exit_cleanly(tmp_path: Path, monkeypatch, capsys) -> None:

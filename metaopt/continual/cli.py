@@ -261,6 +261,13 @@ def bench_command(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is not a folder")
     results_path = Path(args.merge_into) if args.merge_into else out / "results.json"
+    if not (args.merge_into or args.resume) and results_path.is_file():
+        logger.warning(
+            "%s exists and this run replaces it; pass --resume or --merge-into %s to keep "
+            "its rows",
+            results_path,
+            results_path,
+        )
     existing = load_results(results_path) if (args.merge_into or args.resume) else {"rows": []}
     rows: list[dict[str, Any]] = list(existing["rows"])
     skip = {row_key(r) for r in rows} if args.resume else set()
