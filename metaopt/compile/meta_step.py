@@ -367,7 +367,8 @@ def make_meta_step(
             linearly with it (the steps are inlined), not with ``K``. ``K`` need not be a
             multiple: the last call takes the remaining steps (one more compilation when
             ``K % steps_per_call != 0``). Same meta-gradient for every value.
-        **compile_kwargs: passed to ``torch.compile``; ``fullgraph=True`` by default.
+        **compile_kwargs: passed to ``torch.compile``; ``fullgraph=True`` and
+            ``dynamic=False`` (as :func:`~metaopt.compile.make_step`) by default.
 
     Returns:
         A :class:`MetaStep`.
@@ -394,6 +395,7 @@ def make_meta_step(
             raise TypeError(f"compile_kwargs {sorted(compile_kwargs)} need compile=True")
         return MetaStep(pieces, lambda fn: fn, remat, steps_per_call)
     compile_kwargs.setdefault("fullgraph", True)
+    compile_kwargs.setdefault("dynamic", False)  # as make_step: dropout needs static shapes
     return MetaStep(
         pieces,
         lambda fn: _compiled(fn, **compile_kwargs),

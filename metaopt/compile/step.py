@@ -282,8 +282,10 @@ def make_step(
             instead of allocating new ones every step. The caller must not need the old
             values (:meth:`InnerStep.init` therefore returns copies of the model's
             tensors). ``False`` (default): a pure step, the inputs stay untouched.
-        **compile_kwargs: passed to ``torch.compile``; ``fullgraph=True`` by default
-            (the step has no graph break for the rules of :mod:`metaopt.rules`).
+        **compile_kwargs: passed to ``torch.compile``; ``fullgraph=True`` (the step has
+            no graph break for the rules of :mod:`metaopt.rules`) and ``dynamic=False``
+            (one graph per batch shape; Dynamo's dynamic shapes cannot trace dropout
+            under :func:`torch.func.grad`) by default.
 
     Returns:
         An :class:`InnerStep`. ``metrics`` holds ``"loss"``, the 0-d training loss on the
@@ -312,6 +314,12 @@ def make_step(
     if not compile:
         return InnerStep(eager, eager, rule, False, donate, frozen)
     compile_kwargs.setdefault("fullgraph", True)
+    # static shapes: a batch of a new shape (a short last batch) costs one more static
+    # graph. Dynamo's default made that recompilation's batch size symbolic, and torch
+    # cannot trace dropout under torch.func.grad with symbolic sizes ("Cannot call
+    # numel() on tensor with symbolic sizes"); it also shares that choice between all the
+    # steps of a process, so one step's batch sizes broke another step's compilation.
+    compile_kwargs.setdefault("dynamic", False)
     pure = _pure_step(model, loss_fn, rule, False, frozen) if donate else eager
     return InnerStep(
         compile_own(eager, **compile_kwargs), eager, rule, True, donate, frozen, pure

@@ -446,3 +446,33 @@ def test_importing_metaopt_compile_does_not_import_dynamo():
     is compiled (its error handling imports Dynamo's exception class lazily)."""
     code = "import sys, metaopt.compile; assert 'torch._dynamo' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_fit_dropout_model_with_a_short_last_batch(compile):
+    """A short last batch recompiles the step; with dropout in training mode that second
+    compilation failed when Dynamo made the batch size symbolic. Compiled (aot_eager)
+    and eager fits draw the same masks from the same seed."""
+    model = dropout_mlp()
+    gen = torch.Generator().manual_seed(2)
+    data = [
+        (torch.randn(size, 8, generator=gen, dtype=torch.float64),
+         torch.randint(0, 3, (size,), generator=gen))
+        for size in (8, 8, 5)
+    ]
+    torch.manual_seed(4)
+    result = fit(model, data, metaopt.rules.sgd(lr=0.1), epochs=2, compile=compile,
+                 **compile_kwargs(compile))
+    ref = dropout_mlp()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    torch.manual_seed(4)
+    losses = []
+    for x, y in data + data:
+        opt.zero_grad()
+        loss = F.cross_entropy(ref(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    tight = {"atol": 1e-12, "rtol": 1e-10}
+    torch.testing.assert_close(result.step_losses, torch.stack(losses), **tight)
+    assert_params_equal_module(dict(model.named_parameters()), ref, **tight)
