@@ -10,29 +10,7 @@ from pathlib import Path
 import pytest
 
 from metaopt.cli import build_parser, main
-
-TINY = [
-    "bench",
-    "--streams",
-    "split-digits-task",
-    "--n-tasks",
-    "2",
-    "--models",
-    "mlp",
-    "--seeds",
-    "0",
-    "--train-per-task",
-    "40",
-    "--val-per-task",
-    "10",
-    "--test-per-task",
-    "30",
-    "--epochs",
-    "1",
-    "--no-progress",
-    "--device",
-    "cpu",
-]
+from tests.cli_args import TINY_BENCH as TINY
 
 
 def test_bench_tiny_writes_results_and_merges(tmp_path: Path, capsys, caplog) -> None:

@@ -146,12 +146,22 @@ def reference_adam(model: nn.Module, data, lr: float) -> list[torch.Tensor]:
     """Train ``model`` in place with ``torch.optim.Adam`` over the parameters that require
     grad (what ``torch.optim`` users pass); returns the losses before each step."""
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    return train_with_torch_optim(model, opt, data)
+
+
+def train_with_torch_optim(
+    model: nn.Module, opt: torch.optim.Optimizer, data, sched=None
+) -> list[torch.Tensor]:
+    """Train ``model`` in place with ``opt`` (stepping ``sched`` after each step, if given)
+    on cross-entropy over ``data``; returns the losses before each step."""
     losses = []
     for x, y in data:
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         losses.append(loss.detach())
     return losses
 
@@ -367,14 +377,7 @@ def test_compiled_fit_with_a_schedule_matches_torch_optim_without_recompiling():
     assert counters["stats"]["unique_graphs"] - graphs == 1
     opt = torch.optim.Adam(ref.parameters(), lr=0.05)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-    losses = []
-    for x, y in data + data:
-        opt.zero_grad()
-        loss = F.cross_entropy(ref(x), y)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.detach())
+    losses = train_with_torch_optim(ref, opt, data + data, sched)
     tol = {"atol": 1e-5, "rtol": 1e-5}  # float32
     assert_params_equal_module(dict(model.named_parameters()), ref, **tol)
     torch.testing.assert_close(result.step_losses, torch.stack(losses), **tol)
@@ -431,10 +434,7 @@ def test_fit_keeps_buffers_that_the_forward_reassigns(compile):
     fit(model, data, metaopt.rules.sgd(lr=0.1), epochs=2, compile=compile,
         **compile_kwargs(compile))
     opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    for x, y in data + data:
-        opt.zero_grad()
-        F.cross_entropy(ref(x), y).backward()
-        opt.step()
+    train_with_torch_optim(ref, opt, data + data)
     assert int(model.calls) == 6
     tol = {"atol": 1e-6, "rtol": 1e-5}  # float32
     torch.testing.assert_close(model.state_dict(), ref.state_dict(), **tol)
@@ -466,13 +466,7 @@ def test_fit_dropout_model_with_a_short_last_batch(compile):
     ref = dropout_mlp()
     opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     torch.manual_seed(4)
-    losses = []
-    for x, y in data + data:
-        opt.zero_grad()
-        loss = F.cross_entropy(ref(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
+    losses = train_with_torch_optim(ref, opt, data + data)
     tight = {"atol": 1e-12, "rtol": 1e-10}
     torch.testing.assert_close(result.step_losses, torch.stack(losses), **tight)
     assert_params_equal_module(dict(model.named_parameters()), ref, **tight)

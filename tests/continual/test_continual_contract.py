@@ -13,8 +13,7 @@ import json
 import os
 import shutil
 import signal
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,6 +35,8 @@ from metaopt.continual.streams import (
     subsample,
     with_validation,
 )
+from tests.cli_args import TINY_BENCH
+from tests.continual.http_server import Respond, send, serve, serve_folder
 
 # --------------------------------------------------------------------------- baselines
 
@@ -158,54 +159,6 @@ def test_corrupt_deflate_stream_is_a_data_file_error(tmp_path: Path) -> None:
 
 MNIST_FILES = sorted(f"{stem}.gz" for stem in SHA256["mnist"])
 
-Respond = Callable[[http.server.BaseHTTPRequestHandler], None]
-
-
-@contextlib.contextmanager
-def _server(respond: Respond) -> Iterator[tuple[str, list[str]]]:
-    """An HTTP/1.1 server on 127.0.0.1 answering every GET with ``respond(handler)``."""
-    requests: list[str] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
-            requests.append(self.path.lstrip("/"))
-            respond(self)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.daemon = True
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/", requests
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-def _send(handler: http.server.BaseHTTPRequestHandler, body: bytes) -> None:
-    handler.send_response(200)
-    handler.send_header("Content-Length", str(len(body)))
-    handler.end_headers()
-    handler.wfile.write(body)
-
-
-def _serve_folder(folder: Path) -> Respond:
-    def respond(handler: http.server.BaseHTTPRequestHandler) -> None:
-        path = folder / handler.path.lstrip("/")
-        if path.is_file():
-            _send(handler, path.read_bytes())
-        else:
-            handler.send_error(404)
-
-    return respond
-
-
 def _hang_up(handler: http.server.BaseHTTPRequestHandler) -> None:
     handler.close_connection = True
     handler.wfile.flush()
@@ -233,7 +186,7 @@ def _short_chunked(handler: http.server.BaseHTTPRequestHandler) -> None:
 
 
 def _garbled_gzip(handler: http.server.BaseHTTPRequestHandler) -> None:
-    _send(handler, _corrupt_deflate(bytes(1 << 16)))
+    send(handler, _corrupt_deflate(bytes(1 << 16)))
 
 
 def _server_error(handler: http.server.BaseHTTPRequestHandler) -> None:
@@ -254,7 +207,7 @@ def test_failed_download_is_a_clear_error_and_leaves_nothing(
 ) -> None:
     """Whatever goes wrong on the wire, the user gets a ``DataFileError`` (which the CLI
     reports) naming the URL, and no file (final or temporary) is left in the folder."""
-    with _server(respond) as (url, _), pytest.raises(DataFileError, match=message) as exc:
+    with serve(respond) as (url, _), pytest.raises(DataFileError, match=message) as exc:
         download_dataset("mnist", tmp_path, base_url=url, timeout=10)
     assert url in str(exc.value)
     assert list((tmp_path / "mnist").iterdir()) == []
@@ -269,7 +222,7 @@ def test_local_file_with_a_corrupt_stream_is_downloaded_again(
         shutil.copy(data_dir / "mnist" / name, folder / name)
     damaged = folder / "t10k-labels-idx1-ubyte.gz"
     damaged.write_bytes(_corrupt_deflate(gzip.decompress(damaged.read_bytes())))
-    with _server(_serve_folder(data_dir / "mnist")) as (url, requests):
+    with serve(serve_folder(data_dir / "mnist")) as (url, requests):
         download_dataset("mnist", tmp_path, base_url=url, timeout=10)
     assert requests == ["t10k-labels-idx1-ubyte.gz"]
     verify_file(damaged, SHA256["mnist"]["t10k-labels-idx1-ubyte"])
@@ -281,7 +234,7 @@ def test_downloaded_files_follow_the_umask(data_dir: Path, tmp_path: Path) -> No
     temporary file."""
     old = os.umask(0o022)
     try:
-        with _server(_serve_folder(data_dir / "mnist")) as (url, _):
+        with serve(serve_folder(data_dir / "mnist")) as (url, _):
             paths = download_dataset("mnist", tmp_path, base_url=url, timeout=10)
     finally:
         os.umask(old)
@@ -408,30 +361,7 @@ def test_stream_from_tensors_needs_both_test_tensors() -> None:
 
 # --------------------------------------------------------------------------- metaopt bench
 
-TINY = [
-    "bench",
-    "--streams",
-    "split-digits-task",
-    "--n-tasks",
-    "2",
-    "--models",
-    "mlp",
-    "--optimizers",
-    "sgd",
-    "--lrs",
-    "0.1",
-    "--seeds",
-    "0",
-    "--train-per-task",
-    "40",
-    "--val-per-task",
-    "10",
-    "--test-per-task",
-    "30",
-    "--epochs",
-    "1",
-    "--no-progress",
-]
+TINY = [*TINY_BENCH, "--optimizers", "sgd", "--lrs", "0.1"]
 TINY_BUDGET = suite_module.Budget(n_train=40, n_val=10, n_test=30, epochs=1)
 
 

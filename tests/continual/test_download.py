@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import http.server
 import shutil
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,44 +11,13 @@ import torch
 
 from metaopt.continual.data import DataFileError, load_mnist
 from metaopt.continual.download import SHA256, ChecksumError, download_dataset, verify_file
+from tests.continual.http_server import serve, serve_folder
 
 FILES = sorted(f"{stem}.gz" for stem in SHA256["mnist"])
 
 
-@contextlib.contextmanager
-def serve(directory: Path, lifetime_s: float = 60.0) -> Iterator[tuple[str, list[str]]]:
-    """Serve ``directory`` on 127.0.0.1 (free port); stops on exit or after ``lifetime_s``."""
-    requests: list[str] = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, directory=str(directory), **kwargs)
-
-        def do_GET(self) -> None:
-            requests.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.daemon = True
-    thread.start()
-    watchdog = threading.Timer(lifetime_s, server.shutdown)
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/", requests
-    finally:
-        watchdog.cancel()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
 def test_download_verifies_and_is_idempotent(data_dir: Path, tmp_path: Path) -> None:
-    with serve(data_dir / "mnist") as (url, requests):
+    with serve(serve_folder(data_dir / "mnist")) as (url, requests):
         paths = download_dataset("mnist", tmp_path, base_url=url, timeout=10)
         assert sorted(p.name for p in paths) == FILES
         assert sorted(r.lstrip("/") for r in requests) == FILES
@@ -72,7 +37,10 @@ def test_corrupt_download_leaves_nothing(data_dir: Path, tmp_path: Path) -> None
     bad = mirror / "t10k-labels-idx1-ubyte.gz"
     bad.write_bytes(gzip.compress(gzip.decompress(bad.read_bytes())[:-1] + b"\x07"))
     dest = tmp_path / "dest"
-    with serve(mirror) as (url, _), pytest.raises(ChecksumError, match="t10k-labels-idx1-ubyte"):
+    with (
+        serve(serve_folder(mirror)) as (url, _),
+        pytest.raises(ChecksumError, match="t10k-labels-idx1-ubyte"),
+    ):
         download_dataset("mnist", dest, base_url=url, timeout=10)
     assert not (dest / "mnist" / "t10k-labels-idx1-ubyte.gz").exists()
     assert not list((dest / "mnist").glob(".*part"))
@@ -88,13 +56,13 @@ def test_local_corrupt_file_is_replaced_and_missing_url_fails(
         verify_file(
             folder / "train-labels-idx1-ubyte.gz", SHA256["mnist"]["train-labels-idx1-ubyte"]
         )
-    with serve(data_dir / "mnist") as (url, requests):
+    with serve(serve_folder(data_dir / "mnist")) as (url, requests):
         download_dataset("mnist", tmp_path, base_url=url, timeout=10)
-        assert "/train-labels-idx1-ubyte.gz" in requests
+        assert "train-labels-idx1-ubyte.gz" in requests
     verify_file(folder / "train-labels-idx1-ubyte.gz", SHA256["mnist"]["train-labels-idx1-ubyte"])
     empty = tmp_path / "empty"
     empty.mkdir()
-    with serve(empty) as (url, _), pytest.raises(DataFileError, match="404"):
+    with serve(serve_folder(empty)) as (url, _), pytest.raises(DataFileError, match="404"):
         download_dataset("fashion-mnist", tmp_path / "other", base_url=url, timeout=10)
     with pytest.raises(ValueError, match="unknown dataset"):
         download_dataset("cifar10", tmp_path)
