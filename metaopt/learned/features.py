@@ -195,6 +195,23 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
     return x.clamp_min(_TINY).sqrt()
 
 
+def _log_unclipped_above(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_safe_log` without its upper clamp, so that a difference of two such logs is
+    the log of their ratio however large both are (with the clamp, every gradient RMS
+    above 3e6 read as 3e6). The lower clamp stays: the shipped checkpoint was trained
+    with it, and tokens with (nearly) zero gradients meet it in ordinary training."""
+    return torch.log(x.clamp_min(_TINY)).clamp_min(-_LOG_CLAMP)
+
+
+def _sqrt_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``_sqrt(a * b)``, or ``sqrt(a) * sqrt(b)`` where the product overflows (two mean
+    squares of float32 gradients of about 1e10 do): a ratio over an infinite
+    denominator would read 0."""
+    product = a * b
+    fits = product <= torch.finfo(product.dtype).max
+    return torch.where(fits, _sqrt(product), _sqrt(a) * _sqrt(b))
+
+
 def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a / b`` with ``b`` floored at a tiny positive number (exactly scale-invariant
     above the floor, unlike ``a / (b + tiny)``)."""
@@ -236,16 +253,20 @@ def token_statistics(
     coherence = _ratio(direction.mean(1), abs_dir)
     g2 = (grad * grad).mean(1)
     m2 = (exp_avg * exp_avg).mean(1)
-    corr = _ratio((grad * exp_avg).mean(1), _sqrt(g2 * m2))
-    log_rms_g = 0.5 * _safe_log(g2)
-    grad_over_rms = log_rms_g - 0.5 * _safe_log(v_hat.mean(1))
+    corr = _ratio((grad * exp_avg).mean(1), _sqrt_product(g2, m2))
+    # logs of gradient scales enter differences only, clamped after the difference (the
+    # same numbers wherever each log lies within the clamp), so large gradients of any
+    # scale give the same features
+    log_rms_g = 0.5 * _log_unclipped_above(g2)
+    grad_over_rms = log_rms_g - 0.5 * _log_unclipped_above(v_hat.mean(1))
+    grad_over_rms = grad_over_rms.clamp(-_LOG_CLAMP, _LOG_CLAMP)
     ref = param_reference(param, anchor, lr)
     drift = param - anchor
     rel_step = _safe_log(abs(lr) * _sqrt((direction * direction).mean(1))) - _safe_log(ref)
     rel_drift = 0.5 * _safe_log((drift * drift).mean(1)) - _safe_log(ref)
     mean_imp = importance.mean(1)
     rel_imp = torch.log1p(_ratio(mean_imp, mean_imp.mean()))
-    rel_grad = log_rms_g - log_rms_g.mean()
+    rel_grad = (log_rms_g - log_rms_g.mean()).clamp(-_LOG_CLAMP, _LOG_CLAMP)
     return torch.stack(
         [
             abs_dir,
