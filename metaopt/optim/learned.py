@@ -142,9 +142,10 @@ class LearnedOptimizer(FunctionalOptimizer):
 
     def _reset_transient(self) -> None:
         super()._reset_transient()
-        self._fused_steps: dict[str, Callable[..., list[LearnedState]]] | None = (
+        # one compiled step per device type and group layout (see _fused_step_for)
+        self._fused_steps: dict[tuple[Any, ...], Callable[..., list[LearnedState]]] | None = (
             {} if self._compile else None
-        )  # one compiled step per device type
+        )
         self._view_caches: dict[int, dict[str, Any]] = {}  # per group, for the fused step
         self._adam_input_cache: dict[int, tuple[Any, tuple[torch.Tensor, ...]]] = {}
         self._workspace: dict[Any, list[torch.Tensor]] | None = (
@@ -273,11 +274,7 @@ class LearnedOptimizer(FunctionalOptimizer):
         wide = wide_dtype(params)
         device = params[0].device
         b1, b2, eps = self._adam_inputs(group, wide, device)
-        device_type = device.type
-        fused_step = self._fused_steps.get(device_type)
-        if fused_step is None:
-            fused_step = self._fused_steps[device_type] = compiled_fused_step(device_type)
-        new_leaves = fused_step(
+        new_leaves = self._fused_step_for(params)(
             [p.grad for p in params],
             params,
             leaves,
@@ -295,6 +292,24 @@ class LearnedOptimizer(FunctionalOptimizer):
         )
         for p, leaf in zip(params, new_leaves, strict=True):
             self._store(p, leaf)
+
+    def _fused_step_for(self, params: list[torch.Tensor]) -> Callable[..., list[LearnedState]]:
+        """The compiled fused step for a group of these parameters: one per device type
+        and layout (the number of tensors, their dtypes and ranks).
+
+        Dynamo compiles a function at most ``recompile_limit`` (8) times and, under
+        ``fullgraph=True``, raises at the next recompilation. Every layout needs graphs
+        of its own, several each (the first task, after a boundary, sizes made dynamic),
+        so one step shared by all groups raised ``FailOnRecompileLimitHit`` mid-training
+        once the groups' layouts together needed more graphs than that. Groups of one
+        layout (e.g. a new head per task) still share one step and its graphs."""
+        assert self._fused_steps is not None
+        device_type = params[0].device.type
+        key = (device_type, *((p.dtype, p.ndim) for p in params))
+        fused_step = self._fused_steps.get(key)
+        if fused_step is None:
+            fused_step = self._fused_steps[key] = compiled_fused_step(device_type)
+        return fused_step
 
     def _adam_inputs(
         self, group: dict[str, Any], dtype: torch.dtype, device: torch.device
