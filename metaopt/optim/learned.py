@@ -198,7 +198,20 @@ class LearnedOptimizer(FunctionalOptimizer):
         return self._depth.get(p, 0.5)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As ``torch.optim.Optimizer.add_param_group``; also updates parameter depths."""
+        """As ``torch.optim.Optimizer.add_param_group``; also updates parameter depths.
+
+        Raises:
+            ValueError: the group asks for a non-zero ``weight_decay`` (Hugging Face-style
+                groups do), which the rule has no way to apply: it learned its own decay
+                towards zero. The group is not added.
+        """
+        weight_decay = param_group.get("weight_decay", 0.0) if isinstance(param_group, dict) else 0
+        if weight_decay:
+            raise ValueError(
+                f"LearnedOptimizer has no weight_decay (a group asks for {weight_decay}): "
+                "the learned rule decays weights as it learned to; drop the key or set it "
+                "to 0, or use FunctionalOptimizer(params, metaopt.rules.adamw) for AdamW"
+            )
         super().add_param_group(param_group)
         self._set_depths()
 

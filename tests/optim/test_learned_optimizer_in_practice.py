@@ -317,3 +317,23 @@ def test_compiled_groups_of_different_layouts_do_not_exhaust_the_recompile_limit
                 opt.step()
     for p, q in zip(compiled.parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_decay_in_a_group_is_refused_not_ignored(default_net):
+    """Hugging Face-style groups carry ``weight_decay``; ``torch.optim.Adam`` applies it,
+    the learned rule has no such hyper-parameter (it learned its own decay towards zero),
+    so a non-zero value is refused with a clear error instead of being silently dropped;
+    0 (the no-decay group) is accepted. A refused group changes nothing."""
+    model = _TinyLM()
+    decay, no_decay = _hf_groups(model)
+    with pytest.raises(ValueError, match="weight_decay"):
+        LearnedOptimizer(
+            [{**decay, "weight_decay": 0.01}, {**no_decay, "weight_decay": 0.0}],
+            net=copy.deepcopy(default_net),
+        )
+    opt = LearnedOptimizer([{**no_decay, "weight_decay": 0.0}], net=copy.deepcopy(default_net))
+    with pytest.raises(ValueError, match="weight_decay"):
+        opt.add_param_group({**decay, "weight_decay": 0.1})
+    assert len(opt.param_groups) == 1 and len(opt._depth) == len(no_decay["params"])
+    opt.add_param_group({**decay, "weight_decay": 0})
+    assert len(opt.param_groups) == 2
