@@ -337,3 +337,80 @@ def test_weight_decay_in_a_group_is_refused_not_ignored(default_net):
     assert len(opt.param_groups) == 1 and len(opt._depth) == len(no_decay["params"])
     opt.add_param_group({**decay, "weight_decay": 0})
     assert len(opt.param_groups) == 2
+
+
+@pytest.mark.slow
+def test_compiled_model_swa_and_chained_schedulers_step_like_adam_at_init():
+    """``torch.compile(model)`` (its parameters named ``_orig_mod.*``), a warmup chained
+    into a cosine schedule, then SWA (``AveragedModel`` + ``SWALR``): a fresh rule (Adam
+    at initialisation) takes torch.optim.Adam's steps and SWA averages the same weights."""
+    from metaopt.learned import LearnedRuleNet
+
+    runs = []
+    for make in (
+        lambda ps: LearnedOptimizer(ps, lr=1e-2, net=LearnedRuleNet()),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    ):
+        model = _mlp(seed=11)
+        compiled = torch.compile(model)
+        opt = make(compiled.named_parameters())
+        warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 4))
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8)
+        schedule = torch.optim.lr_scheduler.ChainedScheduler([warmup, cosine], optimizer=opt)
+        swa_model = torch.optim.swa_utils.AveragedModel(model)
+        swa_schedule = torch.optim.swa_utils.SWALR(opt, swa_lr=5e-3, anneal_epochs=2)
+        x, y = _batch(seed=12)
+        for step in range(12):
+            opt.zero_grad()
+            nn.functional.cross_entropy(compiled(x), y).backward()
+            opt.step()
+            if step < 8:
+                schedule.step()
+            else:
+                swa_model.update_parameters(model)
+                swa_schedule.step()
+        runs.append((model, swa_model, opt.param_groups[0]["lr"]))
+    (ours, ours_swa, our_lr), (ref, ref_swa, ref_lr) = runs
+    assert our_lr == pytest.approx(ref_lr)
+    for p, q in zip(
+        [*ours.parameters(), *ours_swa.parameters()],
+        [*ref.parameters(), *ref_swa.parameters()],
+        strict=True,
+    ):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_functional_adamw_runs_an_hf_style_loop_like_torch_adamw():
+    """The same Hugging Face-style loop (decay / no-decay groups, tied embeddings,
+    accumulation under bfloat16 autocast with ``zero_grad(set_to_none=False)``,
+    clipping, warmup) with ``FunctionalOptimizer(metaopt.rules.adamw)`` and with
+    ``torch.optim.AdamW``: the same parameters."""
+    from metaopt import FunctionalOptimizer
+    from metaopt.rules import adamw
+
+    torch.manual_seed(13)
+    ours, ref = _TinyLM(), _TinyLM()
+    ref.load_state_dict(ours.state_dict())
+    optimizers = []
+    for model, make in (
+        (ours, lambda groups: FunctionalOptimizer(groups, adamw, lr=1e-2)),
+        (ref, lambda groups: torch.optim.AdamW(groups, lr=1e-2)),
+    ):
+        decay, no_decay = _hf_groups(model)
+        opt = make([{**decay, "weight_decay": 0.1}, {**no_decay, "weight_decay": 0.0}])
+        warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, step / 3))
+        optimizers.append((model, opt, warmup))
+    g = torch.Generator().manual_seed(14)
+    for _ in range(10):
+        data = torch.randint(0, 24, (10,), generator=g)
+        for model, opt, warmup in optimizers:
+            opt.zero_grad(set_to_none=False)
+            for half in (data[:5], data[5:]):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = nn.functional.cross_entropy(model(half), half) / 2
+                loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+            warmup.step()
+    for p, q in zip(ours.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
