@@ -5,17 +5,18 @@ many tasks, precision and a plain single-task comparison with ``torch.optim.Adam
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import nn
 
 from metaopt import LearnedOptimizer
-from metaopt.learned import load_pretrained
+from metaopt.learned import LearnedRuleNet, load_pretrained
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread() -> Iterator[None]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: thread hand-off would dominate
     yield
@@ -23,19 +24,21 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def default_net():
+def default_net() -> LearnedRuleNet:
     """The shipped ``default`` checkpoint, loaded once (each optimizer gets a copy)."""
     return load_pretrained("default")
 
 
-def _mlp(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+def _mlp(seed: int = 0) -> nn.Sequential:
+    """A tiny 8-16-4 tanh MLP."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).to(dtype)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
 
 
-def _batch(seed: int = 1, dtype: torch.dtype = torch.float32):
+def _batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """32 inputs for :func:`_mlp` and their class labels."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(32, 8, generator=g, dtype=dtype), torch.randint(0, 4, (32,), generator=g)
+    return torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
 
 
 def _moves(model: nn.Module, start: nn.Module) -> torch.Tensor:
@@ -75,7 +78,11 @@ def test_scaling_the_loss_up_does_not_change_the_updates(default_net, scale):
     assert deviation < 1e-3, f"loss x {scale:g}: updates differ by {deviation:.2e} (relative)"
 
 
-def _closure_step(opt: torch.optim.Optimizer, model: nn.Module, x, y) -> torch.Tensor:
+def _closure_step(
+    opt: torch.optim.Optimizer, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """One ``opt.step(closure)`` on the cross-entropy of ``model(x)``; returns the loss."""
+
     def closure() -> torch.Tensor:
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
@@ -344,8 +351,6 @@ def test_compiled_model_swa_and_chained_schedulers_step_like_adam_at_init():
     """``torch.compile(model)`` (its parameters named ``_orig_mod.*``), a warmup chained
     into a cosine schedule, then SWA (``AveragedModel`` + ``SWALR``): a fresh rule (Adam
     at initialisation) takes torch.optim.Adam's steps and SWA averages the same weights."""
-    from metaopt.learned import LearnedRuleNet
-
     runs = []
     for make in (
         lambda ps: LearnedOptimizer(ps, lr=1e-2, net=LearnedRuleNet()),
