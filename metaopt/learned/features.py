@@ -198,18 +198,26 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
 def _log_unclipped_above(x: torch.Tensor) -> torch.Tensor:
     """:func:`_safe_log` without its upper clamp, so that a difference of two such logs is
     the log of their ratio however large both are (with the clamp, every gradient RMS
-    above 3e6 read as 3e6). The lower clamp stays: the shipped checkpoint was trained
-    with it, and tokens with (nearly) zero gradients meet it in ordinary training."""
-    return torch.log(x.clamp_min(_TINY)).clamp_min(-_LOG_CLAMP)
+    above 3e6 read as 3e6). ``x`` is capped at the dtype's largest finite value (a mean
+    square that overflowed to inf would give inf - inf). The lower clamp stays: the
+    shipped checkpoint was trained with it, and tokens with (nearly) zero gradients meet
+    it in ordinary training."""
+    return torch.log(x.clamp(_TINY, torch.finfo(x.dtype).max)).clamp_min(-_LOG_CLAMP)
 
 
-def _sqrt_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``_sqrt(a * b)``, or ``sqrt(a) * sqrt(b)`` where the product overflows (two mean
-    squares of float32 gradients of about 1e10 do): a ratio over an infinite
-    denominator would read 0."""
-    product = a * b
-    fits = product <= torch.finfo(product.dtype).max
-    return torch.where(fits, _sqrt(product), _sqrt(a) * _sqrt(b))
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per row of ``[T, S]`` samples: ``mean(a b) / sqrt(mean(a^2) mean(b^2))``.
+
+    Where that product of mean squares overflows (float32 gradients of about 1e10 do,
+    and above about 1e19 the squares themselves), the ratio would read 0 or NaN; there
+    it is computed on the rows divided by their largest magnitude, which leaves a
+    correlation unchanged. Elsewhere it is the plain formula, number for number."""
+    a2, b2 = (a * a).mean(1), (b * b).mean(1)
+    plain = _ratio((a * b).mean(1), _sqrt(a2 * b2))
+    a_n = a / a.abs().amax(1, keepdim=True).clamp_min(_TINY)
+    b_n = b / b.abs().amax(1, keepdim=True).clamp_min(_TINY)
+    scaled = _ratio((a_n * b_n).mean(1), _sqrt((a_n * a_n).mean(1) * (b_n * b_n).mean(1)))
+    return torch.where(torch.isfinite(a2 * b2), plain, scaled)
 
 
 def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -252,8 +260,7 @@ def token_statistics(
     abs_dir = direction.abs().mean(1)
     coherence = _ratio(direction.mean(1), abs_dir)
     g2 = (grad * grad).mean(1)
-    m2 = (exp_avg * exp_avg).mean(1)
-    corr = _ratio((grad * exp_avg).mean(1), _sqrt_product(g2, m2))
+    corr = _correlation(grad, exp_avg)
     # logs of gradient scales enter differences only, clamped after the difference (the
     # same numbers wherever each log lies within the clamp), so large gradients of any
     # scale give the same features
