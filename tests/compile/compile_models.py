@@ -86,3 +86,20 @@ def unrolled_meta_grad(model, factory, meta, params, buffers, train, val):
         return loss_and_buffers(model, F.cross_entropy, p, b, val)[0]
 
     return grad(meta_loss)(meta)
+
+
+def train_with_torch_optim(
+    model: nn.Module, opt: torch.optim.Optimizer, data, sched=None
+) -> list[torch.Tensor]:
+    """Train ``model`` in place with ``opt`` (stepping ``sched`` after each step, if given)
+    on cross-entropy over ``data``; returns the losses before each step."""
+    losses = []
+    for x, y in data:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.detach())
+    return losses

@@ -29,7 +29,12 @@ from metaopt.compile import (
     tensor_hyper,
 )
 from metaopt.rules.schedules import step_decay
-from tests.compile.compile_models import batches, build, unrolled_meta_grad
+from tests.compile.compile_models import (
+    batches,
+    build,
+    train_with_torch_optim,
+    unrolled_meta_grad,
+)
 
 AOT = {"backend": "aot_eager"}
 
@@ -147,23 +152,6 @@ def reference_adam(model: nn.Module, data, lr: float) -> list[torch.Tensor]:
     grad (what ``torch.optim`` users pass); returns the losses before each step."""
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     return train_with_torch_optim(model, opt, data)
-
-
-def train_with_torch_optim(
-    model: nn.Module, opt: torch.optim.Optimizer, data, sched=None
-) -> list[torch.Tensor]:
-    """Train ``model`` in place with ``opt`` (stepping ``sched`` after each step, if given)
-    on cross-entropy over ``data``; returns the losses before each step."""
-    losses = []
-    for x, y in data:
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        losses.append(loss.detach())
-    return losses
 
 
 def assert_params_equal_module(params: dict, model: nn.Module, **tol) -> None:

@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 
 import metaopt
 from metaopt.compile import make_step, tensor_hyper
-from tests.compile.compile_models import batches, build, graph_breaks
+from tests.compile.compile_models import batches, build, graph_breaks, train_with_torch_optim
 
 N_STEPS = 5
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -151,13 +151,7 @@ def test_eager_step_matches_torch_optim_adam_with_batchnorm():
     step = make_step(model, F.cross_entropy, metaopt.rules.adam(lr=1e-2), compile=False)
     params, buffers, _, losses = run(step, model, data)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    ref_losses = []
-    for x, y in data:
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        ref_losses.append(loss.detach())
+    ref_losses = train_with_torch_optim(model, opt, data)
     tight = {"atol": 1e-12, "rtol": 1e-10}
     assert_trees_close(params, {k: p.detach() for k, p in model.named_parameters()}, **tight)
     assert_trees_close(buffers, dict(model.named_buffers()), **tight)
