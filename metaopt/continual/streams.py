@@ -163,7 +163,8 @@ def split_stream(
     _check_xy(x_test, y_test, "test")
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; expected one of {SCENARIOS}")
-    order = [int(c) for c in (classes if classes is not None else torch.unique(y_train))]
+    present = set(torch.unique(y_train).tolist())
+    order = [int(c) for c in classes] if classes is not None else sorted(present)
     if len(set(order)) != len(order):
         raise ValueError(f"classes must be distinct, got {order}")
     if n_tasks < 1 or len(order) % n_tasks:
@@ -172,20 +173,18 @@ def split_stream(
         perm = torch.randperm(len(order), generator=_generator(seed)).tolist()
         order = [order[i] for i in perm]
     k = len(order) // n_tasks
-    present = set(torch.unique(y_train).tolist())
-    for t in range(n_tasks):
-        if not present.intersection(order[t * k : (t + 1) * k]):
-            raise ValueError(
-                f"task {t} (classes {order[t * k : (t + 1) * k]}) has no training examples"
-            )
+    groups = [order[t * k : (t + 1) * k] for t in range(n_tasks)]
+    for t, group in enumerate(groups):
+        if not present.intersection(group):
+            raise ValueError(f"task {t} (classes {group}) has no training examples")
     missing = [c for c in order if c not in present]
     if missing:
         logger.warning("split stream %r: classes %s have no training examples", name, missing)
     lookup = torch.full((int(max(order)) + 1,), -1, dtype=torch.long)
     lookup[torch.tensor(order)] = torch.arange(len(order))
     tasks = []
-    for t in range(n_tasks):
-        task_classes = tuple(order[t * k : (t + 1) * k])
+    for t, group in enumerate(groups):
+        task_classes = tuple(group)
         shift = 0 if scenario == "class" else t * k
         xtr, ytr = _select_classes(x_train, y_train, task_classes, lookup, shift)
         xte, yte = _select_classes(x_test, y_test, task_classes, lookup, shift)
