@@ -355,9 +355,7 @@ class MetaTrainer:
                 logger.debug("meta-step %(step)d: meta-loss %(meta_loss).5f", record)
                 if self.step % self.config.val_every == 0 or self.step == target:
                     self._record_validation()
-                if self.step % self.config.ckpt_every == 0 or self.step == target:
-                    self.save()
-                elif interrupted():
+                if self.step % self.config.ckpt_every == 0 or self.step == target or interrupted():
                     self.save()
                 if interrupted():
                     bar.close()
