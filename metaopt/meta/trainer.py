@@ -466,11 +466,13 @@ class MetaTrainer:
                 or was written with another configuration. Everything is checked before
                 anything is loaded, so the trainer is unchanged then.
         """
-        if path is not None and not Path(path).is_file():
+        if path is None:
+            path = self.checkpoint_path
+            if not path.is_file():
+                return False
+        elif not Path(path).is_file():
             raise FileNotFoundError(f"no checkpoint at {path}")
-        path = Path(path) if path is not None else self.checkpoint_path
-        if not path.is_file():
-            return False
+        path = Path(path)
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises RuntimeError, EOFError, OSError, KeyError...
