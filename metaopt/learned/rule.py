@@ -40,7 +40,14 @@ from metaopt.learned.features import (
 from metaopt.learned.network import LearnedRuleNet, TokenCoefficients
 from metaopt.learned.state import LearnedState, factored_shape, init_leaf, is_factored
 from metaopt.learned.tasks import check_importance, fold_task
-from metaopt.rules.base import Scalar, State, UpdateRule, _check_state_keys, scalar_power
+from metaopt.rules.base import (
+    Scalar,
+    State,
+    UpdateRule,
+    _check_state_keys,
+    _scalar,
+    scalar_power,
+)
 from metaopt.tree import named_leaves, rebuild
 
 __all__ = ["DepthFn", "learned_rule"]
@@ -62,10 +69,6 @@ def _check_options(
 ) -> None:
     if isinstance(lr, (int, float)) and not lr >= 0:
         raise ValueError(f"invalid learning rate: {lr} (must be >= 0)")
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:  # it would broadcast over tokens
-        raise ValueError(
-            f"lr must be a number or a one-element tensor, got shape {tuple(lr.shape)}"
-        )
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"invalid betas: {betas} (two values in [0, 1))")
     if not eps >= 0:
@@ -156,11 +159,10 @@ def learned_rule(
         ``None`` gradient skips its parameter (update ``None``, state kept, no token), as
         ``torch.optim`` does; an empty tensor gets an empty update and no token.
     """
+    lr = _scalar("lr", lr)  # a tensor of several elements would broadcast over tokens
     _check_options(lr, betas, eps, max_block, sample_size, topk_fraction, aux_dtype)
     check_importance(importance)
     meta_params = _checked_meta_params(net, meta_params)
-    if isinstance(lr, torch.Tensor) and lr.ndim:
-        lr = lr.reshape(())  # a view: in-place changes and gradients still reach it
     b1, b2 = betas
 
     def init(params: Any) -> State:

@@ -105,6 +105,23 @@ def apply_updates(params: Any, updates: Any) -> Any:
     )
 
 
+def _scalar(name: str, value: Any) -> Any:
+    """``value``; a one-element tensor (``torch.optim`` accepts ``lr`` of shape ``[1]``)
+    as a 0-d view of it, so that it does not broadcast a 0-d parameter's update to ``[1]``
+    (a view: an in-place change of the tensor and its gradient still reach it).
+
+    Raises:
+        ValueError: a tensor with more than one element.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}"
+            )
+        return value if value.ndim == 0 else value.reshape(())
+    return value
+
+
 def _check_state_keys(keys: list[str], state: State, where: str) -> None:
     """Raise unless ``state`` has exactly the keys ``keys`` (in any order: the state is
     keyed by parameter, and gradients may come in another dict order)."""

@@ -17,6 +17,7 @@ from metaopt.rules.base import (
     State,
     UpdateRule,
     _check_state_keys,
+    _scalar,
     per_leaf,
     scalar_power,
 )
@@ -67,23 +68,6 @@ def _on_real_views(update_leaf: Any) -> Any:
         return torch.view_as_complex(u), type(s)(*back)
 
     return update
-
-
-def _scalar(name: str, value: Any) -> Any:
-    """``value``; a one-element tensor (``torch.optim`` accepts ``lr`` of shape ``[1]``)
-    as a 0-d view of it, so that it does not broadcast a 0-d parameter's update to ``[1]``
-    (a view: an in-place change of the tensor and its gradient still reach it).
-
-    Raises:
-        ValueError: a tensor with more than one element.
-    """
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(
-                f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}"
-            )
-        return value if value.ndim == 0 else value.reshape(())
-    return value
 
 
 def _check_nonnegative(name: str, value: Any) -> Any:
