@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from metaopt.rules.base import State, UpdateRule, _check_state_keys
-from metaopt.tree import named_leaves, rebuild
+from metaopt.rules.base import State, UpdateRule, per_leaf
 
 __all__ = ["from_torchopt", "to_torchopt"]
 
@@ -34,25 +33,13 @@ def from_torchopt(transformation: Any) -> UpdateRule:
     if not hasattr(transformation, "init") or not hasattr(transformation, "update"):
         raise TypeError("from_torchopt expects a torchopt GradientTransformation")
 
-    def init(params: Any) -> State:
-        return {key: transformation.init((p,)) for key, p in named_leaves(params)}
+    def update_leaf(g: Any, s: Any, p: Any) -> tuple[Any, Any]:
+        (u,), new_s = transformation.update(
+            (g,), s, params=None if p is None else (p,), inplace=False
+        )
+        return u, new_s
 
-    def update(grads: Any, state: State, params: Any | None = None) -> tuple[Any, State]:
-        items = named_leaves(grads)
-        _check_state_keys([k for k, _ in items], state, "from_torchopt")
-        param_of = dict(named_leaves(params)) if params is not None else {}
-        updates, new_state = [], {}
-        for key, g in items:
-            if g is None:  # no gradient: skipped, as per_leaf rules skip it
-                updates.append(None)
-                new_state[key] = state[key]
-                continue
-            p = (param_of[key],) if key in param_of else None
-            (u,), new_state[key] = transformation.update((g,), state[key], params=p, inplace=False)
-            updates.append(u)
-        return rebuild(grads, updates), new_state
-
-    return UpdateRule(init, update)
+    return per_leaf(lambda p: transformation.init((p,)), update_leaf, "from_torchopt")
 
 
 def to_torchopt(rule: UpdateRule) -> Any:
