@@ -40,6 +40,7 @@ from metaopt.compile.step import (
     frozen_names,
     loss_and_buffers,
     raise_eager_error,
+    trainable_params,
     update_step,
 )
 from metaopt.rules.base import State, UpdateRule
@@ -277,7 +278,7 @@ class MetaStep:
 
     def trainable(self, params: Params) -> Params:
         """The entries of ``params`` that the inner steps train (all but :attr:`frozen`)."""
-        return {k: v for k, v in params.items() if k not in self.frozen}
+        return trainable_params(params, self.frozen)
 
     def _chunks(self, train_batches: Sequence[Batch]) -> list[tuple[Batch, ...]]:
         """The batches in groups of ``steps_per_call`` (the last may be shorter), one

@@ -40,6 +40,7 @@ __all__ = [
     "module_state",
     "raise_eager_error",
     "tensor_hyper",
+    "trainable_params",
     "update_step",
     "write_into",
 ]
@@ -155,6 +156,11 @@ def frozen_names(model: nn.Module) -> frozenset[str]:
     return frozenset(name for name, p in model.named_parameters() if not p.requires_grad)
 
 
+def trainable_params(params: Params, frozen: frozenset[str]) -> Params:
+    """The entries of ``params`` not named in ``frozen`` (those a step trains)."""
+    return {k: v for k, v in params.items() if k not in frozen}
+
+
 def update_step(
     model: nn.Module,
     loss_fn: LossFn,
@@ -168,7 +174,7 @@ def update_step(
     """One pure training step: ``(params, buffers, opt_state, loss)`` after it, ``loss``
     the loss before it. The parameters named in ``frozen`` enter the forward as they are:
     they are neither differentiated nor updated, and ``opt_state`` has no entry for them."""
-    trainable = {k: v for k, v in params.items() if k not in frozen}
+    trainable = trainable_params(params, frozen)
     fixed = {k: v for k, v in params.items() if k in frozen}
 
     def loss(trainable: Params) -> tuple[torch.Tensor, Params]:
@@ -239,7 +245,7 @@ class InnerStep:
 
     def trainable(self, params: Params) -> Params:
         """The entries of ``params`` that the step trains (all but :attr:`frozen`)."""
-        return {k: v for k, v in params.items() if k not in self.frozen}
+        return trainable_params(params, self.frozen)
 
     def init(self, model: nn.Module) -> tuple[Params, Params, State]:
         """``(params, buffers, opt_state)`` to start from: :func:`module_state` of
