@@ -192,10 +192,10 @@ class PES:
         _check_meta_params(meta_params)
         grads = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in meta_params.items()}
         loss = torch.zeros((), dtype=torch.float64)
+        window = self.truncation or max(problem.num_steps, 1)
         for _ in range(self.num_pairs):
             carries: list[InnerCarry | None] = [None, None]
             xi = {k: torch.zeros_like(v) for k, v in meta_params.items()}
-            window = self.truncation or max(problem.num_steps, 1)
             for start in range(0, problem.num_steps, window):
                 steps = range(start, min(start + window, problem.num_steps))
                 eps = _noise(meta_params, self.generator)
