@@ -36,6 +36,9 @@ class PureModel:
         module: any ``nn.Module``. Its own parameters and buffers are only read to build
             the initial trees; :meth:`__call__` never modifies them.
 
+    Attributes:
+        parameter_names: the names of ``module``'s parameters (frozen ones included).
+
     Example:
         >>> pure = PureModel(model)
         >>> params, buffers = pure.init()
@@ -46,7 +49,7 @@ class PureModel:
         if not isinstance(module, nn.Module):
             raise TypeError(f"PureModel expects an nn.Module, got {type(module).__name__}")
         self.module = module
-        self._parameter_names = {k for k, _ in module.named_parameters()}
+        self.parameter_names = frozenset(k for k, _ in module.named_parameters())
 
     def init(self, dtype: torch.dtype | None = None) -> tuple[Params, Params]:
         """Detached copies of the module's parameters and buffers.
@@ -80,7 +83,7 @@ class PureModel:
         whether batch-norm uses batch statistics, as with an ordinary call. Frozen
         parameters among ``buffers`` are passed through as they are (not cloned).
         """
-        frozen = {k: v for k, v in buffers.items() if k in self._parameter_names}
+        frozen = {k: v for k, v in buffers.items() if k in self.parameter_names}
         if not frozen:
             return pure_call(self.module, params, buffers, *args, **kwargs)
         own = {k: v for k, v in buffers.items() if k not in frozen}

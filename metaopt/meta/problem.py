@@ -159,7 +159,7 @@ class SupervisedProblem(InnerProblem):
         params, buffers = self.model.init(self.dtype)
         if self.init_prefix is not None:
             prefix = self.init_prefix
-            known = {k for k, _ in self.model.module.named_parameters()}
+            known = self.model.parameter_names
             names = {k[len(prefix) :] for k in meta_params if k.startswith(prefix)}
             unknown = sorted(prefix + n for n in names - known)
             if unknown and prefix:
