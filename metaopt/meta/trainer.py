@@ -355,9 +355,10 @@ class MetaTrainer:
                 logger.debug("meta-step %(step)d: meta-loss %(meta_loss).5f", record)
                 if self.step % self.config.val_every == 0 or self.step == target:
                     self._record_validation()
-                if self.step % self.config.ckpt_every == 0 or self.step == target or interrupted():
+                stop = interrupted()  # read once: a Ctrl-C from here on waits for the next step
+                if self.step % self.config.ckpt_every == 0 or self.step == target or stop:
                     self.save()
-                if interrupted():
+                if stop:
                     bar.close()
                     logger.warning(
                         "interrupted: checkpoint of meta-step %d written to %s; the same "
@@ -604,12 +605,17 @@ def plot_history(
 def _deferred_interrupt(enabled: bool) -> Iterator[Callable[[], bool]]:
     """Within the block, the first SIGINT only sets a flag (read by the yielded function)
     and restores the previous handler, so a second one interrupts at once. Does nothing
-    when not ``enabled`` or outside the main thread (where handlers cannot be set)."""
+    when not ``enabled``, outside the main thread (where handlers cannot be set) or when
+    the process ignores SIGINT (``nohup``, background jobs)."""
     received: list[bool] = []
-    if not enabled or threading.current_thread() is not threading.main_thread():
+    previous = signal.getsignal(signal.SIGINT)
+    if (
+        not enabled
+        or threading.current_thread() is not threading.main_thread()
+        or previous is signal.SIG_IGN
+    ):
         yield lambda: False
         return
-    previous = signal.getsignal(signal.SIGINT)
 
     def handler(signum: int, frame: Any) -> None:
         received.append(True)

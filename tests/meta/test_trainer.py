@@ -77,7 +77,19 @@ def test_resume_continues_identically(uninterrupted, tmp_path):
     assert second.history == uninterrupted.history
 
 
-def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_identically(tmp_path):
+@pytest.fixture
+def sigint_handler(request):
+    """SIGINT handled by ``request.param`` during the test (CI may start pytest with SIGINT
+    ignored, an interactive run has Python's own handler)."""
+    previous = signal.signal(signal.SIGINT, request.param)
+    yield request.param
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("sigint_handler", [signal.default_int_handler], indirect=True)
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_identically(
+    tmp_path, sigint_handler
+):
     """SIGINT during meta-step 3 of a run that checkpoints every 10 steps: the step
     finishes, a checkpoint of step 3 is written, KeyboardInterrupt is raised, and the
     resumed run ends where an uninterrupted one does. A second SIGINT stops at once."""
@@ -115,6 +127,21 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_identically(tm
     with pytest.raises(KeyboardInterrupt):
         again.train()
     assert again.step == 0 and not again.checkpoint_path.exists()
+
+
+@pytest.mark.parametrize("sigint_handler", [signal.SIG_IGN], indirect=True)
+def test_a_process_that_ignores_ctrl_c_keeps_ignoring_it(tmp_path, sigint_handler):
+    trainer = MetaTrainer(tiny_config(steps=2), tmp_path, progress=False)
+    step_once = trainer.train_step
+
+    def interrupted_step():
+        signal.raise_signal(signal.SIGINT)
+        return step_once()
+
+    trainer.train_step = interrupted_step
+    trainer.train()
+    assert trainer.step == 2
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_resume_from_a_named_file_that_does_not_exist_raises(tmp_path):
