@@ -19,7 +19,7 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-from metaopt.continual._files import replace_atomically
+from metaopt._files import replace_atomically
 from metaopt.continual.data import IDX_FILES, DataFileError, resolve_data_dir
 
 __all__ = ["BASE_URLS", "SHA256", "ChecksumError", "download_dataset", "verify_file"]

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from metaopt.continual._files import replace_atomically
+from metaopt._files import replace_atomically
 from metaopt.continual.selection import METRICS, summary_rows
 from metaopt.continual.suite import row_key
 

@@ -12,12 +12,12 @@ Checkpoints shipped with the package live in ``metaopt/learned/checkpoints/<name
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from metaopt._files import replace_atomically
 from metaopt.learned.features import N_TASK_FEATURES, N_TOKEN_FEATURES
 from metaopt.learned.network import LearnedRuleNet
 
@@ -68,14 +68,9 @@ def save_checkpoint(net: LearnedRuleNet, path: str | Path, metadata: dict[str, A
         "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
         "metadata": metadata,
     }
-    # written next to the destination and moved over it: a failed or interrupted write
-    # leaves an existing checkpoint as it was
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        torch.save(payload, partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    # a failed or interrupted write leaves an existing checkpoint as it was
+    with replace_atomically(path) as handle:
+        torch.save(payload, handle)
     return path
 
 

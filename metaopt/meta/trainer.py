@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from metaopt._files import replace_atomically
 from metaopt.learned import LearnedRuleNet, learned_rule, load_pretrained, save_checkpoint
 from metaopt.meta.compiled import CompiledContinualSteps
 from metaopt.meta.distributed import DistributedContext, all_reduce_mean, shard
@@ -178,15 +179,6 @@ def check_out_dir(path: Path) -> None:
             if not os.access(existing, os.W_OK | os.X_OK):
                 raise ValueError(f"output folder {path}: {existing} is not writable")
             return
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class MetaTrainer:
@@ -446,12 +438,10 @@ class MetaTrainer:
             "best": self.best,
             "baseline": self.baseline,
         }
-        _atomic_save(payload, self.checkpoint_path)
-        history_tmp = self.out_dir / ".history.json.tmp"
-        history_tmp.write_text(
-            json.dumps({"baseline": self.baseline, "history": self.history}, indent=1)
-        )
-        os.replace(history_tmp, self.out_dir / "history.json")
+        with replace_atomically(self.checkpoint_path) as handle:
+            torch.save(payload, handle)
+        with replace_atomically(self.out_dir / "history.json", "w") as handle:
+            json.dump({"baseline": self.baseline, "history": self.history}, handle, indent=1)
         plot_history(self.history, self.baseline, self.out_dir / "curves.png")
         return self.checkpoint_path
 
@@ -594,10 +584,9 @@ def plot_history(
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with replace_atomically(path) as handle:
+        fig.savefig(handle, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -306,8 +306,11 @@ def test_a_failed_save_leaves_the_existing_checkpoint_intact(
     path = save_checkpoint(perturbed_net(), tmp_path / "net.pt", {"description": "good"})
     good = path.read_bytes()
 
-    def failing_save(obj: Any, f: Any) -> None:
-        Path(f).write_bytes(b"PK\x03\x04 half a zip")
+    def failing_save(obj: Any, f: Any) -> None:  # f: a path or a binary file
+        if isinstance(f, (str, Path)):
+            Path(f).write_bytes(b"PK\x03\x04 half a zip")
+        else:
+            f.write(b"PK\x03\x04 half a zip")
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)

@@ -63,7 +63,7 @@ def test_training_records_checkpoint_and_plot(uninterrupted):
                                                             rel=1e-5)
     assert (trainer.out_dir / "checkpoint.pt").is_file()
     assert (trainer.out_dir / "curves.png").stat().st_size > 1000
-    assert not list(trainer.out_dir.glob(".*.tmp"))  # atomic writes leave no temp files
+    assert not list(trainer.out_dir.glob(".*"))  # atomic writes leave no temp files
 
 
 def test_resume_continues_identically(uninterrupted, tmp_path):

@@ -1,4 +1,5 @@
-"""Atomic file replacement shared by the downloads and the results files."""
+"""Atomic file replacement: every file metaopt writes (checkpoints, downloads, results,
+histories, plots) goes through :func:`replace_atomically`."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ def replace_atomically(
     """Write ``dest`` through a temporary sibling moved into place only on success.
 
     The block writes into the yielded handle; when it ends without error the temporary
-    file is closed, passed to ``check`` (which may raise to reject it) and moved onto
-    ``dest`` with :func:`os.replace`. Whatever fails, the temporary file is removed and
-    ``dest`` keeps its previous content. The file gets the permissions of any new file
-    (``0o666`` minus the umask), unlike :func:`tempfile.mkstemp`'s private ``0o600``.
+    file is flushed to disk (``fsync``), closed, passed to ``check`` (which may raise to
+    reject it) and moved onto ``dest`` with :func:`os.replace`. Whatever fails, the
+    temporary file is removed and ``dest`` keeps its previous content. The file gets the
+    permissions of any new file (``0o666`` minus the umask), unlike
+    :func:`tempfile.mkstemp`'s private ``0o600``.
 
     Args:
         dest: the final path.
@@ -34,6 +36,8 @@ def replace_atomically(
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
         if check is not None:
             check(tmp)
         os.replace(tmp, dest)
