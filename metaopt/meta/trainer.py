@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from metaopt._files import replace_atomically
@@ -269,27 +270,64 @@ class MetaTrainer:
 
         ``noise_seeds[i]`` seeds the ES/PES noise of problem ``i``, so the result does not
         depend on how the problems are split across ranks.
+
+        A problem whose meta-loss or meta-gradient is not finite (an unrolled trajectory
+        that overflowed) is left out of the mean instead of spoiling it (logged); when
+        every problem is left out, the result is NaN.
         """
+        loss, grads, _ = self._meta_gradient(problems, noise_seeds)
+        return loss, grads
+
+    def _meta_gradient(
+        self, problems: list[ContinualProblem], noise_seeds: list[int] | None
+    ) -> tuple[torch.Tensor, Params, int]:
+        """:meth:`meta_gradient` and the number of problems left out (all ranks)."""
         mp = self.meta_params()
         sums = {k: torch.zeros_like(v) for k, v in mp.items()}
         loss_sum = torch.zeros((), dtype=torch.float64)
         seeds = noise_seeds or list(range(len(problems)))
+        used = torch.zeros((), dtype=torch.float64)
         for problem, seed in shard(list(zip(problems, seeds, strict=True)), self.ctx):
             self.noise.manual_seed(seed)
             result = self.estimator(mp, problem)
-            for k, g in result.grads.items():
-                sums[k] += g
-            loss_sum += float(result.loss)
-        grads, loss = all_reduce_mean(sums, loss_sum, len(problems), self.ctx)
-        return loss, grads
+            loss = float(result.loss)
+            finite = math.isfinite(loss) and all(
+                bool(torch.isfinite(g).all()) for g in result.grads.values()
+            )
+            if finite:
+                for k, g in result.grads.items():
+                    sums[k] += g
+                loss_sum += loss
+                used += 1
+        if self.ctx.world_size > 1:
+            dist.all_reduce(used, op=dist.ReduceOp.SUM)
+        dropped = len(problems) - int(used)
+        if dropped:
+            logger.warning(
+                "meta-step %d: %d of %d sequences had a non-finite meta-gradient; left out",
+                self.step + 1,
+                dropped,
+                len(problems),
+            )
+        if not dropped < len(problems):
+            nan = {k: torch.full_like(v, math.nan) for k, v in sums.items()}
+            return torch.tensor(math.nan), nan, dropped
+        grads, loss = all_reduce_mean(sums, loss_sum, int(used), self.ctx)
+        return loss, grads, dropped
 
     def train_step(self) -> dict[str, float]:
-        """One meta-step; returns its record (meta-loss, gradient norm, skipped)."""
+        """One meta-step; returns its record (meta-loss, gradient norm, skipped: no update
+        because no sequence had a finite meta-gradient, dropped: sequences left out)."""
         problems = [self.family.sample(self.sampler) for _ in range(self.config.tasks_per_step)]
         seeds = torch.randint(2**62, (len(problems),), generator=self.sampler).tolist()
-        loss, grads = self.meta_gradient(problems, seeds)
+        loss, grads, dropped = self._meta_gradient(problems, seeds)
         finite = all(bool(torch.isfinite(g).all()) for g in grads.values())
-        record = {"step": self.step + 1, "meta_loss": float(loss), "skipped": not finite}
+        record = {
+            "step": self.step + 1,
+            "meta_loss": float(loss),
+            "skipped": not finite,
+            "dropped": dropped,
+        }
         if finite:
             for name, p in self.net.named_parameters():
                 p.grad = grads[name].to(p.dtype)

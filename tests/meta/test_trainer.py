@@ -15,6 +15,7 @@ import torch
 
 from metaopt.learned import CheckpointError, load_checkpoint
 from metaopt.meta.cli import config_from_args, register
+from metaopt.meta.problem import MetaGradient
 from metaopt.meta.tasks import FamilyConfig
 from metaopt.meta.trainer import MetaTrainer, TrainConfig
 
@@ -64,6 +65,43 @@ def test_training_records_checkpoint_and_plot(uninterrupted):
     assert (trainer.out_dir / "checkpoint.pt").is_file()
     assert (trainer.out_dir / "curves.png").stat().st_size > 1000
     assert not list(trainer.out_dir.glob(".*"))  # atomic writes leave no temp files
+
+
+def test_a_sequence_with_a_non_finite_meta_gradient_is_left_out(tmp_path):
+    """One of two sequences overflows: the meta-step uses the other one alone (it used to
+    skip the whole step); when both overflow, the step is skipped."""
+    trainer = MetaTrainer(tiny_config(tasks_per_step=2), tmp_path, progress=False)
+    estimate = trainer.estimator
+    overflowing: list[object] = []
+
+    def estimator(meta_params, problem):
+        result = estimate(meta_params, problem)
+        if problem in overflowing:
+            grads = {k: torch.full_like(g, float("nan")) for k, g in result.grads.items()}
+            return MetaGradient(result.loss, grads)
+        return result
+
+    trainer.estimator = estimator
+    gen = torch.Generator().manual_seed(0)
+    problems = [trainer.family.sample(gen) for _ in range(2)]
+    alone_loss, alone = trainer.meta_gradient(problems[1:], [8])
+    overflowing.append(problems[0])
+    loss, grads = trainer.meta_gradient(problems, [7, 8])
+    torch.testing.assert_close(loss, alone_loss)
+    for k in alone:
+        torch.testing.assert_close(grads[k], alone[k])
+
+    def step_on(pair):
+        samples = iter(pair)
+        trainer.family.sample = lambda gen: next(samples)
+        before = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+        return trainer.train_step(), not states_equal(before, trainer.net.state_dict())
+
+    record, moved = step_on(problems)
+    assert record["dropped"] == 1 and not record["skipped"] and moved
+    overflowing.append(problems[1])
+    record, moved = step_on(problems)
+    assert record["dropped"] == 2 and record["skipped"] and not moved
 
 
 def test_resume_continues_identically(uninterrupted, tmp_path):
