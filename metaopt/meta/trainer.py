@@ -309,7 +309,7 @@ class MetaTrainer:
                 dropped,
                 len(problems),
             )
-        if not dropped < len(problems):
+        if dropped == len(problems):  # nothing to average
             nan = {k: torch.full_like(v, math.nan) for k, v in sums.items()}
             return torch.tensor(math.nan), nan, dropped
         grads, loss = all_reduce_mean(sums, loss_sum, int(used), self.ctx)
