@@ -354,9 +354,16 @@ class FunctionalOptimizer(torch.optim.Optimizer):
             self._raise_if_nonfinite(plan)
         for group, _, _ in plan:  # every group's hyper-parameters are valid before any step
             self.rule_for(group)
-        for group, keys, params in plan:
+        for group, keys, params in self._update_calls(plan):
             self._step_group(group, keys, params)
         return loss
+
+    def _update_calls(
+        self, plan: list[tuple[dict[str, Any], list[str], list[torch.Tensor]]]
+    ) -> list[tuple[dict[str, Any], list[str], list[torch.Tensor]]]:
+        """The ``(group, keys, params)`` of each update call: one per group here;
+        :class:`metaopt.LearnedOptimizer` merges groups that share their hyper-parameters."""
+        return plan
 
     def _step_group(
         self, group: dict[str, Any], keys: list[str], params: list[torch.Tensor]

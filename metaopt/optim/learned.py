@@ -33,9 +33,12 @@ class LearnedOptimizer(FunctionalOptimizer):
     """The attention-based learned rule (:func:`metaopt.learned.learned_rule`) as a
     ``torch.optim.Optimizer``, with task boundaries.
 
-    Attention runs across the tensors of one parameter group per step. The per-parameter
-    state lives in ``optimizer.state[p]`` (Adam's moments, the anchor and importance in
-    ``aux_dtype``, per-tensor counters), so ``state_dict()``/``load_state_dict()``, LR
+    Attention runs across the tensors of all parameter groups that share ``lr``,
+    ``betas``, ``eps`` and ``topk_fraction`` (and a device): groups made for bookkeeping,
+    such as Hugging Face's weight-decay split, still give the rule one view of the model,
+    as in meta-training; groups with other values get an attention of their own. The
+    per-parameter state lives in ``optimizer.state[p]`` (Adam's moments, the anchor and
+    importance in ``aux_dtype``, per-tensor counters), so ``state_dict()``/``load_state_dict()``, LR
     schedulers, ``torch.amp.GradScaler`` and frameworks that empty ``optimizer.state[p]``
     work as with ``torch.optim.Adam``. When ``step(closure)`` gets a loss from the
     closure, the loss feeds the rule's task token.
@@ -259,6 +262,33 @@ class LearnedOptimizer(FunctionalOptimizer):
         super()._store(p, leaf_state)
 
     # ------------------------------------------------------------------ step and tasks
+    def _update_calls(
+        self, plan: list[tuple[dict[str, Any], list[str], list[torch.Tensor]]]
+    ) -> list[tuple[dict[str, Any], list[str], list[torch.Tensor]]]:
+        """One update call, hence one attention, per set of groups whose rule
+        hyper-parameters (``lr``, ``betas``, ``eps``, ``topk_fraction``) are equal and
+        whose parameters are on one device, in the order of each set's first group.
+
+        The rule is meta-trained with every tensor of a model in one attention; groups
+        made for bookkeeping (Hugging Face's weight-decay / no-decay split, one group per
+        task head) would otherwise each see a part of the model. Keys that collide across
+        the merged groups (positions, when no names were given) get the group's index as a
+        prefix (``"1.0"``)."""
+        calls: list[tuple[dict[str, Any], list[tuple[int, list[str]]], list[torch.Tensor]]] = []
+        position = {id(g): i for i, g in enumerate(self.param_groups)}
+        for group, keys, params in plan:
+            device = _one_device(params)
+            for first, key_lists, merged in calls:
+                if device is not None and device == _one_device(merged) and all(
+                    _same_hyper(first.get(name), group.get(name)) for name in self._hyper_names
+                ):
+                    key_lists.append((position[id(group)], keys))
+                    merged.extend(params)
+                    break
+            else:
+                calls.append((group, [(position[id(group)], keys)], list(params)))
+        return [(group, _merged_keys(key_lists), params) for group, key_lists, params in calls]
+
     def _step_group(
         self, group: dict[str, Any], keys: list[str], params: list[torch.Tensor]
     ) -> None:
@@ -408,3 +438,28 @@ class LearnedOptimizer(FunctionalOptimizer):
                 task_index = max([task_index, *found])
         self._task_index = int(task_index)
         self._rule_cache.clear()
+
+
+def _one_device(params: list[torch.Tensor]) -> torch.device | None:
+    """The parameters' device, ``None`` when they are on several."""
+    devices = {p.device for p in params}
+    return devices.pop() if len(devices) == 1 else None
+
+
+def _same_hyper(a: Any, b: Any) -> bool:
+    """Equal hyper-parameter values: numbers (and tuples of them) by value, tensors (a
+    tensor learning rate) only when they are the same tensor."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_hyper(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def _merged_keys(key_lists: list[tuple[int, list[str]]]) -> list[str]:
+    """The keys of merged groups, as given when they are unique, else each prefixed by its
+    group's index."""
+    keys = [k for _, group_keys in key_lists for k in group_keys]
+    if len(set(keys)) == len(keys):
+        return keys
+    return [f"{index}.{k}" for index, group_keys in key_lists for k in group_keys]

@@ -320,7 +320,8 @@ def test_trains_a_digits_mlp_about_as_well_as_adam(default_net, dtype):
 @pytest.mark.slow
 def test_compiled_groups_of_different_layouts_do_not_exhaust_the_recompile_limit():
     """``compile=True`` with groups of different layouts (a bias-free matrix alone; a
-    matrix and a bias): each needs its own graph. Dynamo compiles one function at most
+    matrix and a bias; different learning rates, so each is an update call of its own):
+    each needs its own graph. Dynamo compiles one function at most
     ``recompile_limit`` times and then, under ``fullgraph=True``, raises; a shared
     compiled step hit that with enough groups (limit 1 here stands in for the default 8,
     which the groups' layouts and task variants of a real model can exceed)."""
@@ -328,7 +329,13 @@ def test_compiled_groups_of_different_layouts_do_not_exhaust_the_recompile_limit
     compiled = nn.ModuleList([nn.Linear(8, 16, bias=False), nn.Linear(16, 4)])
     eager = copy.deepcopy(compiled)
     optimizers = [
-        LearnedOptimizer([{"params": list(m.parameters())} for m in modules], lr=1e-3, **kw)
+        LearnedOptimizer(
+            [
+                {"params": list(m.parameters()), "lr": lr}
+                for m, lr in zip(modules, (1e-3, 2e-3), strict=True)
+            ],
+            **kw,
+        )
         for modules, kw in ((compiled, {"compile": True}), (eager, {}))
     ]
     g = torch.Generator().manual_seed(10)
