@@ -18,6 +18,7 @@ regularises an ill-conditioned or indefinite ``H``. The result does not depend o
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -31,6 +32,8 @@ from metaopt.meta.problem import MetaGradient, check_count
 from metaopt.tree import Params
 
 __all__ = ["Implicit", "ImplicitProblem", "conjugate_gradient", "implicit_root"]
+
+logger = logging.getLogger(__name__)
 
 InnerLoss = Callable[[Params, Params], torch.Tensor]
 """``(params, meta_params) -> 0-d loss``; must be :mod:`torch.func`-transformable (pure)."""
@@ -69,29 +72,40 @@ def conjugate_gradient(
         tol: stop when ``||r||^2 <= tol * ||b||^2``.
 
     Returns:
-        ``x`` (same tree structure as ``b``), starting from zero.
+        ``x`` (same tree structure as ``b``), starting from zero. When ``max_iters``
+        iterations end above the tolerance, the last iterate is returned and a warning
+        logged (logger ``metaopt.meta.implicit``) with the relative residual reached.
 
     Raises:
         torch.linalg.LinAlgError: a search direction ``p`` with ``p^T A p <= 0`` (or not
             finite) before convergence: ``A`` is singular or indefinite, and the next
-            step would divide by zero or move uphill (NaN or a wrong solution).
+            step would divide by zero or move uphill (NaN or a wrong solution). Also
+            when ``p^T A p / p^T p`` falls below the dtype's machine epsilon times the
+            largest such quotient seen: ``A`` is singular in that precision (its
+            condition number exceeds ``1 / eps``), and the steps along that direction
+            would grow without bound (rounding makes ``p^T A p`` a tiny positive number
+            rather than zero).
     """
+    eps = min(torch.finfo(v.dtype).eps for v in b.values())
+    largest = 0.0
     x = {k: torch.zeros_like(v) for k, v in b.items()}
     r = {k: v.clone() for k, v in b.items()}
     p = {k: v.clone() for k, v in b.items()}
-    rs = _dot(r, r)
+    rs = initial = _dot(r, r)
     threshold = tol * rs
     for iteration in range(max_iters):
         if rs <= threshold or rs == 0:
             break
         ap = matvec(p)
         curvature = _dot(p, ap)
-        if not curvature > 0:
+        rayleigh = float(curvature / _dot(p, p))
+        largest = max(largest, rayleigh)
+        if not curvature > 0 or rayleigh <= eps * largest:
             raise torch.linalg.LinAlgError(
                 "conjugate_gradient: the operator is not positive definite along a search "
-                f"direction (p^T A p = {float(curvature):.3g} at iteration {iteration}); for "
-                "implicit differentiation through a singular or indefinite Hessian, pass "
-                "damping > 0"
+                f"direction (p^T A p / p^T p = {rayleigh:.3g} at iteration {iteration}, "
+                f"largest seen {largest:.3g}); for implicit differentiation through a "
+                "singular or indefinite Hessian, pass damping > 0"
             )
         alpha = rs / curvature
         x = {k: x[k] + alpha * p[k] for k in x}
@@ -99,6 +113,16 @@ def conjugate_gradient(
         rs_new = _dot(r, r)
         p = {k: r[k] + (rs_new / rs) * p[k] for k in p}
         rs = rs_new
+    if not (rs <= threshold or rs == 0):
+        logger.warning(
+            "conjugate_gradient stopped after max_iters=%d iterations at relative residual "
+            "||r|| / ||b|| = %.3g (tolerance %.3g): the solution, and an implicit "
+            "meta-gradient from it, is approximate; raise cg_iters, or damping for an "
+            "ill-conditioned Hessian",
+            max_iters,
+            math.sqrt(float(rs / initial)),
+            math.sqrt(tol),
+        )
     return x
 
 

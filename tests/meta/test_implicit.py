@@ -117,3 +117,21 @@ def test_bad_arguments():
         Implicit(cg_iters=0)
     with pytest.raises(ValueError, match="damping"):
         implicit_root(ridge_inner, damping=-1.0)
+
+
+def test_conjugate_gradient_warns_when_it_stops_short_of_the_tolerance(caplog):
+    """Too few iterations: the last iterate comes back and a warning names the relative
+    residual reached; enough iterations: no warning."""
+    q = torch.randn(6, 6, generator=G, dtype=torch.float64)
+    a = q @ q.T + 0.1 * torch.eye(6, dtype=torch.float64)
+    b = {"x": torch.randn(6, generator=G, dtype=torch.float64)}
+    with caplog.at_level("WARNING", logger="metaopt.meta.implicit"):
+        x = conjugate_gradient(lambda v: {"x": a @ v["x"]}, b, max_iters=2)
+    (record,) = caplog.records
+    residual = float(torch.linalg.vector_norm(b["x"] - a @ x["x"]) / b["x"].norm())
+    assert "max_iters=2" in record.getMessage() and f"{residual:.3g}" in record.getMessage()
+    assert residual > 1e-3
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="metaopt.meta.implicit"):
+        conjugate_gradient(lambda v: {"x": a @ v["x"]}, b, max_iters=50)
+    assert not caplog.records
