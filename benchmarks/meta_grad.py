@@ -14,7 +14,7 @@ Usage::
     python benchmarks/meta_grad.py --steps 10 --repeats 7 --threads 1
 
 Rows ``metaopt-compiled[-noremat][-xC]``: ``make_meta_step`` with ``remat=True`` (or
-False) and ``steps_per_call=C`` (default C in 1 and 2; ``--steps-per-call``).
+False) and ``steps_per_call=C`` (default C in 1 and 5; ``--steps-per-call``).
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rules", nargs="+", choices=("sgd", "adam"), default=["sgd", "adam"])
     parser.add_argument(
-        "--steps-per-call", type=int, nargs="+", default=[1, 2],
+        "--steps-per-call", type=int, nargs="+", default=[1, 5],
         help="inner steps per compiled call to time (make_meta_step(steps_per_call=...))",
     )
     args = parser.parse_args(argv)
