@@ -274,6 +274,8 @@ class LearnedOptimizer(FunctionalOptimizer):
         task head) would otherwise each see a part of the model. Keys that collide across
         the merged groups (positions, when no names were given) get the group's index as a
         prefix (``"1.0"``)."""
+        if len(plan) < 2:
+            return plan
         calls: list[tuple[dict[str, Any], list[tuple[int, list[str]]], list[torch.Tensor]]] = []
         position = {id(g): i for i, g in enumerate(self.param_groups)}
         for group, keys, params in plan:
