@@ -89,7 +89,10 @@ def fold_task(leaf: LearnedState, param: torch.Tensor, importance: str = "path")
             f"new_task: parameter shape {tuple(param.shape)} != state shape "
             f"{tuple(leaf.anchor.shape)}"
         )
-    v = second_moment(leaf)
+    # a square that overflowed (v = inf, gradients beyond ~1e19 in float32) counts as the
+    # largest finite value: inf made the score inf, or NaN where the drift was 0, and the
+    # importance then NaN'ed every parameter in the next task
+    v = second_moment(leaf).clamp_max(torch.finfo(leaf.exp_avg_sq.dtype).max)
     root_v = v.clamp_min(1e-30).sqrt()  # finite derivative where v == 0 (meta-gradients)
     if importance == "path":
         score = (param - leaf.anchor).abs() * root_v
@@ -100,9 +103,21 @@ def fold_task(leaf: LearnedState, param: torch.Tensor, importance: str = "path")
     aux = leaf.anchor.dtype
     return leaf._replace(
         anchor=param.to(aux, copy=True),
-        importance=(leaf.importance + score).to(aux),
+        importance=(leaf.importance + score).clamp_max(_importance_cap(aux)).to(aux),
         pending=leaf.pending.new_zeros(0),
     )
+
+
+IMPORTANCE_CAP = 1e30
+"""Largest accumulated importance (or the aux dtype's largest value, if smaller). The
+rule averages importances over samples and tokens in float32; capped here, those sums
+cannot overflow (importances near float32's largest value, from gradients beyond ~1e19,
+made the averages inf and the next task's parameters NaN). Ordinary importances are
+many orders of magnitude smaller."""
+
+
+def _importance_cap(dtype: torch.dtype) -> float:
+    return min(IMPORTANCE_CAP, torch.finfo(dtype).max)
 
 
 def _advance(leaf: LearnedState) -> LearnedState:

@@ -13,6 +13,7 @@ from torch import nn
 
 from metaopt import LearnedOptimizer
 from metaopt.learned import LearnedRuleNet, load_pretrained
+from metaopt.learned.tasks import IMPORTANCE_CAP
 
 
 @pytest.fixture(autouse=True)
@@ -84,8 +85,7 @@ def test_finite_gradients_whose_squares_overflow_leave_parameters_finite(default
     their squares overflow float32. ``torch.optim.Adam`` then divides by an infinite
     second moment and leaves those elements where they are; the learned rule turned its
     token statistics into NaN (inf - inf, inf / inf), and the attention spread the NaN
-    to every parameter of the group. Within one task only: folding such a task's
-    importance at a boundary still overflows (infinite second moments), not fixed."""
+    to every parameter of the group. Across a task boundary: see the next test."""
     model = _mlp()
     opt = LearnedOptimizer(model.parameters(), lr=1e-3, net=copy.deepcopy(default_net))
     x, y = _batch()
@@ -94,6 +94,36 @@ def test_finite_gradients_whose_squares_overflow_leave_parameters_finite(default
         (scale * nn.functional.cross_entropy(model(x), y)).backward()
         opt.step()
         assert all(torch.isfinite(p).all() for p in model.parameters()), scale
+
+
+@pytest.mark.parametrize("importance", ["path", "weight_grad", "fisher"])
+@pytest.mark.parametrize("scale", [1e22, 1e30])
+def test_a_task_with_overflowing_squares_leaves_the_next_task_finite(
+    default_net, importance, scale
+):
+    """A task whose gradients' squares overflow (infinite second moments) is folded at
+    the boundary into an infinite (``|w - anchor| * inf``, ``v``) or NaN (``0 * inf``)
+    importance, whose averages then NaN'ed every parameter at the next task's first
+    step. Now the importance is capped at ``IMPORTANCE_CAP`` and the next task trains."""
+    model = _mlp()
+    opt = LearnedOptimizer(
+        model.parameters(), lr=1e-3, net=copy.deepcopy(default_net), importance=importance
+    )
+    x, y = _batch()
+    for _ in range(2):
+        opt.zero_grad()
+        (scale * nn.functional.cross_entropy(model(x), y)).backward()
+        opt.step()
+    opt.new_task()
+    losses = []
+    for _ in range(10):
+        losses.append(float(_closure_step(opt, model, x, y)))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    for p in model.parameters():
+        importance_buffer = opt.state[p][".importance"].float()
+        assert torch.isfinite(importance_buffer).all()
+        assert float(importance_buffer.max()) <= IMPORTANCE_CAP * 1.01  # bfloat16 rounding
+    assert losses[-1] < losses[0]
 
 
 def _closure_step(
