@@ -18,6 +18,7 @@ from metaopt.learned.state import LearnedState, second_moment
 from metaopt.tree import named_leaves
 
 __all__ = [
+    "IMPORTANCE_CAP",
     "IMPORTANCE_KINDS",
     "fold_task",
     "learned_leaves",
