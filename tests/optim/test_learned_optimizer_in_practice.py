@@ -515,3 +515,35 @@ def test_sparse_embedding_gradients_at_extreme_scales_stay_finite(default_net, s
     if scale >= 1.0:
         before, after = losses[0::2], losses[1::2]
         assert all(a < 0.8 * b for a, b in zip(after, before, strict=True)), losses
+
+
+def test_zero_lr_after_a_boundary_only_pulls_towards_the_anchors(default_net):
+    """The pull-back is a fraction per step, not a multiple of ``lr`` (docs/learned.md):
+    with ``lr = 0`` in a later task the parameters move, but only towards their anchors
+    and never past them, so every element's distance to its anchor shrinks or stays;
+    a parameter without a gradient does not move at all."""
+    model = _mlp()
+    opt = LearnedOptimizer(model.parameters(), lr=1e-2, net=copy.deepcopy(default_net))
+    x, y = _batch()
+    for _ in range(2):  # two tasks: the second has importance and moves off its anchor
+        for _ in range(10):
+            _closure_step(opt, model, x, y)
+        opt.new_task()
+    for _ in range(10):
+        _closure_step(opt, model, x, y)
+    opt.param_groups[0]["lr"] = 0.0
+    anchors = [opt.state[p][".anchor"].float() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    frozen_before = model[2].bias.detach().clone()
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    model[2].bias.grad = None
+    opt.step()
+    moved = 0.0
+    for p, old, anchor in zip(model.parameters(), before, anchors, strict=True):
+        drift_before, drift_after = old - anchor, p.detach() - anchor
+        assert (drift_after.abs() <= drift_before.abs()).all()
+        assert (drift_after * drift_before >= 0).all()  # not past the anchor
+        moved = max(moved, float((p.detach() - old).abs().max()))
+    assert moved > 0  # the shipped rule does pull back after a boundary
+    assert torch.equal(model[2].bias, frozen_before)
