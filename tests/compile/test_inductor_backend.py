@@ -55,8 +55,10 @@ def test_the_decomposition_is_dropped_only_for_max_pool_graphs(monkeypatch, with
     config patches as in torch.compile."""
     seen = {}
 
-    def fake_compile_fx(gm, example_inputs, config_patches=None, decompositions=None):
-        seen.update(config=config_patches, decompositions=decompositions)
+    def fake_compile_fx(
+        gm, example_inputs, inner_compile=None, config_patches=None, decompositions=None
+    ):
+        seen.update(config=config_patches, decompositions=decompositions, inner=inner_compile)
         return gm.forward
 
     monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", fake_compile_fx)
@@ -68,12 +70,55 @@ def test_the_decomposition_is_dropped_only_for_max_pool_graphs(monkeypatch, with
         assert MAX_POOL_BACKWARD not in seen["decompositions"]
         assert torch.ops.aten.max_pool2d_with_indices.default in seen["decompositions"]
         assert seen["config"]["fx_graph_cache"] is False  # the caches ignore the table
+        assert seen["config"]["layout_optimization"] is False  # CPU (no tensor elsewhere)
+        assert seen["inner"] is not None  # lowers max-pool backward with ATen's kernel
     else:
-        assert seen["decompositions"] is None
+        assert seen["decompositions"] is None and seen["inner"] is None
         assert "fx_graph_cache" not in seen["config"]
+        assert "layout_optimization" not in seen["config"]
     from torch._inductor.decomposition import select_decomp_table
 
     assert MAX_POOL_BACKWARD in select_decomp_table()  # torch's own table is untouched
+
+
+def test_max_pool_graphs_lower_the_backward_with_atens_kernel_only_while_compiling():
+    """The inner compile of a max-pool graph sees ATen's max-pool backward as the
+    lowering (Inductor's own kernel recomputed every window's maximum: half of a CNN
+    step); before and after it, also when it raises, the table is Inductor's own."""
+    from torch._inductor import lowering
+
+    from metaopt._inductor import _with_aten_max_pool_backward
+
+    own = lowering.lowerings[MAX_POOL_BACKWARD]
+    seen = []
+
+    def inner(*args, fail=False):
+        seen.append(lowering.lowerings[MAX_POOL_BACKWARD])
+        if fail:
+            raise RuntimeError("compile failed")
+        return "compiled"
+
+    wrapped = _with_aten_max_pool_backward(inner)
+    assert wrapped() == "compiled"
+    with pytest.raises(RuntimeError, match="compile failed"):
+        wrapped(fail=True)
+    assert seen == [lowering.fallback_max_pool2d_with_indices_backward] * 2
+    assert lowering.lowerings[MAX_POOL_BACKWARD] is own
+
+
+def test_options_can_keep_the_layout_optimisation(monkeypatch):
+    """``layout_optimization`` is only a default: options that set it win."""
+    seen = {}
+
+    def fake_compile_fx(gm, example_inputs, inner_compile=None, config_patches=None,
+                        decompositions=None):
+        seen.update(config=config_patches)
+        return gm.forward
+
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", fake_compile_fx)
+    gm = _captured_graph(nn.MaxPool2d(2), torch.randn(1, 1, 4, 4))
+    inductor(gm, [torch.randn(1, 1, 4, 4)], options={"layout_optimization": True})
+    assert seen["config"]["layout_optimization"] is True
 
 
 @pytest.mark.slow

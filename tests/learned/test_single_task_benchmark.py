@@ -1,0 +1,52 @@
+"""benchmarks/single_task.py: the summary picks Adam's best learning rate per model and
+column and divides correctly; a tiny run on digits prints one line per model."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "single_task.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("single_task_benchmark", PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_tunes_adam_per_model_and_column(bench):
+    """Adam's best lr by training loss (1e-2 here) and by held-out loss (1e-3) are chosen
+    separately, from the mean over seeds, and the ratio is learned / tuned."""
+    rows = []
+    for seed in (0, 1):
+        for lr in bench.ADAM_LRS:
+            train = {1e-2: 0.10, 1e-3: 0.20}.get(lr, 0.50) + 0.01 * seed
+            heldout = {1e-2: 0.40, 1e-3: 0.30}.get(lr, 0.90)
+            rows.append({"model": "mlp", "optimizer": f"adam lr={lr:g}", "seed": seed,
+                         "train loss": train, "held-out loss": heldout})
+        rows.append({"model": "mlp", "optimizer": "learned (default, lr=1e-3)", "seed": seed,
+                     "train loss": 0.12 + 0.01 * seed, "held-out loss": 0.27})
+    (line,) = bench.summarise(rows)
+    assert line["tuned Adam train loss"].endswith("(0.01)")
+    assert line["tuned Adam held-out loss"].endswith("(0.001)")
+    assert line["train loss learned / tuned"] == f"{0.125 / 0.105:.3f}"
+    assert line["held-out loss learned / tuned"] == f"{0.27 / 0.30:.3f}"
+
+
+def test_tiny_run_on_digits_prints_a_line_per_model(bench, capsys):
+    bench.main(["--dataset", "digits", "--models", "mlp", "--seeds", "1", "--epochs", "1",
+                "--train", "128", "--heldout", "64", "--batch", "32"])
+    out = capsys.readouterr().out
+    (ratio,) = re.findall(r"model: mlp .*train loss learned / tuned: ([\d.]+)", out)
+    assert 0 < float(ratio) < 10
+
+
+def test_asking_for_more_images_than_the_split_has_is_refused(bench):
+    with pytest.raises(ValueError, match="training images"):
+        bench.split_train_heldout("digits", 5000, 100, None)
