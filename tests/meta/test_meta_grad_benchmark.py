@@ -3,13 +3,11 @@ agrees with metaopt's (a tiny problem; compiles two meta steps, so it is slow)."
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 
-PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "meta_grad.py"
+from tests.benchmark_scripts import load_benchmark
 
 pytest.importorskip("higher")
 pytest.importorskip("torchopt")
@@ -17,9 +15,7 @@ pytest.importorskip("torchopt")
 
 @pytest.mark.slow
 def test_tiny_run_prints_every_row_with_agreeing_gradients(capsys):
-    spec = importlib.util.spec_from_file_location("meta_grad_benchmark", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("meta_grad")
     module.main(
         ["--steps", "3", "--width", "8", "--batch", "4", "--repeats", "1", "--rules", "sgd",
          "--steps-per-call", "2"]
