@@ -276,20 +276,24 @@ class LearnedOptimizer(FunctionalOptimizer):
         prefix (``"1.0"``)."""
         if len(plan) < 2:
             return plan
-        calls: list[tuple[dict[str, Any], list[tuple[int, list[str]]], list[torch.Tensor]]] = []
+        # per call: its first group, the device of its parameters (None: several), and
+        # each merged group's index and keys, and all their parameters
+        calls: list[
+            tuple[dict[str, Any], torch.device | None, list[tuple[int, list[str]]], list[Any]]
+        ] = []
         position = {id(g): i for i, g in enumerate(self.param_groups)}
         for group, keys, params in plan:
             device = _one_device(params)
-            for first, key_lists, merged in calls:
-                if device is not None and device == _one_device(merged) and all(
+            for first, call_device, key_lists, merged in calls:
+                if device is not None and device == call_device and all(
                     _same_hyper(first.get(name), group.get(name)) for name in self._hyper_names
                 ):
                     key_lists.append((position[id(group)], keys))
                     merged.extend(params)
                     break
             else:
-                calls.append((group, [(position[id(group)], keys)], list(params)))
-        return [(group, _merged_keys(key_lists), params) for group, key_lists, params in calls]
+                calls.append((group, device, [(position[id(group)], keys)], list(params)))
+        return [(group, _merged_keys(key_lists), params) for group, _, key_lists, params in calls]
 
     def _step_group(
         self, group: dict[str, Any], keys: list[str], params: list[torch.Tensor]
