@@ -22,7 +22,7 @@ demo: $(STAMP)
 ## Everything CI checks: lint, the fast and the slow tests, the docs build.
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -m "not slow"
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow --durations=15
 	$(BIN)/mkdocs build --strict
 
 ## Fast selection only (no slow tests).
