@@ -23,6 +23,12 @@ def _model(seed: int = 0) -> nn.Sequential:
     return nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 4))
 
 
+def _whole_plan(opt: LearnedOptimizer) -> list:
+    """``(group, keys, params)`` of every group with all its parameters, as ``step``
+    gathers them when every parameter has a gradient."""
+    return [(g, opt.param_keys(g), list(g["params"])) for g in opt.param_groups]
+
+
 def _train(model: nn.Module, opt: LearnedOptimizer, tasks: int = 2, steps: int = 4) -> None:
     """``tasks`` tasks of ``steps`` full-batch steps, a task boundary after each."""
     g = torch.Generator().manual_seed(5)
@@ -65,7 +71,7 @@ def test_groups_with_other_hyper_parameters_keep_their_own_attention(default_net
     for extra in ({"lr": 1e-3}, {"betas": (0.8, 0.999)}, {"eps": 1e-6},
                   {"topk_fraction": 0.5}, {"lr": 0.01}, {"betas": [0.9, 0.999]}):
         opt.add_param_group({"params": [params[len(opt.param_groups) + 1]], **extra})
-    plan = [(g, opt.param_keys(g), list(g["params"])) for g in opt.param_groups]
+    plan = _whole_plan(opt)
     calls = opt._update_calls(plan)
     sizes = [len(params) for _, _, params in calls]
     # groups 0, 5 (lr 0.01 == 1e-2) and 6 (betas as a list) merge; 1-4 stay apart
@@ -80,12 +86,12 @@ def test_colliding_positional_keys_get_their_group_index_and_names_are_kept(defa
     params = list(model.parameters())
     unnamed = LearnedOptimizer([{"params": params[:2]}, {"params": params[2:4]}],
                                net=default_net)
-    plan = [(g, unnamed.param_keys(g), list(g["params"])) for g in unnamed.param_groups]
+    plan = _whole_plan(unnamed)
     ((_, keys, merged),) = unnamed._update_calls(plan)
     assert keys == ["0.0", "0.1", "1.0", "1.1"] and merged == params[:4]
     named = list(model.named_parameters())
     by_name = LearnedOptimizer([{"params": named[:2]}, {"params": named[2:]}], net=default_net)
-    plan = [(g, by_name.param_keys(g), list(g["params"])) for g in by_name.param_groups]
+    plan = _whole_plan(by_name)
     ((_, keys, _),) = by_name._update_calls(plan)
     assert keys == [name for name, _ in named]
 
@@ -103,7 +109,7 @@ def test_tensor_learning_rates_merge_only_when_they_are_one_tensor(default_net):
         net=default_net,
     )
     for opt, n_calls in ((shared, 1), (apart, 2)):
-        plan = [(g, opt.param_keys(g), list(g["params"])) for g in opt.param_groups]
+        plan = _whole_plan(opt)
         assert len(opt._update_calls(plan)) == n_calls
 
 
@@ -116,7 +122,7 @@ def test_groups_on_different_devices_are_not_merged(default_net):
                             {"params": list(meta.parameters())}], net=default_net)
     for p in (*cpu.parameters(), *meta.parameters()):
         p.grad = torch.ones_like(p)
-    plan = [(g, opt.param_keys(g), list(g["params"])) for g in opt.param_groups]
+    plan = _whole_plan(opt)
     assert len(opt._update_calls(plan)) == 2
     before = cpu.weight.detach().clone()
     opt.step()
