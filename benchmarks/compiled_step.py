@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -223,9 +224,28 @@ def bench_meta(args: argparse.Namespace) -> dict[str, float]:
 
 LEARNED_META_OPTIONS = {
     "default": None,
+    "unbatched": None,
     "no SIMD": {"cpp.vec_isa_ok": False, "size_asserts": False},
 }
 """Inductor ``options`` of the learned-rule meta step variants (``None``: metaopt's)."""
+
+LEARNED_META_ENVIRONMENT = {"unbatched": {"METAOPT_BATCH_CPP_KERNELS": "0"}}
+"""Environment of a variant's process beyond this one's: "unbatched" builds every C++
+kernel in a library of its own, as Inductor does without metaopt's kernel batching."""
+
+
+def probe_cpu_isa(device: str) -> float:
+    """Seconds Inductor takes to find which SIMD instruction sets this CPU runs (it
+    compiles and loads a test library per candidate, once per process, and with its
+    caches off also recompiles them); done before any timed compilation so that the
+    compile times below do not include it. 0 on other devices."""
+    if torch.device(device).type != "cpu":
+        return 0.0
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    start = time.perf_counter()
+    pick_vec_isa()
+    return time.perf_counter() - start
 
 
 def bench_learned_meta(variant: str, args: argparse.Namespace) -> dict[str, float]:
@@ -282,9 +302,13 @@ def print_learned_meta(args: argparse.Namespace) -> None:
                    "--device", args.device, "--repeats", str(args.repeats)]
         if args.threads:
             command += ["--threads", str(args.threads)]
-        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        env = {**os.environ, **LEARNED_META_ENVIRONMENT.get(variant, {})}
+        out = subprocess.run(
+            command, capture_output=True, text=True, check=True, env=env
+        ).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        print(f"  {variant:<8} options {LEARNED_META_OPTIONS[variant]}: compile time "
+        print(f"  {variant:<9} options {LEARNED_META_OPTIONS[variant]}: ISA probe "
+              f"{r['ISA probe (s)']:.1f} s, then compile time "
               f"{r['compile time (s)']:.1f} s; meta step {1e3 * r['compiled']:.1f} ms vs "
               f"eager {1e3 * r['eager']:.1f} ms (x{r['compiled'] / r['eager']:.2f})")
 
@@ -325,12 +349,15 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if not args.warm_cache:
         torch._inductor.config.force_disable_caches = True
+    isa_probe = probe_cpu_isa(args.device)
     if args.learned_meta_variant:  # a child process of print_learned_meta
-        print(json.dumps(bench_learned_meta(args.learned_meta_variant, args)))
+        result = bench_learned_meta(args.learned_meta_variant, args)
+        print(json.dumps({"ISA probe (s)": isa_probe, **result}))
         return
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
           f"batch {args.batch}, {args.steps} steps x {args.repeats} repeats (medians), "
-          f"inductor caches {'on' if args.warm_cache else 'off'}")
+          f"inductor caches {'on' if args.warm_cache else 'off'}; Inductor's CPU ISA probe "
+          f"{isa_probe:.1f} s (before, not in, the compile times below)")
     for kind in filter(None, args.models.split(",")):  # --models "": none
         r = bench_model(kind, args)
         fastest = min(("torch Adam for-loop", "torch Adam foreach", "torch Adam fused"),

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from metaopt._kernel_batching import batched_cpp_kernels
+
 __all__ = ["inductor", "uses_max_pool"]
 
 _MAX_POOL_BACKWARD = torch.ops.aten.max_pool2d_with_indices_backward.default
@@ -76,27 +78,47 @@ def inductor(
 
     config = dict(list_mode_options(mode)) if mode and mode != "default" else {}
     config.update(options or {})
-    if not uses_max_pool(gm):
-        return compile_fx(gm, example_inputs, config_patches=config)
-    # max-pool graphs: see the module doc
-    table = select_decomp_table()
-    decompositions = {k: v for k, v in table.items() if k not in _WRONG_DECOMPOSITIONS}
-    # the caches' keys include neither the decomposition table nor the lowering: an entry
-    # compiled without these changes would be served (AOT autograd's cache is off
-    # whenever the FX graph cache is)
-    config["fx_graph_cache"] = False
-    on_cpu = all(
-        x.device.type == "cpu" for x in example_inputs if isinstance(x, torch.Tensor)
-    )
-    if on_cpu:
-        config.setdefault("layout_optimization", False)
-    return compile_fx(
-        gm,
-        example_inputs,
-        inner_compile=_with_aten_max_pool_backward(compile_fx_inner),
-        config_patches=config,
-        decompositions=decompositions,
-    )
+    with batched_cpp_kernels():
+        if not uses_max_pool(gm):
+            return compile_fx(
+                gm,
+                example_inputs,
+                inner_compile=_with_batched_kernels(compile_fx_inner),
+                config_patches=config,
+            )
+        # max-pool graphs: see the module doc
+        table = select_decomp_table()
+        decompositions = {
+            k: v for k, v in table.items() if k not in _WRONG_DECOMPOSITIONS
+        }
+        # the caches' keys include neither the decomposition table nor the lowering: an
+        # entry compiled without these changes would be served (AOT autograd's cache is
+        # off whenever the FX graph cache is)
+        config["fx_graph_cache"] = False
+        on_cpu = all(
+            x.device.type == "cpu" for x in example_inputs if isinstance(x, torch.Tensor)
+        )
+        if on_cpu:
+            config.setdefault("layout_optimization", False)
+        return compile_fx(
+            gm,
+            example_inputs,
+            inner_compile=_with_batched_kernels(_with_aten_max_pool_backward(compile_fx_inner)),
+            config_patches=config,
+            decompositions=decompositions,
+        )
+
+
+def _with_batched_kernels(inner_compile: Callable[..., Any]) -> Callable[..., Any]:
+    """``inner_compile`` building each graph's C++ kernels a few libraries at a time
+    (AOT autograd compiles a backward lazily, outside the backend call)."""
+
+    @functools.wraps(inner_compile)
+    def compile_batched(*args: Any, **kwargs: Any) -> Any:
+        with batched_cpp_kernels():
+            return inner_compile(*args, **kwargs)
+
+    return compile_batched
 
 
 def _with_aten_max_pool_backward(inner_compile: Callable[..., Any]) -> Callable[..., Any]:

@@ -50,9 +50,11 @@ def test_max_pools_are_found_also_inside_a_func_transform(pool):
 
 @pytest.mark.parametrize("with_pool", [True, False])
 def test_the_decomposition_is_dropped_only_for_max_pool_graphs(monkeypatch, with_pool):
-    """Graphs without a max-pool reach Inductor exactly as torch.compile would send them
-    (default decompositions, caches as configured); mode and options become Inductor
-    config patches as in torch.compile."""
+    """Graphs without a max-pool reach Inductor as torch.compile would send them
+    (default decompositions, caches as configured; only the C++ kernels are built a few
+    at a time); mode and options become Inductor config patches as in torch.compile."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
     seen = {}
 
     def fake_compile_fx(
@@ -71,9 +73,11 @@ def test_the_decomposition_is_dropped_only_for_max_pool_graphs(monkeypatch, with
         assert torch.ops.aten.max_pool2d_with_indices.default in seen["decompositions"]
         assert seen["config"]["fx_graph_cache"] is False  # the caches ignore the table
         assert seen["config"]["layout_optimization"] is False  # CPU (no tensor elsewhere)
-        assert seen["inner"] is not None  # lowers max-pool backward with ATen's kernel
+        # batches the C++ kernels, lowers max-pool backward with ATen's kernel
+        assert seen["inner"].__wrapped__.__wrapped__ is compile_fx_inner
     else:
-        assert seen["decompositions"] is None and seen["inner"] is None
+        assert seen["decompositions"] is None
+        assert seen["inner"].__wrapped__ is compile_fx_inner  # batches the C++ kernels
         assert "fx_graph_cache" not in seen["config"]
         assert "layout_optimization" not in seen["config"]
     from torch._inductor.decomposition import select_decomp_table
