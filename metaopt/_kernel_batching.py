@@ -48,7 +48,7 @@ one): each extra library costs one fixed compiler start, worth it only when it h
 enough kernels to build in parallel with the others."""
 
 _KERNEL_DEFINITION = re.compile(r'extern\s+"C"\s+void\s+kernel\s*\(')
-_INTEGER_TYPES = {"int64_t", "long", "int", "uintptr_t"}
+_INTEGER_TYPES = {"int64_t", "long", "int"}
 _FLOAT_TYPES = {"float", "double"}
 
 _BINDING_PRELUDE = r"""
@@ -170,6 +170,17 @@ def combined_source(kernels: Sequence[tuple[Sequence[str], str]]) -> str:
     ])
 
 
+def _combinable(argtypes: Sequence[str], source: str) -> bool:
+    """Whether :func:`combined_source` takes this kernel (else it is built on its own,
+    by Inductor's path)."""
+    try:
+        combined_source([(argtypes, source)])
+    except ValueError as error:
+        log.debug("a kernel is built on its own: %s", error)
+        return False
+    return True
+
+
 @functools.cache
 def _library_cache() -> Any:
     """Inductor's cache of C++ libraries with Python bindings, subclassed so that its
@@ -217,10 +228,14 @@ class _KernelBatch:
 
         start = time.perf_counter()
         n = len(self.sources)
-        n_libraries = max(1, min(get_compile_threads(), n // MIN_KERNELS_PER_LIBRARY))
-        groups = _chunks([len(s) for _, s in self.sources], n_libraries)
-        pending = [(group, self._submit(group)) for group in groups]
         kernels: list[Callable[..., Any] | None] = [None] * n
+        fit = [i for i in range(n) if _combinable(*self.sources[i])]
+        n_libraries = max(1, min(get_compile_threads(), len(fit) // MIN_KERNELS_PER_LIBRARY))
+        groups = [
+            [fit[j] for j in group]
+            for group in _chunks([len(self.sources[i][1]) for i in fit], n_libraries)
+        ]
+        pending = [(group, self._submit(group)) for group in groups]
         for group, load in pending:
             try:
                 module = load() if load is not None else None
@@ -229,21 +244,19 @@ class _KernelBatch:
                 module = None
             for j, i in enumerate(group):
                 kernels[i] = getattr(module, f"kernel_{j}") if module else self._alone(i)
+        for i in set(range(n)) - set(fit):
+            kernels[i] = self._alone(i)
         log.debug(
-            "built %d C++ kernels in %d libraries in %.2f s", n, len(groups),
-            time.perf_counter() - start,
+            "built %d C++ kernels in %d libraries (%d on their own) in %.2f s", n,
+            len(groups), n - len(fit), time.perf_counter() - start,
         )
         return kernels  # type: ignore[return-value]
 
     def _submit(self, group: list[int]) -> Callable[[], Any] | None:
-        """Start building ``group``'s library; ``None`` when its sources cannot be
-        combined (each kernel is then built on its own)."""
+        """Start building ``group``'s library; ``None`` when that fails at once (each
+        kernel is then built on its own)."""
         try:
             code = combined_source([self.sources[i] for i in group])
-        except ValueError as error:
-            log.debug("not combining %d kernels: %s", len(group), error)
-            return None
-        try:
             return _library_cache().load_async(code, "cpu", submit_fn=self.submit)
         except Exception as error:  # any build failure falls back
             _log_fallback(len(group), error)

@@ -132,3 +132,36 @@ def test_chunks_balance_source_sizes():
     """Largest first, each to the lightest group: 100 | 60, 50 | +10 | +5 -> 115 vs 110."""
     assert _kernel_batching._chunks([100, 10, 60, 50, 5], 2) == [[0, 1, 4], [2, 3]]
     assert _kernel_batching._chunks([3, 2], 4) == [[0], [1]]  # no empty groups
+
+
+def test_a_kernel_that_cannot_be_combined_is_built_on_its_own(monkeypatch):
+    """Two kernels share one library; a third, whose definition has another form, goes
+    through Inductor's one-kernel path; all three compute what their C++ says."""
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+    other_form = """#include <torch/csrc/inductor/cpp_prefix.h>
+extern "C" __attribute__((visibility("default"))) void kernel(float* out_ptr0)
+{
+    out_ptr0[0] = 7.0f;
+}
+"""
+    alone = []
+    load_one = CppPythonBindingsCodeCache.load_pybinding
+    monkeypatch.setattr(
+        CppPythonBindingsCodeCache, "load_pybinding",
+        lambda *a, **k: alone.append(a[1]) or load_one(*a, **k),
+    )
+    batch = _kernel_batching._KernelBatch(submit=None)
+    pending = [
+        batch.add(["const float*", "float*", "const int64_t"], KERNEL_A),
+        batch.add(["float*"], other_form),
+        batch.add(["float*", "const double"], KERNEL_B),
+    ]
+    double, seven, scale = (p.result() for p in pending)
+    assert alone == [other_form]
+    x, out = torch.arange(4.0), torch.zeros(4)
+    double(x, out, 4)
+    assert out.tolist() == [0.0, 2.0, 4.0, 6.0]
+    seven(out)
+    scale(out, 0.5)
+    assert out.tolist() == [3.5, 2.0, 4.0, 6.0]
