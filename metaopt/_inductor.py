@@ -13,7 +13,8 @@ faster (the scatter wrote a channels-first buffer one element at a time).
 
 :func:`inductor` is ``torch.compile``'s Inductor (same ``mode`` and ``options``) with that
 decomposition removed, for graphs that contain a max-pool only: for every other graph it
-is exactly Inductor, including its on-disk caches. Graphs with a max-pool are compiled
+is Inductor, including its on-disk caches (every graph builds its C++ kernels a few
+libraries at a time, see :mod:`metaopt._kernel_batching`). Graphs with a max-pool are compiled
 with the caches off (their keys do not include the decomposition table, so a cached
 entry compiled with the wrong decomposition would be served: seen here), hence afresh in
 every process.
@@ -71,7 +72,8 @@ def inductor(
     ``torch.compile(backend="inductor", mode=..., options=...)`` would apply them; graphs
     with a max-pool without torch's ``scatter_add`` decomposition of max-pool backward,
     with ATen's kernel for it and, on a CPU, ``layout_optimization=False`` unless
-    ``options`` set it (see the module doc)."""
+    ``options`` set it (see the module doc); C++ kernels built a few libraries at a time
+    (:func:`metaopt._kernel_batching.batched_cpp_kernels`)."""
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
     from torch._inductor.decomposition import select_decomp_table
