@@ -33,7 +33,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,45 @@ def _argument(argtype: str, index: int) -> str:
     raise ValueError(f"argument type {argtype!r} has no conversion")
 
 
+class _KernelPart(NamedTuple):
+    """One kernel's share of a combined source."""
+
+    includes: list[str]
+    body: str  # the source without its includes, ``kernel`` with C++ linkage
+    call_args: str  # the C++ arguments converted from the Python call's tuple
+    n_args: int
+
+
+def _kernel_part(argtypes: Sequence[str], source: str) -> _KernelPart:
+    """Split one kernel for :func:`combined_source` (``ValueError`` if it cannot be)."""
+    lines = source.splitlines()
+    includes = [line.strip() for line in lines if line.lstrip().startswith("#include")]
+    body = "\n".join(line for line in lines if not line.lstrip().startswith("#include"))
+    body, found = _KERNEL_DEFINITION.subn("void kernel(", body)
+    if found != 1:
+        raise ValueError(f"the kernel defines kernel() {found} times, expected once")
+    call_args = ", ".join(_argument(t, j) for j, t in enumerate(argtypes))
+    return _KernelPart(includes, body, call_args, len(argtypes))
+
+
+def _assembled(parts: Sequence[_KernelPart]) -> str:
+    """The source of :func:`combined_source` from its kernels' parts."""
+    includes = dict.fromkeys(line for part in parts for line in part.includes)
+    bodies, bindings, methods = [], [], []
+    for i, part in enumerate(parts):
+        namespace = f"metaopt_kernel_{i}"
+        bodies.append(f"namespace {namespace} {{\n{part.body}\n}}  // namespace {namespace}")
+        bindings.append(_BINDING_FUNCTION.format(
+            name=f"kernel_{i}", n_args=part.n_args, namespace=namespace,
+            call_args=part.call_args,
+        ))
+        methods.append(f'    {{"kernel_{i}", kernel_{i}_py, METH_VARARGS, nullptr}},')
+    return "\n".join([
+        *includes, *bodies, _BINDING_PRELUDE, *bindings,
+        _MODULE_INIT.format(methods="\n".join(methods)),
+    ])
+
+
 def combined_source(kernels: Sequence[tuple[Sequence[str], str]]) -> str:
     """One C++ source defining the Python functions ``kernel_0 ... kernel_{n-1}`` of a
     module ``kernel``.
@@ -147,38 +186,7 @@ def combined_source(kernels: Sequence[tuple[Sequence[str], str]]) -> str:
         ValueError: a source does not define ``kernel`` exactly once in that form, or an
             argument type has no conversion.
     """
-    includes: dict[str, None] = {}
-    bodies, bindings, methods = [], [], []
-    for i, (argtypes, source) in enumerate(kernels):
-        lines = source.splitlines()
-        include = [line for line in lines if line.lstrip().startswith("#include")]
-        includes.update((line.strip(), None) for line in include)
-        body = "\n".join(line for line in lines if line not in include)
-        body, found = _KERNEL_DEFINITION.subn("void kernel(", body)
-        if found != 1:
-            raise ValueError(f"kernel {i} defines kernel() {found} times, expected once")
-        namespace = f"metaopt_kernel_{i}"
-        bodies.append(f"namespace {namespace} {{\n{body}\n}}  // namespace {namespace}")
-        call_args = ", ".join(_argument(t, j) for j, t in enumerate(argtypes))
-        bindings.append(_BINDING_FUNCTION.format(
-            name=f"kernel_{i}", n_args=len(argtypes), namespace=namespace, call_args=call_args
-        ))
-        methods.append(f'    {{"kernel_{i}", kernel_{i}_py, METH_VARARGS, nullptr}},')
-    return "\n".join([
-        *includes, *bodies, _BINDING_PRELUDE, *bindings,
-        _MODULE_INIT.format(methods="\n".join(methods)),
-    ])
-
-
-def _combinable(argtypes: Sequence[str], source: str) -> bool:
-    """Whether :func:`combined_source` takes this kernel (else it is built on its own,
-    by Inductor's path)."""
-    try:
-        combined_source([(argtypes, source)])
-    except ValueError as error:
-        log.debug("a kernel is built on its own: %s", error)
-        return False
-    return True
+    return _assembled([_kernel_part(argtypes, source) for argtypes, source in kernels])
 
 
 @functools.cache
@@ -228,14 +236,20 @@ class _KernelBatch:
 
         start = time.perf_counter()
         n = len(self.sources)
-        kernels: list[Callable[..., Any] | None] = [None] * n
-        fit = [i for i in range(n) if _combinable(*self.sources[i])]
+        parts: dict[int, _KernelPart] = {}
+        for i, (argtypes, source) in enumerate(self.sources):
+            try:
+                parts[i] = _kernel_part(argtypes, source)
+            except ValueError as error:
+                log.debug("kernel %d is built on its own: %s", i, error)
+        fit = list(parts)
         n_libraries = max(1, min(get_compile_threads(), len(fit) // MIN_KERNELS_PER_LIBRARY))
         groups = [
             [fit[j] for j in group]
             for group in _chunks([len(self.sources[i][1]) for i in fit], n_libraries)
         ]
-        pending = [(group, self._submit(group)) for group in groups]
+        pending = [(group, self._submit([parts[i] for i in group])) for group in groups]
+        kernels = [None if i in parts else self._alone(i) for i in range(n)]
         for group, load in pending:
             try:
                 module = load() if load is not None else None
@@ -244,22 +258,19 @@ class _KernelBatch:
                 module = None
             for j, i in enumerate(group):
                 kernels[i] = getattr(module, f"kernel_{j}") if module else self._alone(i)
-        for i in set(range(n)) - set(fit):
-            kernels[i] = self._alone(i)
         log.debug(
             "built %d C++ kernels in %d libraries (%d on their own) in %.2f s", n,
             len(groups), n - len(fit), time.perf_counter() - start,
         )
         return kernels  # type: ignore[return-value]
 
-    def _submit(self, group: list[int]) -> Callable[[], Any] | None:
-        """Start building ``group``'s library; ``None`` when that fails at once (each
-        kernel is then built on its own)."""
+    def _submit(self, parts: list[_KernelPart]) -> Callable[[], Any] | None:
+        """Start building a library of these kernels; ``None`` when that fails at once
+        (each kernel is then built on its own)."""
         try:
-            code = combined_source([self.sources[i] for i in group])
-            return _library_cache().load_async(code, "cpu", submit_fn=self.submit)
+            return _library_cache().load_async(_assembled(parts), "cpu", submit_fn=self.submit)
         except Exception as error:  # any build failure falls back
-            _log_fallback(len(group), error)
+            _log_fallback(len(parts), error)
             return None
 
     def _alone(self, index: int) -> Callable[..., Any]:
