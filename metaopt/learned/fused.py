@@ -28,6 +28,7 @@ from metaopt.learned.rule import (
     coefficient_lists,
     direction_of,
     factored_moment,
+    second_moment,
     token_views,
     wide_dtype,
 )
@@ -318,7 +319,9 @@ def fused_core_(
         gc = _sampled(g, col)
         g_s.append(gc)
         m_s.append(torch.lerp(_sampled(m, col), gc, 1.0 - b1))
-        v_s.append(_new_v(_sampled(v, col), gc, b2) if v is not None else _sampled(full, col))
+        v_s.append(
+            second_moment(_sampled(v, col), gc, b2) if v is not None else _sampled(full, col)
+        )
     w_s = [_sampled(w, col) for w, col in zip(views.params, columns, strict=True)]
     a_s = [_sampled(a, col) for a, col in zip(views.anchor, columns, strict=True)]
     i_s = [_sampled(i, col) for i, col in zip(views.importance, columns, strict=True)]
@@ -352,17 +355,10 @@ def fused_core_(
     )
     for g, w, m, v, full, anchor, imp, c in per_tensor:
         m_new = torch.lerp(m, g, 1.0 - b1)
-        v_new = _new_v(v, g, b2) if v is not None else full
+        v_new = second_moment(v, g, b2) if v is not None else full
         update = direction_of(g, w, m_new, v_new, anchor, imp, list(c), importance_free)
         m.copy_(m_new)
         if v is not None:
             v.copy_(v_new)
         w.add_(update)
     return steps, task_steps, v_state
-
-
-def _new_v(v: torch.Tensor, g: torch.Tensor, b2: Scalar) -> torch.Tensor:
-    """Adam's second-moment update ``b2 v + (1 - b2) g^2``."""
-    if isinstance(b2, torch.Tensor):  # addcmul's value must be a number
-        return torch.addcmul(v * b2, g * (1.0 - b2), g)
-    return torch.addcmul(v * b2, g, g, value=1.0 - b2)

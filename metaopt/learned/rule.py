@@ -8,7 +8,9 @@ One ``update`` call:
    descriptor, and a task token from the loss statistics and task counters;
 3. runs :class:`~metaopt.learned.network.LearnedRuleNet` over the tokens to get
    per-token coefficients (:class:`~metaopt.learned.network.TokenCoefficients`);
-4. applies them element-wise with about twenty ``torch._foreach`` passes::
+4. applies them element-wise (autograd off: about twenty in-place ``torch._foreach``
+   passes; autograd on: once over the concatenation of all tensors, see
+   ``_flat_step``)::
 
        u = -lr * gate / (1 + lambda * imp) * (exp(s) * m_hat / (sqrt(v_hat) + eps)
                + a * g / (sqrt(v_hat) + eps) + b * w / rms_w + c * (w - anchor) / rms_w)
@@ -494,8 +496,8 @@ def _token_owner_cpu(counts: tuple[int, ...]) -> torch.Tensor:
     return torch.arange(len(counts)).repeat_interleave(torch.tensor(counts, dtype=torch.long))
 
 
-def coefficient_lists(
-    views: TokenViews,
+def coefficient_table(
+    counts: list[int],
     fields: TensorFields,
     samples: tuple[torch.Tensor, ...],
     run_net: Callable[[torch.Tensor, torch.Tensor], TokenCoefficients],
@@ -507,23 +509,22 @@ def coefficient_lists(
     topk_fraction: float | None,
     net_dtype: torch.dtype,
     wide: torch.dtype,
-) -> tuple[list[list[torch.Tensor]], torch.Tensor, torch.Tensor]:
-    """Tokens -> attention -> the per-element coefficients (steps 2 and 3 of the module
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens -> attention -> the per-token coefficients (steps 2 and 3 of the module
     docstring).
 
     Args:
-        views: the update's views.
+        counts: each tensor's number of tokens (``T = sum(counts)``).
         fields: the states' counters, loss statistics and descriptors.
         samples: ``(g, m, v, w, anchor, importance)``, each ``[T, S]`` in ``net_dtype``,
             with ``m, v`` the updated moments.
         wide: float64 when a parameter is float64, else float32.
 
     Returns:
-        Seven lists (one per coefficient: x m, x g, x w, x drift, lambda, rho, eps) of
-        per-tensor ``[n_tokens, 1]`` tensors in the gradients' dtypes; the new step
+        ``[T, 7]`` coefficients (x m, x g, x w, x drift, lambda, rho, eps; see
+        :func:`direction_of`) in ``promote_types(wide, net_dtype)``; the new step
         counters ``[n tensors]`` and the current in-task steps ``[n tensors]``.
     """
-    counts = views.counts
     steps = fields.step + 1.0
     bc1 = 1.0 - scalar_power(b1, steps.to(wide))  # [n tensors]
     bc2 = 1.0 - scalar_power(b2, steps.to(wide))
@@ -584,7 +585,32 @@ def coefficient_lists(
         ],
         dim=1,
     )  # [T, 7]
+    return table, steps, task_steps
 
+
+def coefficient_lists(
+    views: TokenViews,
+    fields: TensorFields,
+    samples: tuple[torch.Tensor, ...],
+    run_net: Callable[[torch.Tensor, torch.Tensor], TokenCoefficients],
+    **options: Any,
+) -> tuple[list[list[torch.Tensor]], torch.Tensor, torch.Tensor]:
+    """:func:`coefficient_table` split per tensor, as broadcasts over the views.
+
+    Args:
+        views: the update's views.
+        fields: as in :func:`coefficient_table`.
+        samples: as in :func:`coefficient_table`.
+        run_net: as in :func:`coefficient_table`.
+        **options: the keyword arguments of :func:`coefficient_table`.
+
+    Returns:
+        Seven lists (one per coefficient: x m, x g, x w, x drift, lambda, rho, eps) of
+        per-tensor ``[n_tokens, 1]`` tensors in the gradients' dtypes; the new step
+        counters ``[n tensors]`` and the current in-task steps ``[n tensors]``.
+    """
+    counts = views.counts
+    table, steps, task_steps = coefficient_table(counts, fields, samples, run_net, **options)
     # per-token coefficients broadcast over each token's row
     dtypes = {g.dtype for g in views.grads}
     if len(dtypes) == 1:  # one split per coefficient: [n_tokens, 1] views, 7 calls in all
@@ -646,6 +672,22 @@ def _learned_step(
     importance_free: bool,
 ) -> tuple[list[torch.Tensor], list[LearnedState]]:
     """The arithmetic of one update over lists of tensors (see the module docstring)."""
+    if torch.is_grad_enabled() and _flattenable(grads, params, leaves):
+        return _flat_step(
+            grads,
+            params,
+            leaves,
+            run_net,
+            lr=lr,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            max_block=max_block,
+            sample_size=sample_size,
+            topk_fraction=topk_fraction,
+            net_dtype=net_dtype,
+            importance_free=importance_free,
+        )
     views = token_views(grads, params, leaves, max_block)
     g_v, w_v, m_old = views.grads, views.params, views.exp_avg
     shapes = [tuple(lay) for lay in views.layouts]
@@ -719,3 +761,114 @@ def _learned_step(
     updates = [u.reshape(g.shape) for u, g in zip(out, grads, strict=True)]
     m_state = [s.exp_avg for s in leaves] if in_place else m_new  # in place: the same tensors
     return updates, advanced_leaves(leaves, steps, task_steps + 1.0, m_state, v_state)
+
+
+def second_moment(v: torch.Tensor, g: torch.Tensor, b2: Scalar) -> torch.Tensor:
+    """Adam's second-moment update ``b2 v + (1 - b2) g^2``, out of place."""
+    if isinstance(b2, torch.Tensor):  # addcmul's value must be a number
+        return torch.addcmul(v * b2, g * (1.0 - b2), g)
+    return torch.addcmul(v * b2, g, g, value=1.0 - b2)
+
+
+def _flattenable(
+    grads: list[torch.Tensor], params: list[torch.Tensor], leaves: list[LearnedState]
+) -> bool:
+    """Whether :func:`_flat_step` applies: one dtype and device for the gradients,
+    parameters and moments, one dtype for the anchors and importances, dense second
+    moments."""
+    return (
+        len({(x.dtype, x.device) for x in (*grads, *params)}) == 1
+        and len({s.anchor.dtype for s in leaves} | {s.importance.dtype for s in leaves}) == 1
+        and not any(is_factored(s) for s in leaves)
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _flat_sample_index_cpu(layouts: tuple[Layout, ...], sample_size: int) -> torch.Tensor:
+    """``[T * sample_size]`` int64: the positions of every token's sampled elements (those
+    of :func:`~metaopt.learned.features.sample_columns`) in the concatenation of the
+    flattened tensors."""
+    lengths = torch.tensor([lay.length for lay in layouts for _ in range(lay.n_tokens)])
+    starts = torch.cumsum(lengths, 0) - lengths
+    columns = torch.arange(sample_size) * lengths[:, None] // sample_size
+    return (starts[:, None] + columns).reshape(-1)
+
+
+def _flat_step(
+    grads: list[torch.Tensor],
+    params: list[torch.Tensor],
+    leaves: list[LearnedState],
+    run_net: Callable[[torch.Tensor, torch.Tensor], TokenCoefficients],
+    *,
+    lr: Scalar,
+    b1: Scalar,
+    b2: Scalar,
+    eps: Scalar,
+    max_block: int,
+    sample_size: int,
+    topk_fraction: float | None,
+    net_dtype: torch.dtype,
+    importance_free: bool,
+) -> tuple[list[torch.Tensor], list[LearnedState]]:
+    """:func:`_learned_step` with autograd on, over one concatenation of all tensors.
+
+    The same values per element (the same formulas in the same order), but every
+    element-wise operation runs once over all ``N`` elements instead of once per tensor:
+    a differentiated (and compiled) update has a few dozen operations whatever the number
+    of tensors, not a few dozen per tensor, which is most of a compiled meta step's graph
+    and compile time. Each token's coefficients reach its elements through a broadcast
+    per tensor, concatenated (``[N, 7]``, index arithmetic once compiled).
+    """
+    layouts = [
+        uncached_when_compiling(layout_of)(g.numel(), max_block, g.shape[0] if g.ndim else 1)
+        for g in grads
+    ]
+    counts = [lay.n_tokens for lay in layouts]
+    numels = [g.numel() for g in grads]
+
+    def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([x.reshape(-1) for x in tensors])
+
+    g, w = flat(grads), flat(params)
+    m = torch.lerp(flat([s.exp_avg for s in leaves]), g, 1.0 - b1)
+    v = second_moment(flat([s.exp_avg_sq for s in leaves]), g, b2)
+    anchor, imp = flat([s.anchor for s in leaves]), flat([s.importance for s in leaves])
+
+    index = uncached_when_compiling(_flat_sample_index_cpu)(tuple(layouts), sample_size)
+    index = index if index.device == g.device else index.to(g.device)
+    samples = tuple(
+        x.index_select(0, index).view(sum(counts), sample_size).to(net_dtype)
+        for x in (g, m, v, w, anchor, imp)
+    )
+    table, steps, task_steps = coefficient_table(
+        counts,
+        stacked_fields(leaves),
+        samples,
+        run_net,
+        lr=lr,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        topk_fraction=topk_fraction,
+        net_dtype=net_dtype,
+        wide=wide_dtype(params),
+    )
+    width = table.shape[1]
+    per_element = torch.cat(
+        [
+            t[:, None, :].expand(lay.n_tokens, lay.length, width).reshape(-1, width)
+            for t, lay in zip(torch.split(table.to(g.dtype), counts), layouts, strict=True)
+        ]
+    )  # [N, 7]
+    update = direction_of(g, w, m, v, anchor, imp, list(per_element.unbind(1)), importance_free)
+
+    def unflat(x: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [p.view(t.shape) for p, t in zip(torch.split(x, numels), like, strict=True)]
+
+    return unflat(update, grads), advanced_leaves(
+        leaves,
+        steps,
+        task_steps + 1.0,
+        unflat(m, [s.exp_avg for s in leaves]),
+        unflat(v, [s.exp_avg_sq for s in leaves]),
+    )
