@@ -213,23 +213,18 @@ def learned_rule(
             leaves.append(leaf)
         if active:
             grad_of = dict(items)
-            active_updates, new_leaves = _learned_step(
-                [grad_of[k] for k in active],
-                [param_of[k] for k in active],
-                leaves,
-                run_net,
-                lr=lr,
-                b1=b1,
-                b2=b2,
-                eps=eps,
-                max_block=max_block,
-                sample_size=sample_size,
-                topk_fraction=topk_fraction,
-                net_dtype=net_dtype_of(net, meta_params),
-                inplace_state=inplace_state,
-                workspace=workspace,
-                importance_free=importance_free and not folded,
+            options = _StepOptions(
+                lr, b1, b2, eps, max_block, sample_size, topk_fraction,
+                net_dtype_of(net, meta_params),
             )
+            args = ([grad_of[k] for k in active], [param_of[k] for k in active], leaves)
+            free = importance_free and not folded
+            if torch.is_grad_enabled() and _flattenable(*args):
+                active_updates, new_leaves = _flat_step(*args, run_net, options, free)
+            else:
+                active_updates, new_leaves = _learned_step(
+                    *args, run_net, options, inplace_state, workspace, free
+                )
             updates.update(zip(active, active_updates, strict=True))
             new_state.update(zip(active, new_leaves, strict=True))
         return rebuild(grads, [updates[k] for k in keys]), {k: new_state[k] for k in keys}
@@ -653,41 +648,38 @@ def advanced_leaves(
     ]
 
 
+class _StepOptions(NamedTuple):
+    """The hyper-parameters and sizes of one update (see :func:`learned_rule`)."""
+
+    lr: Scalar
+    b1: Scalar
+    b2: Scalar
+    eps: Scalar
+    max_block: int
+    sample_size: int
+    topk_fraction: float | None
+    net_dtype: torch.dtype
+
+    def for_coefficients(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`coefficient_table` among them."""
+        names = ("lr", "b1", "b2", "eps", "topk_fraction", "net_dtype")
+        return {name: getattr(self, name) for name in names}
+
+
 def _learned_step(
     grads: list[torch.Tensor],
     params: list[torch.Tensor],
     leaves: list[LearnedState],
     run_net: Callable[[torch.Tensor, torch.Tensor], TokenCoefficients],
-    *,
-    lr: Scalar,
-    b1: Scalar,
-    b2: Scalar,
-    eps: Scalar,
-    max_block: int,
-    sample_size: int,
-    topk_fraction: float | None,
-    net_dtype: torch.dtype,
+    options: _StepOptions,
     inplace_state: bool,
     workspace: dict[Any, list[torch.Tensor]] | None,
     importance_free: bool,
 ) -> tuple[list[torch.Tensor], list[LearnedState]]:
-    """The arithmetic of one update over lists of tensors (see the module docstring)."""
-    if torch.is_grad_enabled() and _flattenable(grads, params, leaves):
-        return _flat_step(
-            grads,
-            params,
-            leaves,
-            run_net,
-            lr=lr,
-            b1=b1,
-            b2=b2,
-            eps=eps,
-            max_block=max_block,
-            sample_size=sample_size,
-            topk_fraction=topk_fraction,
-            net_dtype=net_dtype,
-            importance_free=importance_free,
-        )
+    """The arithmetic of one update over lists of tensors (see the module docstring),
+    tensor by tensor (with autograd on, :func:`_flat_step` does it in one go where it
+    can)."""
+    b1, b2, max_block = options.b1, options.b2, options.max_block
     views = token_views(grads, params, leaves, max_block)
     g_v, w_v, m_old = views.grads, views.params, views.exp_avg
     shapes = [tuple(lay) for lay in views.layouts]
@@ -732,23 +724,14 @@ def _learned_step(
 
     # 2. tokens: statistics of a fixed subsample of each block; 3. coefficients
     wide = wide_dtype(params)
-    columns = [sample_columns(lay, sample_size, g_v[0].device) for lay in views.layouts]
+    device = g_v[0].device
+    columns = [sample_columns(lay, options.sample_size, device) for lay in views.layouts]
     samples = tuple(
-        _samples(buffers, columns, net_dtype)
+        _samples(buffers, columns, options.net_dtype)
         for buffers in (g_v, m_new, v_new, w_v, views.anchor, views.importance)
     )
     coefficients, steps, task_steps = coefficient_lists(
-        views,
-        stacked_fields(leaves),
-        samples,
-        run_net,
-        lr=lr,
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        topk_fraction=topk_fraction,
-        net_dtype=net_dtype,
-        wide=wide,
+        views, stacked_fields(leaves), samples, run_net, **options.for_coefficients(), wide=wide
     )
 
     # 4. element-wise update
@@ -799,15 +782,7 @@ def _flat_step(
     params: list[torch.Tensor],
     leaves: list[LearnedState],
     run_net: Callable[[torch.Tensor, torch.Tensor], TokenCoefficients],
-    *,
-    lr: Scalar,
-    b1: Scalar,
-    b2: Scalar,
-    eps: Scalar,
-    max_block: int,
-    sample_size: int,
-    topk_fraction: float | None,
-    net_dtype: torch.dtype,
+    options: _StepOptions,
     importance_free: bool,
 ) -> tuple[list[torch.Tensor], list[LearnedState]]:
     """:func:`_learned_step` with autograd on, over one concatenation of all tensors.
@@ -819,8 +794,11 @@ def _flat_step(
     and compile time. Each token's coefficients reach its elements through a broadcast
     per tensor, concatenated (``[N, 7]``, index arithmetic once compiled).
     """
+    b1, b2, sample_size = options.b1, options.b2, options.sample_size
     layouts = [
-        uncached_when_compiling(layout_of)(g.numel(), max_block, g.shape[0] if g.ndim else 1)
+        uncached_when_compiling(layout_of)(
+            g.numel(), options.max_block, g.shape[0] if g.ndim else 1
+        )
         for g in grads
     ]
     counts = [lay.n_tokens for lay in layouts]
@@ -837,7 +815,7 @@ def _flat_step(
     index = uncached_when_compiling(_flat_sample_index_cpu)(tuple(layouts), sample_size)
     index = index if index.device == g.device else index.to(g.device)
     samples = tuple(
-        x.index_select(0, index).view(sum(counts), sample_size).to(net_dtype)
+        x.index_select(0, index).view(sum(counts), sample_size).to(options.net_dtype)
         for x in (g, m, v, w, anchor, imp)
     )
     table, steps, task_steps = coefficient_table(
@@ -845,12 +823,7 @@ def _flat_step(
         stacked_fields(leaves),
         samples,
         run_net,
-        lr=lr,
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        topk_fraction=topk_fraction,
-        net_dtype=net_dtype,
+        **options.for_coefficients(),
         wide=wide_dtype(params),
     )
     width = table.shape[1]
