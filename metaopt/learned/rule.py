@@ -229,6 +229,23 @@ def learned_rule(
             new_state.update(zip(active, new_leaves, strict=True))
         return rebuild(grads, [updates[k] for k in keys]), {k: new_state[k] for k in keys}
 
+    def fold_pending(state: State, params: Any) -> State:
+        """``state`` with the pending task boundaries (``new_task(state)`` without
+        parameters) of the parameters in ``params`` folded now, at their values there,
+        with this rule's ``importance`` score: what the next ``update`` does first for a
+        parameter that gets a gradient. Lets a caller fold outside a compiled update,
+        which then meets no pending boundary (one graph instead of two, see
+        :class:`metaopt.meta.compiled.CompiledContinualSteps`). Attached to the rule as
+        ``learned_rule(...).update.fold_pending``."""
+        param_of = dict(named_leaves(params))
+        return {
+            key: fold_task(leaf, param_of[key], importance)
+            if isinstance(leaf, LearnedState) and leaf.pending.numel() and key in param_of
+            else leaf
+            for key, leaf in state.items()
+        }
+
+    update.fold_pending = fold_pending  # type: ignore[attr-defined]
     return UpdateRule(init, update)
 
 

@@ -25,7 +25,13 @@ What a compiled graph is specialised on, and how recompilation stays bounded:
 
 Task boundaries (:func:`metaopt.learned.new_task`) happen eagerly before the step; the
 loss observation (:func:`metaopt.learned.observe_loss`) happens inside it, between the
-loss and the update, as in :meth:`ContinualProblem.prepare_state`.
+loss and the update, as in :meth:`ContinualProblem.prepare_state`. The first update
+after a boundary also folds the finished task's importance into the state, with the
+rule's own importance score; for a rule that offers it (``learned_rule``'s
+``update.fold_pending``) that fold runs eagerly before the compiled step too, so the
+step after a boundary meets the ordinary graph instead of compiling one of its own (as
+large and as slow to compile: about 30 s on a 2-core CPU). Other rules (a ``chain``
+around ``learned_rule``) fold inside the step: two graphs per shape signature.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from torch.func import grad_and_value
 from torch.utils import _pytree as pytree
 
 from metaopt._own_cache import compile_own
-from metaopt.learned.tasks import observe_loss
+from metaopt.learned.tasks import learned_leaves, observe_loss
 from metaopt.meta.functional import detach_tree, pure_call
 from metaopt.meta.objective import ContinualProblem, has_learned_state
 from metaopt.meta.problem import RuleFactory
@@ -108,6 +114,12 @@ def _requiring_grad(tree: Any) -> Any:
     return pytree.tree_map(fix, tree)
 
 
+def _folds_a_task(state: Any) -> bool:
+    """Whether the next update of ``state`` folds a pending task boundary (see
+    :func:`metaopt.learned.new_task` without parameters)."""
+    return any(leaf.pending.numel() for value in state.values() for leaf in learned_leaves(value))
+
+
 def _signature(module: nn.Module, x: torch.Tensor) -> tuple:
     """What selects a compiled function: the model's class, tensor shapes and dtypes and
     train/eval mode, and the batch's shape and dtype."""
@@ -157,6 +169,10 @@ class CompiledContinualSteps:
                 f"compiled inner steps need a ContinualProblem, got {type(problem).__name__}"
             )
         state = problem.begin_step(carry.state, step)
+        if _folds_a_task(state):  # fold now if the rule can: one graph (module docstring)
+            fold = getattr(self.rule_fn(meta_params).update, "fold_pending", None)
+            if fold is not None:
+                state = fold(state, carry.params)
         x, y, logit_range = problem.step_batch(step)
         module = problem.model.module
         key = _signature(module, x)

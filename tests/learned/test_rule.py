@@ -304,3 +304,25 @@ def test_token_owner_spreads_tensors_over_their_tokens():
 
     assert _token_owner_cpu((2, 1, 3)).tolist() == [0, 0, 1, 2, 2, 2]
     assert _token_owner_cpu((1,)).tolist() == [0]
+
+
+@pytest.mark.parametrize("importance", ["path", "weight_grad", "fisher"])
+def test_fold_pending_is_the_fold_the_next_update_does(importance):
+    from metaopt.learned.tasks import IMPORTANCE_KINDS
+
+    assert importance in IMPORTANCE_KINDS
+    rule = learned_rule(perturbed_net(dtype=torch.float64), lr=1e-2, importance=importance)
+    params, state = _run(rule, mlp_params(torch.float64), 4)  # a task with some drift
+    marked = new_task(state)
+    grads = _grads(params, 7)
+    expected, expected_state = rule.update(grads, marked, params)
+    folded = rule.update.fold_pending(marked, params)
+    assert all(not leaf.pending.numel() for leaf in folded.values())
+    assert any(float(leaf.importance.abs().sum()) > 0 for leaf in folded.values())
+    got, got_state = rule.update(grads, folded, params)
+    for k in params:
+        assert torch.equal(got[k], expected[k])
+        for field in ("anchor", "importance", "exp_avg", "step", "task_index"):
+            assert torch.equal(getattr(got_state[k], field), getattr(expected_state[k], field))
+    untouched = rule.update.fold_pending(marked, {})  # no parameters: nothing folded
+    assert all(untouched[k] is marked[k] for k in marked)
