@@ -28,8 +28,8 @@ from metaopt.learned.rule import (
     coefficient_lists,
     direction_of,
     factored_moment,
-    second_moment,
     token_views,
+    updated_second_moment,
     wide_dtype,
 )
 from metaopt.learned.state import LearnedState, is_factored
@@ -320,7 +320,9 @@ def fused_core_(
         g_s.append(gc)
         m_s.append(torch.lerp(_sampled(m, col), gc, 1.0 - b1))
         v_s.append(
-            second_moment(_sampled(v, col), gc, b2) if v is not None else _sampled(full, col)
+            updated_second_moment(_sampled(v, col), gc, b2)
+            if v is not None
+            else _sampled(full, col)
         )
     w_s = [_sampled(w, col) for w, col in zip(views.params, columns, strict=True)]
     a_s = [_sampled(a, col) for a, col in zip(views.anchor, columns, strict=True)]
@@ -355,7 +357,7 @@ def fused_core_(
     )
     for g, w, m, v, full, anchor, imp, c in per_tensor:
         m_new = torch.lerp(m, g, 1.0 - b1)
-        v_new = second_moment(v, g, b2) if v is not None else full
+        v_new = updated_second_moment(v, g, b2) if v is not None else full
         update = direction_of(g, w, m_new, v_new, anchor, imp, list(c), importance_free)
         m.copy_(m_new)
         if v is not None:

@@ -763,7 +763,7 @@ def _learned_step(
     return updates, advanced_leaves(leaves, steps, task_steps + 1.0, m_state, v_state)
 
 
-def second_moment(v: torch.Tensor, g: torch.Tensor, b2: Scalar) -> torch.Tensor:
+def updated_second_moment(v: torch.Tensor, g: torch.Tensor, b2: Scalar) -> torch.Tensor:
     """Adam's second-moment update ``b2 v + (1 - b2) g^2``, out of place."""
     if isinstance(b2, torch.Tensor):  # addcmul's value must be a number
         return torch.addcmul(v * b2, g * (1.0 - b2), g)
@@ -826,7 +826,7 @@ def _flat_step(
 
     g, w = flat(grads), flat(params)
     m = torch.lerp(flat([s.exp_avg for s in leaves]), g, 1.0 - b1)
-    v = second_moment(flat([s.exp_avg_sq for s in leaves]), g, b2)
+    v = updated_second_moment(flat([s.exp_avg_sq for s in leaves]), g, b2)
     anchor, imp = flat([s.anchor for s in leaves]), flat([s.importance for s in leaves])
 
     index = uncached_when_compiling(_flat_sample_index_cpu)(tuple(layouts), sample_size)
