@@ -30,39 +30,47 @@ def _moments(g, m, v, b1, b2):
     return torch.lerp(m, g, 1.0 - b1), updated_second_moment(v, g, b2)
 
 
+def _write(w, m, v, m_new, v_new, update) -> None:
+    """The in-place writes of the fused step."""
+    m.copy_(m_new)
+    v.copy_(v_new)
+    w.add_(update)
+
+
 def shipped(g, w, m, v, anchor, imp, c, b1, b2):
     """The fused step's loop: moments, ``direction_of``, in-place writes."""
     m_new, v_new = _moments(g, m, v, b1, b2)
-    update = direction_of(g, w, m_new, v_new, anchor, imp, c, importance_free=False)
-    m.copy_(m_new)
-    v.copy_(v_new)
-    w.add_(update)
+    _write(w, m, v, m_new, v_new, direction_of(g, w, m_new, v_new, anchor, imp, c, False))
 
 
-def one_division(g, w, m, v, anchor, imp, c, b1, b2):
+def _variant(gated_direction):
+    """A loop like ``shipped`` whose update is ``gated_direction(num, denom, rest, imp,
+    c_lam) - min(1, rho * imp) * drift``, with ``num = m c_m + g c_g`` and ``rest = w c_w
+    + drift c_d``."""
+
+    def loop(g, w, m, v, anchor, imp, c, b1, b2):
+        c_m, c_g, c_w, c_d, c_lam, c_rho, c_eps = c
+        m_new, v_new = _moments(g, m, v, b1, b2)
+        imp, drift = imp.to(w.dtype), w - anchor.to(w.dtype)
+        denom = v_new.clamp_min(1e-30).sqrt() + c_eps
+        num, rest = m_new * c_m + g * c_g, w * c_w + drift * c_d
+        pull = (imp * c_rho).clamp_max(1.0) * drift
+        _write(w, m, v, m_new, v_new, gated_direction(num, denom, rest, imp, c_lam) - pull)
+
+    loop.__doc__ = gated_direction.__doc__
+    return loop
+
+
+@_variant
+def one_division(num, denom, rest, imp, c_lam):
     """``shipped`` with the gate's denominator multiplied into Adam's."""
-    c_m, c_g, c_w, c_d, c_lam, c_rho, c_eps = c
-    m_new, v_new = _moments(g, m, v, b1, b2)
-    imp, drift = imp.to(w.dtype), w - anchor.to(w.dtype)
-    denom = v_new.clamp_min(1e-30).sqrt() + c_eps
-    inner = m_new * c_m + g * c_g + (w * c_w + drift * c_d) * denom
-    update = inner / (denom * (imp * c_lam + 1.0)) - (imp * c_rho).clamp_max(1.0) * drift
-    m.copy_(m_new)
-    v.copy_(v_new)
-    w.add_(update)
+    return (num + rest * denom) / (denom * (imp * c_lam + 1.0))
 
 
-def no_gate(g, w, m, v, anchor, imp, c, b1, b2):
+@_variant
+def no_gate(num, denom, rest, imp, c_lam):
     """``shipped`` without the importance gate's division."""
-    c_m, c_g, c_w, c_d, _, c_rho, c_eps = c
-    m_new, v_new = _moments(g, m, v, b1, b2)
-    imp, drift = imp.to(w.dtype), w - anchor.to(w.dtype)
-    denom = v_new.clamp_min(1e-30).sqrt() + c_eps
-    direction = (m_new * c_m + g * c_g) / denom + w * c_w + drift * c_d
-    update = direction - (imp * c_rho).clamp_max(1.0) * drift
-    m.copy_(m_new)
-    v.copy_(v_new)
-    w.add_(update)
+    return num / denom + rest
 
 
 VARIANTS: dict[str, Callable[..., None]] = {
