@@ -453,6 +453,15 @@ class TokenViews(NamedTuple):
     importance: list[torch.Tensor]
 
 
+def token_layouts(grads: list[torch.Tensor], max_block: int) -> list[Layout]:
+    """Each tensor's token layout (:func:`~metaopt.learned.features.layout_of`, rows of
+    its leading dimension preferred)."""
+    return [
+        uncached_when_compiling(layout_of)(g.numel(), max_block, g.shape[0] if g.ndim else 1)
+        for g in grads
+    ]
+
+
 def token_views(
     grads: list[torch.Tensor],
     params: list[torch.Tensor],
@@ -461,10 +470,7 @@ def token_views(
 ) -> TokenViews:
     """Each tensor's token layout and its gradient, parameter, first moment, anchor and
     importance as ``[n_tokens, length]`` views (reshapes; views of contiguous tensors)."""
-    layouts: list[Layout] = [
-        uncached_when_compiling(layout_of)(g.numel(), max_block, g.shape[0] if g.ndim else 1)
-        for g in grads
-    ]
+    layouts = token_layouts(grads, max_block)
     shapes = [tuple(lay) for lay in layouts]
 
     def view(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -812,12 +818,7 @@ def _flat_step(
     per tensor, concatenated (``[N, 7]``, index arithmetic once compiled).
     """
     b1, b2, sample_size = options.b1, options.b2, options.sample_size
-    layouts = [
-        uncached_when_compiling(layout_of)(
-            g.numel(), options.max_block, g.shape[0] if g.ndim else 1
-        )
-        for g in grads
-    ]
+    layouts = token_layouts(grads, options.max_block)
     counts = [lay.n_tokens for lay in layouts]
     numels = [g.numel() for g in grads]
 
