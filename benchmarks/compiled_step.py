@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import grad
 
 import metaopt
+from metaopt._machine import cpu_model
 from metaopt.compile import loss_and_buffers, make_meta_step, make_step, tensor_hyper
 
 
@@ -354,7 +355,8 @@ def main(argv: list[str] | None = None) -> None:
         result = bench_learned_meta(args.learned_meta_variant, args)
         print(json.dumps({"ISA probe (s)": isa_probe, **result}))
         return
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+    print(f"torch {torch.__version__}, {cpu_model()}, device {args.device}, "
+          f"threads {torch.get_num_threads()}, "
           f"batch {args.batch}, {args.steps} steps x {args.repeats} repeats (medians), "
           f"inductor caches {'on' if args.warm_cache else 'off'}; Inductor's CPU ISA probe "
           f"{isa_probe:.1f} s (before, not in, the compile times below)")

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from metaopt._machine import cpu_model
 from metaopt.learned.rule import direction_of, updated_second_moment
 
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     result = measure(args.tokens, args.length, args.repeats)
     adam = result["Adam fused"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+    print(f"torch {torch.__version__}, {cpu_model()}, {torch.get_num_threads()} thread(s), "
           f"{args.tokens} x {args.length} elements, medians of {args.repeats}")
     for name, seconds in result.items():
         print(f"  {name:<18} {1e3 * seconds:8.3f} ms   x{seconds / adam:.2f} of fused Adam")

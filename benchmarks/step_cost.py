@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from metaopt import LearnedOptimizer
+from metaopt._machine import cpu_model
 from metaopt.learned import learned_rule, load_pretrained
 from metaopt.learned.features import layout_of
 
@@ -342,8 +343,8 @@ def main(argv: list[str] | None = None) -> None:
         args.repeats, args.steps, args.reference_repeats = 3, 3, 0
     torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, {args.threads} thread(s), {args.clock} clock; medians of "
-        f"{args.repeats} repeats x {args.steps} steps"
+        f"torch {torch.__version__}, {cpu_model()}, {args.threads} thread(s), {args.clock} clock; "
+        f"medians of {args.repeats} repeats x {args.steps} steps"
     )
     if not args.reference_only:
         rows = [

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from metaopt._machine import cpu_model
 from metaopt._version import __version__
 from metaopt.continual.data import DATASETS, check_dataset
 from metaopt.continual.report import (
@@ -159,7 +160,10 @@ def _meta(args: argparse.Namespace, argv_used: list[str]) -> dict[str, Any]:
             "numpy": _version_of("numpy"),
             "python": platform.python_version(),
         },
-        "machine": f"{platform.machine()} {platform.system()}, torch threads {args.threads}",
+        "machine": (
+            f"{platform.machine()} {platform.system()}, {cpu_model()}, "
+            f"torch threads {args.threads}"
+        ),
     }
 
 
