@@ -1,7 +1,7 @@
 """Which CPU a measurement ran on, for benchmark headers and result metadata.
 
 Ratios such as "learned step / fused Adam" depend on the processor, not only on the
-code: the same commit measured 1.2x on one CPU model and 2.4x on another (see
+code: the same commit measured 1.2-1.3x on one CPU model and 2.2-2.4x on another (see
 ``docs/learned.md``), so every benchmark names the CPU it ran on.
 """
 
