@@ -3,8 +3,12 @@
 Every rank draws the SAME task samples from the same seeded generator, computes the
 meta-gradient of its share (``samples[rank::world_size]``), and the per-sample sums are
 all-reduced, so the averaged meta-gradient equals the single-process one on the same
-samples (up to float summation order). Launch with ``torchrun --nproc_per_node N``; the
-backend is gloo on CPU and nccl on GPU.
+samples (up to float summation order). Launch with ``torchrun --nproc_per_node N``.
+
+The meta-trainer computes on the CPU, so its all-reduces take CPU tensors: the default
+backend is gloo, and on a machine with CUDA ``"cpu:gloo,cuda:nccl"`` (gloo for CPU
+tensors, nccl for CUDA ones). A plain ``"nccl"`` group, which ``torch.distributed``'s
+examples pick whenever CUDA is available, cannot all-reduce CPU tensors.
 """
 
 from __future__ import annotations
@@ -20,7 +24,13 @@ import torch.distributed as dist
 
 from metaopt.tree import Params
 
-__all__ = ["DistributedContext", "all_reduce_mean", "init_distributed", "shard"]
+__all__ = [
+    "DistributedContext",
+    "all_reduce_mean",
+    "default_backend",
+    "init_distributed",
+    "shard",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +54,7 @@ def init_distributed(backend: str | None = None) -> DistributedContext:
     """Join the process group described by torchrun's environment, if any.
 
     Args:
-        backend: ``"gloo"`` or ``"nccl"``; default nccl when CUDA is available, else gloo.
+        backend: a ``torch.distributed`` backend string; default :func:`default_backend`.
 
     Returns:
         The context; a single-process context when ``WORLD_SIZE`` is unset or 1.
@@ -53,10 +63,16 @@ def init_distributed(backend: str | None = None) -> DistributedContext:
     if world <= 1:
         return DistributedContext()
     if not dist.is_initialized():
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        backend = backend or default_backend()
         dist.init_process_group(backend)
         logger.info("joined %s process group: rank %d of %d", backend, dist.get_rank(), world)
     return DistributedContext(dist.get_rank(), dist.get_world_size())
+
+
+def default_backend() -> str:
+    """``"cpu:gloo,cuda:nccl"`` when CUDA is available, else ``"gloo"``: a process group
+    that all-reduces CPU tensors (the meta-trainer's) with gloo either way."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
 def shard(items: Sequence[T], ctx: DistributedContext) -> list[T]:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from metaopt.meta.distributed import DistributedContext, all_reduce_mean, shard
+from metaopt.meta import distributed
+from metaopt.meta.distributed import (
+    DistributedContext,
+    all_reduce_mean,
+    init_distributed,
+    shard,
+)
 from metaopt.meta.trainer import MetaTrainer
 from tests.meta.test_trainer import tiny_config
 
@@ -19,13 +28,15 @@ def _meta_gradient(trainer: MetaTrainer):
     return trainer.meta_gradient(problems, noise_seeds=[11, 12, 13, 14])
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, result: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, result: str) -> None:
+    """One rank, joined as under torchrun: its environment, then ``init_distributed``."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    ctx = init_distributed()
+    assert (ctx.rank, ctx.world_size) == (rank, world)
     try:
-        trainer = MetaTrainer(tiny_config(), out_dir, ctx=DistributedContext(rank, world),
-                              progress=False)
+        trainer = MetaTrainer(tiny_config(), out_dir, ctx=ctx, progress=False)
         loss, grads = _meta_gradient(trainer)
         if rank == 0:
             torch.save({"loss": loss, "grads": grads}, result)
@@ -34,9 +45,15 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, result: str) ->
         dist.destroy_process_group()
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_gloo_processes_match_single_process(tmp_path):
     result = tmp_path / "result.pt"
-    mp.spawn(_worker, args=(2, str(tmp_path / "pg"), str(tmp_path / "out"), str(result)),
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "out"), str(result)),
              nprocs=2, join=True)
     distributed = torch.load(result, weights_only=True)
     single = MetaTrainer(tiny_config(), tmp_path / "single", progress=False)
@@ -55,3 +72,22 @@ def test_shard_and_mean_without_a_process_group():
                                   DistributedContext())
     torch.testing.assert_close(grads["a"], torch.tensor([1.0, 2.0]))
     torch.testing.assert_close(loss, torch.tensor(3.0))
+
+
+def test_default_backend_all_reduces_cpu_tensors_also_where_cuda_is(monkeypatch):
+    """The meta-trainer's tensors are on the CPU: a plain nccl group cannot all-reduce
+    them, so with CUDA the default group maps CPU tensors to gloo."""
+    joined = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: joined.append(backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for cuda, expected in ((True, "cpu:gloo,cuda:nccl"), (False, "gloo")):
+        monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert init_distributed() == DistributedContext(1, 2)
+        assert joined.pop() == expected
+    init_distributed("nccl")  # an explicit backend is taken as given
+    assert joined.pop() == "nccl"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_distributed() == DistributedContext() and not joined
