@@ -4,8 +4,10 @@ Times one step of the element-wise work of ``LearnedOptimizer(compile=True)`` (A
 moments, the coefficient-weighted direction, the importance gate and the pull-back, as
 ``metaopt.learned.fused.fused_core_`` writes it, with ``direction_of``) on one
 ``[tokens, length]`` view, against ``torch._fused_adam_`` on as many elements, both on
-one thread, timed round-robin (medians). Two hypothetical variants show what the loop's
-divisions cost: ``one division`` multiplies the gate's denominator into Adam's (one
+one thread, timed round-robin (medians). ``first task`` is the shipped loop before the
+first task boundary (every importance is zero, so the gate and pull-back terms are left
+out and the importance is not read): the difference to ``learned (shipped)`` is what the
+importance terms cost. Two hypothetical variants show what the loop's divisions cost: ``one division`` multiplies the gate's denominator into Adam's (one
 division where the rule has two; the product can overflow float32 where the importance
 is near its cap) and ``no gate`` drops the importance gate entirely (a different rule).
 The per-step overhead of the optimizer (attention, guards, wrapper) is not in these
@@ -44,6 +46,12 @@ def shipped(g, w, m, v, anchor, imp, c, b1, b2):
     _write(w, m, v, m_new, v_new, direction_of(g, w, m_new, v_new, anchor, imp, c, False))
 
 
+def first_task(g, w, m, v, anchor, imp, c, b1, b2):
+    """The shipped loop with ``importance_free=True`` (before the first task boundary)."""
+    m_new, v_new = _moments(g, m, v, b1, b2)
+    _write(w, m, v, m_new, v_new, direction_of(g, w, m_new, v_new, anchor, imp, c, True))
+
+
 def _variant(gated_direction):
     """A loop like ``shipped`` whose update is ``gated_direction(num, denom, rest, imp,
     c_lam) - min(1, rho * imp) * drift``, with ``num = m c_m + g c_g`` and ``rest = w c_w
@@ -76,6 +84,7 @@ def no_gate(num, denom, rest, imp, c_lam):
 
 VARIANTS: dict[str, Callable[..., None]] = {
     "learned (shipped)": shipped,
+    "first task": first_task,
     "one division": one_division,
     "no gate": no_gate,
 }

@@ -29,6 +29,9 @@ def test_variants_match_the_shipped_loop_where_they_should(loop):
     no_gate = (*base[:5], torch.zeros_like(base[5]), *base[6:])  # importance 0: gate 1
     torch.testing.assert_close(run(loop.no_gate, no_gate), run(loop.shipped, no_gate))
     assert not torch.allclose(run(loop.no_gate, base)[0], shipped[0])
+    # the first task: every importance 0, so the shipped loop without its importance terms
+    torch.testing.assert_close(run(loop.first_task, no_gate), run(loop.shipped, no_gate))
+    assert not torch.allclose(run(loop.first_task, base)[0], shipped[0])
 
 
 @pytest.mark.slow
