@@ -508,10 +508,12 @@ def stacked_fields(leaves: list[LearnedState]) -> TensorFields:
 @functools.lru_cache(maxsize=1024)
 def _token_owner_cpu(counts: tuple[int, ...]) -> torch.Tensor:
     """``[sum(counts)]`` int64: the tensor each token belongs to (``counts[i]`` tokens of
-    tensor ``i``). A constant under ``torch.compile``, so a per-tensor value spread over
-    the tokens is a gather fused into its consumer (``repeat_interleave`` compiled to a
-    cumulative sum and a binary search at every step)."""
-    return torch.arange(len(counts)).repeat_interleave(torch.tensor(counts, dtype=torch.long))
+    tensor ``i``). Built from Python integers, so under ``torch.compile`` it is a constant
+    of the graph and a per-tensor value spread over the tokens is a gather fused into its
+    consumer. (Built with ``repeat_interleave``, it was an operation of the compiled graph
+    run at every step, with an output size known only then.)"""
+    owners = [i for i, count in enumerate(counts) for _ in range(count)]
+    return torch.tensor(owners, dtype=torch.long)
 
 
 def coefficient_table(
