@@ -9,6 +9,8 @@ process::
     python benchmarks/step_cost.py --quick            # ~100k and 1M params, no replica
     python benchmarks/step_cost.py --repeats 5        # 100k, 1M, 10M and the replica
     python benchmarks/step_cost.py --compiled --sizes 1M 10M --reference-repeats 0
+    python benchmarks/step_cost.py --compiled --cold-compile --models mlp --sizes 1M \
+        --reference-repeats 0      # and the cold compile time
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 from torch import nn
 
 from metaopt import LearnedOptimizer
 from metaopt._machine import cpu_model
-from metaopt.learned import learned_rule, load_pretrained
+from metaopt.learned import LearnedRuleNet, learned_rule, load_pretrained
 from metaopt.learned.features import layout_of
 
 SIZES = {"100k": 100_000, "1M": 1_000_000, "10M": 10_000_000}
@@ -89,15 +92,33 @@ def _after_boundary(opt: LearnedOptimizer) -> LearnedOptimizer:
     return opt
 
 
+def _compiled_after_boundary(
+    params: list[torch.Tensor], net: LearnedRuleNet, **options: object
+) -> tuple[LearnedOptimizer, float]:
+    """``LearnedOptimizer(compile=True)`` after a task boundary, and the seconds its two
+    compilations took: the first step's graph and the graph after the boundary (where
+    the importance terms switch on)."""
+    start = time.perf_counter()
+    opt = _after_boundary(LearnedOptimizer(params, lr=1e-3, net=net, compile=True, **options))
+    opt.step()
+    return opt, time.perf_counter() - start
+
+
 def make_optimizers(
     params: list[torch.Tensor], compiled: bool = False
-) -> dict[str, torch.optim.Optimizer]:
+) -> tuple[dict[str, torch.optim.Optimizer], float | None]:
     """The baselines and the learned optimizer twice: in its first task ("learned 1st",
     where every importance is still zero and its terms are skipped) and after a task
     boundary ("learned 2nd+", the general case); with ``compiled``, also both with
     ``compile=True`` (the fused in-place step; compiled before timing) and the latter
     once more with ``check_finite=False`` ("unchecked": no finite-gradient check, which
-    reads every gradient once more; torch.optim.Adam does not check)."""
+    reads every gradient once more; torch.optim.Adam does not check).
+
+    Returns:
+        The optimizers, and with ``compiled`` the seconds the first compiled optimizer
+        took to compile its two graphs (the others reuse them through Inductor's cache,
+        unless it is off), else ``None``.
+    """
     net = load_pretrained("default")
     opts: dict[str, torch.optim.Optimizer] = {
         "SGD": torch.optim.SGD(params, lr=1e-3),
@@ -106,15 +127,15 @@ def make_optimizers(
         "learned 1st": LearnedOptimizer(params, lr=1e-3, net=net),
         "learned 2nd+": _after_boundary(LearnedOptimizer(params, lr=1e-3, net=net)),
     }
-    if compiled:
-        opts["learned 1st compiled"] = LearnedOptimizer(params, lr=1e-3, net=net, compile=True)
-        opts["learned 2nd+ compiled"] = _after_boundary(
-            LearnedOptimizer(params, lr=1e-3, net=net, compile=True)
-        )
-        opts["learned 2nd+ compiled unchecked"] = _after_boundary(
-            LearnedOptimizer(params, lr=1e-3, net=net, compile=True, check_finite=False)
-        )
-    return opts
+    if not compiled:
+        return opts, None
+    after, compile_seconds = _compiled_after_boundary(params, net)
+    opts["learned 1st compiled"] = LearnedOptimizer(params, lr=1e-3, net=net, compile=True)
+    opts["learned 2nd+ compiled"] = after
+    opts["learned 2nd+ compiled unchecked"] = _compiled_after_boundary(
+        params, net, check_finite=False
+    )[0]
+    return opts, compile_seconds
 
 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -157,7 +178,7 @@ def bench_model(
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-2
-    opts = make_optimizers(params, compiled)
+    opts, compile_seconds = make_optimizers(params, compiled)
     times = time_steps(opts, steps, repeats, warmup, clock)
     learned = opts["learned 2nd+"]
     tokens = sum(learned_tokens(p.numel(), p.shape[0] if p.ndim else 1) for p in params)
@@ -172,6 +193,7 @@ def bench_model(
         "2nd+/foreach": times["learned 2nd+"] / times["Adam foreach"],
         **(
             {
+                "compile s": compile_seconds,
                 "1st compiled/fused": times["learned 1st compiled"] / times["Adam fused"],
                 "2nd+ compiled/fused": times["learned 2nd+ compiled"] / times["Adam fused"],
                 "2nd+ unchecked/fused": times["learned 2nd+ compiled unchecked"]
@@ -333,11 +355,19 @@ def main(argv: list[str] | None = None) -> None:
         "(compiles each model first: slow)",
     )
     parser.add_argument(
+        "--cold-compile",
+        action="store_true",
+        help="with --compiled: Inductor's on-disk caches off, so every compilation is "
+        "cold (slower: each compiled optimizer compiles its own graphs)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="100k and 1M parameters, 3 repeats, no reference replica",
     )
     args = parser.parse_args(argv)
+    if args.cold_compile:
+        torch._inductor.config.force_disable_caches = True
     if args.quick:
         args.sizes = [s for s in args.sizes if s != "10M"]
         args.repeats, args.steps, args.reference_repeats = 3, 3, 0
@@ -345,6 +375,12 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"torch {torch.__version__}, {cpu_model()}, {args.threads} thread(s), {args.clock} clock; "
         f"medians of {args.repeats} repeats x {args.steps} steps"
+        + (
+            f"; compile s: the first compiled optimizer's two graphs, Inductor caches "
+            f"{'off' if args.cold_compile else 'on (cold only on a first run)'}"
+            if args.compiled
+            else ""
+        )
     )
     if not args.reference_only:
         rows = [
