@@ -7,9 +7,10 @@ moments, the coefficient-weighted direction, the importance gate and the pull-ba
 one thread, timed round-robin (medians). ``first task`` is the shipped loop before the
 first task boundary (every importance is zero, so the gate and pull-back terms are left
 out and the importance is not read): the difference to ``learned (shipped)`` is what the
-importance terms cost. Two hypothetical variants show what the loop's divisions cost: ``one division`` multiplies the gate's denominator into Adam's (one
-division where the rule has two; the product can overflow float32 where the importance
-is near its cap) and ``no gate`` drops the importance gate entirely (a different rule).
+importance terms cost. Two hypothetical variants show what the loop's divisions cost:
+``one division`` multiplies the gate's denominator into Adam's (one division where the
+rule has two; the product can overflow float32 where the importance is near its cap)
+and ``no gate`` drops the importance gate entirely (a different rule).
 The per-step overhead of the optimizer (attention, guards, wrapper) is not in these
 numbers; ``benchmarks/step_cost.py`` times whole steps.
 

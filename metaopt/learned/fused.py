@@ -52,6 +52,11 @@ compiled step at 100k-1M parameters (``docs/learned.md``). The cold compile time
 measured the same (kernels and wrapper go to one compiler call)."""
 
 
+_CoreResult = tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]
+"""What :func:`fused_core_` returns: new step counters, in-task steps and factored second
+moments."""
+
+
 def fusable(params: list[torch.Tensor], leaves: list[LearnedState]) -> bool:
     """Whether :func:`fused_learned_step_` can update these tensors in place: contiguous,
     non-empty parameters and moments (their ``[n_tokens, length]`` views must alias them;
@@ -86,7 +91,7 @@ def fused_learned_step_(
     topk_fraction: float | None,
     net_dtype: torch.dtype,
     importance_free: bool,
-    core: Callable[..., tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]] | None = None,
+    core: Callable[..., _CoreResult] | None = None,
     view_cache: dict[str, Any] | None = None,
 ) -> list[LearnedState]:
     """One learned-rule update written into ``params`` and the leaves' moments in place.
@@ -242,18 +247,42 @@ def compiled_fused_step(
     """:func:`fused_learned_step_` with its core compiled by ``torch.compile``
     (``fullgraph=True`` unless ``compile_options`` say otherwise).
 
+    ``b1``, ``b2`` and ``eps`` given as 0-d tensors of one dtype enter the compiled core
+    stacked into one ``[3]`` tensor. Dynamo gives every 0-d float64 (or integer) CPU input
+    a symbolic ``.item()``; the three that Adam's hyper-parameters made (float64, so
+    ``1 - b2`` rounds as with Python floats) were then not turned back into tensor
+    operations, and Dynamo traced the whole step a second time with them specialised
+    ("Restarting analysis due to ... _tensorify_python_scalars"): about a tenth of the
+    cold compile time (``docs/learned.md``). The values stay graph inputs either way.
+
     Args:
         device_type: the parameters' device type; on ``"cpu"`` Inductor gets
             :data:`CPU_FUSED_OPTIONS` unless ``compile_options`` name ``options``,
             ``mode`` or another backend.
         **compile_options: keyword arguments of ``torch.compile``.
     """
-    core = compile_own(
-        fused_core_,
+    compiled = compile_own(
+        _unpacking_core,
         default_options=CPU_FUSED_OPTIONS if device_type == "cpu" else INDUCTOR_OPTIONS,
         **{"fullgraph": True, **compile_options},
     )
+
+    def core(*args: Any, b1: Scalar, b2: Scalar, eps: Scalar, **kwargs: Any) -> _CoreResult:
+        adam: tuple[Scalar, Scalar, Scalar] | torch.Tensor = (b1, b2, eps)
+        if all(isinstance(x, torch.Tensor) and x.ndim == 0 for x in adam):
+            adam = torch.stack(adam)  # type: ignore[arg-type]
+        return compiled(*args, adam=adam, **kwargs)
+
     return functools.partial(fused_learned_step_, core=core)
+
+
+def _unpacking_core(
+    *args: Any, adam: tuple[Scalar, Scalar, Scalar] | torch.Tensor, **kwargs: Any
+) -> _CoreResult:
+    """:func:`fused_core_` with ``(b1, b2, eps)`` given together, as a tuple or a ``[3]``
+    tensor (see :func:`compiled_fused_step`)."""
+    b1, b2, eps = adam.unbind(0) if isinstance(adam, torch.Tensor) else adam
+    return fused_core_(*args, b1=b1, b2=b2, eps=eps, **kwargs)
 
 
 def fused_core_(
@@ -272,7 +301,7 @@ def fused_core_(
     topk_fraction: float | None,
     net_dtype: torch.dtype,
     importance_free: bool,
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+) -> _CoreResult:
     """The arithmetic of :func:`fused_learned_step_` on ``[n_tokens, length]`` views.
 
     Args:

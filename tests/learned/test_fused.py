@@ -245,3 +245,53 @@ def test_compiled_fused_step_picks_cpp_wrapper_on_cpu_only(
     compiled_fused_step(device_type, **kwargs)
     assert seen["fullgraph"] is True
     assert seen.get("options") == expected_options
+
+
+def test_compiled_fused_step_passes_tensor_adam_hypers_as_one_input(monkeypatch):
+    """0-d ``b1``, ``b2``, ``eps`` reach the compiled function stacked into one ``[3]``
+    tensor (Dynamo re-traced the step for 0-d float64 inputs), numbers as they are; the
+    step is the same either way (run eagerly here: ``torch.compile`` is the identity)."""
+    from metaopt.learned.fused import compiled_fused_step
+
+    seen = []
+
+    def spy_compile(fn, **kw):
+        def run(*args, adam, **kwargs):
+            seen.append(adam)
+            return fn(*args, adam=adam, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", spy_compile)
+    net = perturbed_net(dtype=torch.float64)
+    results = []
+    for hypers in (
+        {"b1": 0.9, "b2": 0.999, "eps": 1e-8},
+        {k: torch.tensor(v, dtype=torch.float64) for k, v in
+         {"b1": 0.9, "b2": 0.999, "eps": 1e-8}.items()},
+    ):
+        params = mlp_params(torch.float64)
+        keys = list(params)
+        state = learned_rule(net, max_block=16).init(params)
+        new = compiled_fused_step("cpu")(
+            [_grads(params, 0)[k] for k in keys],
+            [params[k] for k in keys],
+            [state[k] for k in keys],
+            functools.partial(run_on_net_device, net, None),
+            lr=torch.tensor(1e-2, dtype=torch.float64),
+            max_block=16,
+            sample_size=8,
+            topk_fraction=None,
+            net_dtype=net_dtype_of(net, None),
+            importance_free=True,
+            **hypers,
+        )
+        results.append((params, new))
+    assert seen[0] == (0.9, 0.999, 1e-8)
+    assert isinstance(seen[1], torch.Tensor) and seen[1].shape == (3,)
+    torch.testing.assert_close(seen[1], torch.tensor([0.9, 0.999, 1e-8], dtype=torch.float64))
+    (p_num, s_num), (p_ten, s_ten) = results
+    for k in p_num:
+        torch.testing.assert_close(p_ten[k], p_num[k], rtol=0, atol=1e-12)
+    for a, b in zip(s_num, s_ten, strict=True):
+        torch.testing.assert_close(b.exp_avg_sq, a.exp_avg_sq, rtol=0, atol=1e-12)
