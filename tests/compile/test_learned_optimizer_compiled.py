@@ -58,9 +58,12 @@ def test_compiled_learned_optimizer_follows_a_scheduler_without_recompiling():
             torch.nn.functional.cross_entropy(net(x), y).backward()
             opt.step()
             sched.step()
+            # as OneCycleLR cycles betas: Adam's hyper-parameters are graph inputs too
+            opt.param_groups[0]["betas"] = (0.9 - 0.01 * step, 0.999 - 1e-4 * step)
+            opt.param_groups[0]["eps"] = 1e-8 * (step + 2)
         if step == 0:
             graphs = counters["stats"]["unique_graphs"]
-    assert counters["stats"]["unique_graphs"] == graphs  # 4 learning rates, one graph
+    assert counters["stats"]["unique_graphs"] == graphs  # 4 lr, betas, eps: one graph
     assert pairs[0][1].param_groups[0]["lr"] == pytest.approx(1e-2 / 16)
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
