@@ -207,7 +207,7 @@ def bench_model(
 
 
 def learned_tokens(numel: int, leading: int, max_block: int = 65536) -> int:
-    return layout_of(numel, max_block, leading).n_tokens
+    return layout_of(numel, max_block, leading).total_tokens
 
 
 class ReferenceReplica(nn.Module):

@@ -3,8 +3,9 @@ statistics from a fixed subsample, and the task token.
 
 Every parameter tensor is viewed as ``[n_tokens, length]``: equal contiguous blocks of its
 flattened elements (whole rows of the tensor where possible), one attention token each,
-of about ``max_block`` elements at most (see :func:`layout_of`). Per-token coefficients then
-broadcast over the rows of that view. Token statistics are computed from ``sample_size``
+of about ``max_block`` elements at most, plus one shorter last token for a size that no
+equal blocks fit (see :func:`layout_of` and :func:`token_pieces`). Per-token coefficients
+then broadcast over the rows of those views. Token statistics are computed from ``sample_size``
 evenly spaced elements of each block, so building tokens costs
 ``O(tokens x sample_size)``, not ``O(numel)``.
 
@@ -34,6 +35,7 @@ __all__ = [
     "sample_columns",
     "static_descriptor",
     "task_features",
+    "token_pieces",
     "token_statistics",
 ]
 
@@ -77,11 +79,36 @@ _LOG_CLAMP = 30.0
 
 
 class Layout(NamedTuple):
-    """How one parameter tensor is cut into tokens: its flattened elements viewed as
-    ``[n_tokens, length]``, one token per row of that view (equal, contiguous blocks)."""
+    """How one parameter tensor is cut into tokens: the first ``n_tokens * length`` of its
+    flattened elements viewed as ``[n_tokens, length]``, one token per row of that view
+    (equal, contiguous blocks), then, when ``tail > 0``, the last ``tail`` elements
+    (``0 < tail < length``) as one shorter token, a ``[1, tail]`` view."""
 
     n_tokens: int
     length: int
+    tail: int = 0
+
+    @property
+    def segments(self) -> tuple[tuple[int, int], ...]:
+        """The ``(rows, length)`` shapes of the tensor's token views, in element order."""
+        main = ((self.n_tokens, self.length),)
+        return (*main, (1, self.tail)) if self.tail else main
+
+    @property
+    def total_tokens(self) -> int:
+        """All the tensor's tokens, the tail token included."""
+        return self.n_tokens + (1 if self.tail else 0)
+
+
+def token_pieces(x: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
+    """``x`` (``n_tokens * length + tail`` elements) as its token views: one
+    ``[n_tokens, length]`` piece, and a ``[1, tail]`` one after it when ``layout`` has a
+    tail. Views of ``x`` when it is contiguous (``reshape`` semantics otherwise)."""
+    if not layout.tail:
+        return [x.reshape(layout.n_tokens, layout.length)]
+    flat = x.reshape(-1)
+    cut = layout.n_tokens * layout.length
+    return [flat[:cut].view(layout.n_tokens, layout.length), flat[cut:].view(1, layout.tail)]
 
 
 def _divisors(n: int) -> list[int]:
@@ -99,22 +126,24 @@ def uncached_when_compiling(fn: Any) -> Any:
 def layout_of(numel: int, max_block: int, leading: int = 1) -> Layout:
     """The token layout of a tensor with ``numel`` elements (cached).
 
-    Tokens are equal, so their number ``n`` divides ``numel``. With ``low`` =
-    ``ceil(numel / max_block)``, ``n`` is the smallest divisor ``>= low`` (preferring whole
-    rows of the tensor, a divisor or multiple of ``leading``, when that at most doubles
-    ``n``). When that divisor exceeds ``4 * low`` (sizes such as ``2045 ** 2``), ``n`` is
-    the largest divisor below ``low`` whose tokens stay within ``4 * max_block`` elements,
-    so the attention never sees many more tokens than needed. A size with neither gets
-    the smallest divisor ``>= low`` if its tokens keep at least ``max_block // 64``
-    elements, else one token of the whole tensor: a prime beyond ``4 * max_block``, but
-    also a small multiple of a large prime (at the default ``max_block = 65536``,
-    ``2 * 1000003`` elements are one token of 2,000,006).
+    Equal tokens where a divisor of ``numel`` allows: with ``low`` =
+    ``ceil(numel / max_block)``, ``n_tokens`` is the smallest divisor ``>= low``
+    (preferring whole rows of the tensor, a divisor or multiple of ``leading``, when that
+    at most doubles it). When that divisor exceeds ``4 * low`` (sizes such as
+    ``2045 ** 2``), it is the largest divisor below ``low`` whose tokens stay within
+    ``4 * max_block`` elements, so the attention never sees many more tokens than needed.
+    A size with neither (a large prime, a small multiple of one, ``997 * 1009``) gets
+    blocks of whole rows (of ``max_block`` elements when a row is longer) and a shorter
+    last token with the rest (``tail``): at most ``2 * low + 1`` tokens.
+
+    So a token never holds more than ``4 * max_block`` elements, and a tensor never has
+    more than ``4 * low + 1`` tokens.
 
     Args:
         numel: number of elements (>= 0).
-        max_block: target number of elements per token (>= 1); tokens exceed
-            ``4 * max_block`` only in the one-token case above.
-        leading: the tensor's first dimension (its rows, e.g. output units).
+        max_block: target number of elements per token (>= 1).
+        leading: the tensor's first dimension (its rows, e.g. output units); a divisor
+            of ``numel``.
     """
     if max_block < 1:
         raise ValueError(f"max_block must be >= 1, got {max_block}")
@@ -132,8 +161,20 @@ def layout_of(numel: int, max_block: int, leading: int = 1) -> Layout:
         n_tokens = (aligned or [first])[0]
     else:
         below = [d for d in divisors if d < low and numel // d <= 4 * max_block]
-        n_tokens = below[-1] if below else (first if numel // first >= max_block // 64 else 1)
+        if not below:
+            return _ragged_layout(numel, max_block, leading)
+        n_tokens = below[-1]
     return Layout(n_tokens, numel // n_tokens)
+
+
+def _ragged_layout(numel: int, max_block: int, leading: int) -> Layout:
+    """Whole rows per token (``max_block`` elements if a row is longer), the rest in a
+    shorter last token. Every token but the last has more than ``max_block / 2``
+    elements, so there are fewer than ``2 * numel / max_block + 1`` tokens."""
+    row = numel // leading if leading >= 1 and numel % leading == 0 else 1
+    length = (max_block // row) * row if row <= max_block else max_block
+    n_tokens, tail = divmod(numel, length)
+    return Layout(n_tokens, length, tail)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -141,10 +182,11 @@ def _sample_columns_cpu(length: int, sample_size: int) -> torch.Tensor:
     return torch.arange(sample_size, dtype=torch.long) * length // sample_size
 
 
-def sample_columns(layout: Layout, sample_size: int, device: torch.device) -> torch.Tensor:
-    """``[sample_size]`` evenly spaced positions inside a token (the same for every token of
-    the tensor; repeated when a token is shorter than ``sample_size``)."""
-    index = uncached_when_compiling(_sample_columns_cpu)(layout.length, sample_size)
+def sample_columns(length: int, sample_size: int, device: torch.device) -> torch.Tensor:
+    """``[sample_size]`` evenly spaced positions inside a token of ``length`` elements
+    (the same for every token of a ``[rows, length]`` view; repeated when a token is
+    shorter than ``sample_size``)."""
+    index = uncached_when_compiling(_sample_columns_cpu)(length, sample_size)
     return index if index.device == device else index.to(device)
 
 

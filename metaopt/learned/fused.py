@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from metaopt._own_cache import INDUCTOR_OPTIONS, compile_own
-from metaopt.learned.features import sample_columns
+from metaopt.learned.features import sample_columns, token_pieces
 from metaopt.learned.network import TokenCoefficients
 from metaopt.learned.rule import (
     TensorFields,
@@ -28,6 +28,7 @@ from metaopt.learned.rule import (
     coefficient_lists,
     direction_of,
     factored_moment,
+    pieces_of,
     token_views,
     updated_second_moment,
     wide_dtype,
@@ -227,13 +228,14 @@ def _views(
     key = (max_block, *map(id, held), *(t.data_ptr() for t in held))
     if cache is not None and cache.get("key") == key:
         views, v_dense = cache["views"], cache["v_dense"]
-        shapes = [tuple(lay) for lay in views.layouts]
-        grad_views = [g.reshape(shape) for g, shape in zip(grads, shapes, strict=True)]
-        return views._replace(grads=grad_views), v_dense
+        return views._replace(grads=pieces_of(grads, views.layouts)), v_dense
     views = token_views(grads, params, leaves, max_block)
     v_dense = [
-        None if is_factored(s) else s.exp_avg_sq.view(tuple(lay))
+        piece
         for s, lay in zip(leaves, views.layouts, strict=True)
+        for piece in (
+            [None] * len(lay.segments) if is_factored(s) else token_pieces(s.exp_avg_sq, lay)
+        )
     ]
     if cache is not None:  # without the gradients: they are new tensors at every step
         cache.clear()
@@ -306,8 +308,9 @@ def fused_core_(
     """The arithmetic of :func:`fused_learned_step_` on ``[n_tokens, length]`` views.
 
     Args:
-        views: gradients, parameters, first moments, anchors and importances as views.
-        v_dense: the dense second moments' views, ``None`` for factored ones.
+        views: gradients, parameters, first moments, anchors and importances as token
+            views (pieces, see :class:`~metaopt.learned.rule.TokenViews`).
+        v_dense: the dense second moments' pieces, ``None`` for those of factored ones.
         row_col: the row and column means of the factored second moments, ``None`` for
             dense ones.
         fields: the states' counters, loss statistics and descriptors.
@@ -328,17 +331,21 @@ def fused_core_(
         second moment (``None`` for a dense one).
     """
     device = views.grads[0].device
-    columns = [sample_columns(lay, sample_size, device) for lay in views.layouts]
+    columns = [sample_columns(g.shape[1], sample_size, device) for g in views.grads]
     # factored second moments: new row and column means and the full moment, now
     v_full: list[torch.Tensor | None] = []
     v_state: list[torch.Tensor | None] = []
-    for g, old, lay, shape in zip(views.grads, row_col, views.layouts, shapes, strict=True):
+    start = 0
+    for old, lay, shape in zip(row_col, views.layouts, shapes, strict=True):
+        own = views.grads[start : start + len(lay.segments)]
+        start += len(own)
         if old is not None:
+            g = own[0] if len(own) == 1 else torch.cat([x.reshape(-1) for x in own])
             new, full = factored_moment(g.reshape(shape), old, b2)
-            v_full.append(full.reshape(tuple(lay)))
+            v_full.extend(token_pieces(full, lay))
             v_state.append(new)
         else:
-            v_full.append(None)
+            v_full.extend([None] * len(own))
             v_state.append(None)
 
     # the updated moments at the sampled positions only (the same formulas as the pass)

@@ -36,6 +36,7 @@ from metaopt.learned.features import (
     param_reference,
     sample_columns,
     task_features,
+    token_pieces,
     token_statistics,
     uncached_when_compiling,
 )
@@ -442,15 +443,22 @@ def factored_moment(
 
 
 class TokenViews(NamedTuple):
-    """One update's tensors as ``[n_tokens, length]`` views (see ``layout_of``)."""
+    """One update's tensors as token views (see ``layout_of``): per tensor, one
+    ``[n_tokens, length]`` view and, for a tensor whose layout has a tail token, a
+    ``[1, tail]`` view after it. The lists hold these pieces, tensor after tensor."""
 
-    layouts: list[Layout]
-    counts: list[int]
+    layouts: list[Layout]  # one per tensor
+    counts: list[int]  # tokens per piece
     grads: list[torch.Tensor]
     params: list[torch.Tensor]
     exp_avg: list[torch.Tensor]
     anchor: list[torch.Tensor]
     importance: list[torch.Tensor]
+
+    @property
+    def tensor_counts(self) -> list[int]:
+        """Tokens per tensor (its pieces' together)."""
+        return [lay.total_tokens for lay in self.layouts]
 
 
 def token_layouts(grads: list[torch.Tensor], max_block: int) -> list[Layout]:
@@ -462,6 +470,35 @@ def token_layouts(grads: list[torch.Tensor], max_block: int) -> list[Layout]:
     ]
 
 
+def pieces_of(tensors: list[torch.Tensor], layouts: list[Layout]) -> list[torch.Tensor]:
+    """Every tensor's token views (:func:`~metaopt.learned.features.token_pieces`), in one
+    list."""
+    return [
+        piece for x, lay in zip(tensors, layouts, strict=True) for piece in token_pieces(x, lay)
+    ]
+
+
+def piece_owners(layouts: list[Layout]) -> list[int]:
+    """The tensor each piece of :func:`pieces_of` belongs to."""
+    return [i for i, lay in enumerate(layouts) for _ in lay.segments]
+
+
+def merged(
+    pieces: list[torch.Tensor], layouts: list[Layout], like: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Per-piece results back in the shapes of ``like``: a view of a tensor's one piece, a
+    concatenation of its two."""
+    if len(pieces) == len(like):  # no tail token anywhere
+        return [x.reshape(t.shape) for x, t in zip(pieces, like, strict=True)]
+    out, start = [], 0
+    for lay, t in zip(layouts, like, strict=True):
+        own = pieces[start : start + len(lay.segments)]
+        start += len(own)
+        whole = own[0] if len(own) == 1 else torch.cat([x.reshape(-1) for x in own])
+        out.append(whole.reshape(t.shape))
+    return out
+
+
 def token_views(
     grads: list[torch.Tensor],
     params: list[torch.Tensor],
@@ -469,21 +506,16 @@ def token_views(
     max_block: int,
 ) -> TokenViews:
     """Each tensor's token layout and its gradient, parameter, first moment, anchor and
-    importance as ``[n_tokens, length]`` views (reshapes; views of contiguous tensors)."""
+    importance as token views (reshapes; views of contiguous tensors)."""
     layouts = token_layouts(grads, max_block)
-    shapes = [tuple(lay) for lay in layouts]
-
-    def view(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [x.reshape(shape) for x, shape in zip(tensors, shapes, strict=True)]
-
     return TokenViews(
         layouts,
-        [lay.n_tokens for lay in layouts],
-        view(grads),
-        view(params),
-        view([s.exp_avg for s in leaves]),
-        view([s.anchor for s in leaves]),
-        view([s.importance for s in leaves]),
+        [rows for lay in layouts for rows, _ in lay.segments],
+        pieces_of(grads, layouts),
+        pieces_of(params, layouts),
+        pieces_of([s.exp_avg for s in leaves], layouts),
+        pieces_of([s.anchor for s in leaves], layouts),
+        pieces_of([s.importance for s in leaves], layouts),
     )
 
 
@@ -615,7 +647,7 @@ def coefficient_lists(
     run_net: Callable[[torch.Tensor, torch.Tensor], TokenCoefficients],
     **options: Any,
 ) -> tuple[list[list[torch.Tensor]], torch.Tensor, torch.Tensor]:
-    """:func:`coefficient_table` split per tensor, as broadcasts over the views.
+    """:func:`coefficient_table` split per piece of the views, as broadcasts over them.
 
     Args:
         views: the update's views.
@@ -626,11 +658,13 @@ def coefficient_lists(
 
     Returns:
         Seven lists (one per coefficient: x m, x g, x w, x drift, lambda, rho, eps) of
-        per-tensor ``[n_tokens, 1]`` tensors in the gradients' dtypes; the new step
-        counters ``[n tensors]`` and the current in-task steps ``[n tensors]``.
+        per-piece ``[rows, 1]`` tensors in the gradients' dtypes; the new step counters
+        ``[n tensors]`` and the current in-task steps ``[n tensors]``.
     """
     counts = views.counts
-    table, steps, task_steps = coefficient_table(counts, fields, samples, run_net, **options)
+    table, steps, task_steps = coefficient_table(
+        views.tensor_counts, fields, samples, run_net, **options
+    )
     # per-token coefficients broadcast over each token's row
     dtypes = {g.dtype for g in views.grads}
     if len(dtypes) == 1:  # one split per coefficient: [n_tokens, 1] views, 7 calls in all
@@ -706,19 +740,25 @@ def _learned_step(
     can)."""
     b1, b2, max_block = options.b1, options.b2, options.max_block
     views = token_views(grads, params, leaves, max_block)
+    layouts = views.layouts
     g_v, w_v, m_old = views.grads, views.params, views.exp_avg
-    shapes = [tuple(lay) for lay in views.layouts]
+    owners = piece_owners(layouts)
     no_grad = not torch.is_grad_enabled()
 
     # 1. Adam's moments (torch.optim.Adam's foreach formulas; factored ones per tensor)
-    dense = [i for i, s in enumerate(leaves) if not is_factored(s)]
-    v_old = [leaves[i].exp_avg_sq.reshape(shapes[i]) for i in dense]
-    g_dense = [g_v[i] for i in dense]
+    dense = [j for j, i in enumerate(owners) if not is_factored(leaves[i])]  # pieces
+    v_old = [
+        piece
+        for s, lay in zip(leaves, layouts, strict=True)
+        if not is_factored(s)
+        for piece in token_pieces(s.exp_avg_sq, lay)
+    ]
+    g_dense = [g_v[j] for j in dense]
     in_place = (
         no_grad
         and inplace_state
         and all(s.exp_avg.is_contiguous() for s in leaves)
-        and all(leaves[i].exp_avg_sq.is_contiguous() for i in dense)
+        and all(s.exp_avg_sq.is_contiguous() for s in leaves if not is_factored(s))
     )
     if in_place:
         torch._foreach_lerp_(m_old, g_v, 1.0 - b1)
@@ -737,20 +777,21 @@ def _learned_step(
         v_dense = torch._foreach_addcmul(
             torch._foreach_mul(v_old, b2), g_dense, g_dense, value=1.0 - b2
         )
-    v_new: list[torch.Tensor] = [None] * len(leaves)  # type: ignore[list-item]
-    v_state: list[torch.Tensor] = [None] * len(leaves)  # type: ignore[list-item]
-    for i, v in zip(dense, v_dense, strict=True):
-        v_new[i] = v
-        v_state[i] = leaves[i].exp_avg_sq if in_place else v
+    v_new: list[torch.Tensor] = [None] * len(owners)  # type: ignore[list-item]
+    for j, v in zip(dense, v_dense, strict=True):
+        v_new[j] = v
+    factored_state: dict[int, torch.Tensor] = {}
     for i, s in enumerate(leaves):
         if is_factored(s):
-            v_state[i], full = factored_moment(grads[i], s.exp_avg_sq, b2)
-            v_new[i] = full.reshape(shapes[i])
+            factored_state[i], full = factored_moment(grads[i], s.exp_avg_sq, b2)
+            first_piece = owners.index(i)
+            for k, piece in enumerate(token_pieces(full, layouts[i])):
+                v_new[first_piece + k] = piece
 
     # 2. tokens: statistics of a fixed subsample of each block; 3. coefficients
     wide = wide_dtype(params)
     device = g_v[0].device
-    columns = [sample_columns(lay, options.sample_size, device) for lay in views.layouts]
+    columns = [sample_columns(g.shape[1], options.sample_size, device) for g in g_v]
     samples = tuple(
         _samples(buffers, columns, options.net_dtype)
         for buffers in (g_v, m_new, v_new, w_v, views.anchor, views.importance)
@@ -764,10 +805,16 @@ def _learned_step(
     if no_grad:
         out = _elementwise_no_grad(*args, coefficients, workspace, importance_free)
     else:
-        per_tensor = zip(*args, zip(*coefficients, strict=True), strict=True)
-        out = [direction_of(*xs, list(c), importance_free) for *xs, c in per_tensor]
-    updates = [u.reshape(g.shape) for u, g in zip(out, grads, strict=True)]
-    m_state = [s.exp_avg for s in leaves] if in_place else m_new  # in place: the same tensors
+        per_piece = zip(*args, zip(*coefficients, strict=True), strict=True)
+        out = [direction_of(*xs, list(c), importance_free) for *xs, c in per_piece]
+    updates = merged(out, layouts, grads)
+    if in_place:  # the same tensors, updated
+        m_state = [s.exp_avg for s in leaves]
+        v_dense_state = [s.exp_avg_sq for s in leaves]
+    else:
+        m_state = merged(m_new, layouts, [s.exp_avg for s in leaves])
+        v_dense_state = merged(v_new, layouts, [s.exp_avg for s in leaves])  # factored: unused
+    v_state = [factored_state.get(i, v) for i, v in enumerate(v_dense_state)]
     return updates, advanced_leaves(leaves, steps, task_steps + 1.0, m_state, v_state)
 
 
@@ -796,7 +843,9 @@ def _flat_sample_index_cpu(layouts: tuple[Layout, ...], sample_size: int) -> tor
     """``[T * sample_size]`` int64: the positions of every token's sampled elements (those
     of :func:`~metaopt.learned.features.sample_columns`) in the concatenation of the
     flattened tensors."""
-    lengths = torch.tensor([lay.length for lay in layouts for _ in range(lay.n_tokens)])
+    lengths = torch.tensor(
+        [length for lay in layouts for rows, length in lay.segments for _ in range(rows)]
+    )
     starts = torch.cumsum(lengths, 0) - lengths
     columns = torch.arange(sample_size) * lengths[:, None] // sample_size
     return (starts[:, None] + columns).reshape(-1)
@@ -821,7 +870,8 @@ def _flat_step(
     """
     b1, b2, sample_size = options.b1, options.b2, options.sample_size
     layouts = token_layouts(grads, options.max_block)
-    counts = [lay.n_tokens for lay in layouts]
+    counts = [lay.total_tokens for lay in layouts]
+    segments = [segment for lay in layouts for segment in lay.segments]
     numels = [g.numel() for g in grads]
 
     def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -849,8 +899,12 @@ def _flat_step(
     width = table.shape[1]
     per_element = torch.cat(
         [
-            t[:, None, :].expand(lay.n_tokens, lay.length, width).reshape(-1, width)
-            for t, lay in zip(torch.split(table.to(g.dtype), counts), layouts, strict=True)
+            t[:, None, :].expand(rows, length, width).reshape(-1, width)
+            for t, (rows, length) in zip(
+                torch.split(table.to(g.dtype), [rows for rows, _ in segments]),
+                segments,
+                strict=True,
+            )
         ]
     )  # [N, 7]
     update = direction_of(g, w, m, v, anchor, imp, list(per_element.unbind(1)), importance_free)

@@ -12,10 +12,10 @@ from metaopt.learned.features import (
     KINDS,
     N_STATIC_FEATURES,
     STATIC_FEATURES,
-    Layout,
     layout_of,
     sample_columns,
     static_descriptor,
+    token_pieces,
 )
 
 
@@ -24,27 +24,47 @@ from metaopt.learned.features import (
     max_block=st.integers(64, 70_000),
     leading=st.integers(1, 50),
 )
-def test_layout_cuts_tensor_into_equal_bounded_tokens(numel, max_block, leading):
+def test_layout_cuts_tensor_into_bounded_tokens(numel, max_block, leading):
+    """Tokens cover the tensor in order, none holds more than ``4 * max_block`` elements,
+    and there are at most ``4 * ceil(numel / max_block) + 1`` of them; a shorter last
+    token only where no equal tokens fit those bounds."""
+    leading = math.gcd(numel, leading)  # a tensor's first dimension divides its size
     lay = layout_of(numel, max_block, leading)
-    assert lay.n_tokens * lay.length == numel
+    assert lay.n_tokens * lay.length + lay.tail == numel
+    assert 0 <= lay.tail < lay.length <= 4 * max_block
     low = math.ceil(numel / max_block)
-    if lay.length > 4 * max_block:  # only a size without any suitable divisor
-        assert lay.n_tokens == 1
-        assert not any(numel % d == 0 and numel // d <= 4 * max_block for d in range(2, low))
-    assert lay.n_tokens <= 4 * low or lay.length >= max_block // 64
+    assert lay.total_tokens <= 4 * low + 1
+    if lay.tail:
+        assert not any(
+            numel % n == 0 and numel // n <= 4 * max_block for n in range(1, 4 * low + 1)
+        )
+        assert lay.length % (numel // leading) == 0 or lay.length == max_block  # whole rows
+    pieces = token_pieces(torch.arange(numel), lay)
+    assert [tuple(p.shape) for p in pieces] == list(lay.segments)
+    assert torch.equal(torch.cat([p.reshape(-1) for p in pieces]), torch.arange(numel))
 
 
 def test_layout_prefers_whole_rows_and_few_tokens():
-    assert layout_of(1000 * 300, 65536, 1000) == (5, 60000)  # 200 rows per token
-    assert layout_of(535 * 784, 65536, 535) == (7, 59920)  # rows would need 107 tokens
-    assert layout_of(2045 * 2045, 65536, 2045) == (25, 167281)  # not 409 small tokens
-    assert layout_of(500, 65536, 10) == (1, 500)
-    assert layout_of(65537, 65536) == (1, 65537)  # prime: one token
+    assert layout_of(1000 * 300, 65536, 1000) == (5, 60000, 0)  # 200 rows per token
+    assert layout_of(535 * 784, 65536, 535) == (7, 59920, 0)  # rows would need 107 tokens
+    assert layout_of(2045 * 2045, 65536, 2045) == (25, 167281, 0)  # not 409 small tokens
+    assert layout_of(500, 65536, 10) == (1, 500, 0)
+    assert layout_of(65537, 65536) == (1, 65537, 0)  # prime: one token, within 4 x max_block
+
+
+def test_a_size_without_fitting_divisors_gets_a_shorter_last_token():
+    # 2 x a prime: one token of 2,000,006 elements before; now 30 blocks and the rest
+    assert layout_of(2 * 1000003, 65536, 2) == (30, 65536, 33926)
+    # Linear(1009, 997): 64 rows of 1009 per token, 37 rows in the last
+    lay = layout_of(997 * 1009, 65536, 997)
+    assert lay == (15, 64 * 1009, 37 * 1009)
+    assert lay.segments == ((15, 64 * 1009), (1, 37 * 1009)) and lay.total_tokens == 16
+    assert layout_of(1009, 64) == (15, 64, 49)
 
 
 @given(length=st.integers(1, 5000), sample=st.integers(1, 64))
 def test_sample_columns_are_evenly_spaced_inside_a_token(length, sample):
-    index = sample_columns(Layout(3, length), sample, torch.device("cpu"))
+    index = sample_columns(length, sample, torch.device("cpu"))
     assert index.shape == (sample,)
     assert int(index.min()) == 0 and int(index.max()) < length
     assert bool((index[1:] >= index[:-1]).all())

@@ -47,6 +47,16 @@ shapes = st.lists(
     seed=st.integers(0, 2**16),
 )
 def test_flat_path_equals_per_tensor_path(shapes, max_block, sample_size, seed):
+    _check_flat_equals_per_tensor(shapes, max_block, sample_size, seed)
+
+
+def test_flat_path_equals_per_tensor_path_with_shorter_last_tokens():
+    shapes = [(23,), (29, 1), (1, 31), (4, 3)]  # at max_block 5: 4 x 5 + 3, 5 x 5 + 4, ...
+    assert [layout_of(math.prod(s), 5, s[0]).tail for s in shapes] == [3, 4, 1, 0]
+    _check_flat_equals_per_tensor(shapes, 5, 4, 0)
+
+
+def _check_flat_equals_per_tensor(shapes, max_block, sample_size, seed):
     gen = torch.Generator().manual_seed(seed)
     params = {
         f"p{i}": torch.randn(shape, generator=gen, dtype=torch.float64)
@@ -73,15 +83,17 @@ def test_flat_path_equals_per_tensor_path(shapes, max_block, sample_size, seed):
 
 
 def test_flat_sample_index_points_at_each_tokens_sampled_columns():
-    numels = [12, 7, 40]
+    numels = [12, 7, 40, 1009]
     layouts = [layout_of(n, 5, 1) for n in numels]
+    assert layouts[-1].tail  # a shorter last token too
     index = rule_module._flat_sample_index_cpu(tuple(layouts), 4).view(-1, 4)
     expected, start = [], 0
     for lay in layouts:
-        columns = sample_columns(lay, 4, torch.device("cpu"))
-        for _ in range(lay.n_tokens):
-            expected.append(start + columns)
-            start += lay.length
+        for rows, length in lay.segments:
+            columns = sample_columns(length, 4, torch.device("cpu"))
+            for _ in range(rows):
+                expected.append(start + columns)
+                start += length
     assert start == sum(numels)
     assert torch.equal(index, torch.stack(expected))
 

@@ -56,8 +56,27 @@ def _fused(
 def test_fused_step_equals_pure_rule_in_place(max_block, factored, boundary, topk):
     """Float64, several steps: parameters, moments and counters equal the pure rule's
     within 1e-10; the parameters and moments are updated in their own storage."""
+    _check_fused_equals_pure(
+        lambda: mlp_params(torch.float64), max_block, factored, boundary, topk
+    )
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_fused_step_equals_pure_rule_with_shorter_last_tokens(factored):
+    """Tensors whose sizes fit no equal tokens (a shorter last one, two views of one
+    tensor) are updated in place like the others."""
+
+    def params():
+        gen = torch.Generator().manual_seed(0)
+        shapes = {"w": (1, 31), "v": (29, 1), "b": (23,), "m": (4, 3)}
+        return {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
+
+    _check_fused_equals_pure(params, 5, factored, True, None)
+
+
+def _check_fused_equals_pure(make_params, max_block, factored, boundary, topk):
     net = perturbed_net(dtype=torch.float64)
-    params = mlp_params(torch.float64)
+    params = make_params()
     rule = learned_rule(
         net, lr=1e-2, max_block=max_block, sample_size=8, factored=factored, topk_fraction=topk
     )
@@ -94,7 +113,7 @@ def test_fused_step_equals_pure_rule_in_place(max_block, factored, boundary, top
             torch.testing.assert_close(
                 getattr(fused_state[k], field), getattr(ref_state[k], field), rtol=0, atol=1e-10
             )
-    start = mlp_params(torch.float64)
+    start = make_params()
     moved = [not torch.equal(params[k], start[k]) for k in keys]
     assert all(moved) if topk is None else any(moved)  # top-k: the selected tokens
 

@@ -350,20 +350,31 @@ def test_vit_style_model_trains_like_adam_at_init():
     assert float(_loss(model, x, y).detach()) < 0.5 * first
 
 
-def test_optimizer_fast_paths_follow_the_pure_rule_across_a_task_boundary():
+@pytest.mark.parametrize("shorter_last_tokens", [False, True])
+def test_optimizer_fast_paths_follow_the_pure_rule_across_a_task_boundary(shorter_last_tokens):
     """In-place moments, scratch workspace, skipped importance terms in the first task and
-    the direct optimizer.state round trip give the pure functional rule's trajectory."""
+    the direct optimizer.state round trip give the pure functional rule's trajectory,
+    also for tensors cut into equal tokens and a shorter last one."""
     from metaopt.learned import learned_rule, new_task
+    from metaopt.learned.features import layout_of
     from metaopt.rules import apply_updates
 
     # (an MLP: a conv bias before batchnorm has rounding-noise gradients, whose
     # scale-free token features make trajectories differ at the level of rounding)
     model, x, y = build("mlp", 3, seed=15, dtype=torch.float64)
+    max_block = 16
+    if shorter_last_tokens:  # at max_block 5: a bias of 23 is 4 tokens of 5 and one of 3
+        torch.manual_seed(15)
+        model = nn.Sequential(
+            nn.Flatten(), nn.Linear(x[0].numel(), 23), nn.Tanh(), nn.Linear(23, 3)
+        ).double()
+        max_block = 5
+        assert layout_of(23, max_block, 23).tail == 3
     twin = copy.deepcopy(model)  # evaluates the gradients of the functional trajectory
     net = perturbed_net(dtype=torch.float64)
-    opt = LearnedOptimizer(model.named_parameters(), lr=1e-2, net=net, max_block=16)
+    opt = LearnedOptimizer(model.named_parameters(), lr=1e-2, net=net, max_block=max_block)
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    rule = learned_rule(net, lr=1e-2, max_block=16)
+    rule = learned_rule(net, lr=1e-2, max_block=max_block)
     state = rule.init(params)
     for step in range(6):
         if step == 3:
