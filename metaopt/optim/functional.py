@@ -87,6 +87,13 @@ def _real_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.empty((), dtype=dtype).real.dtype if dtype.is_complex else dtype
 
 
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype the finite check accumulates gradient norms of ``dtype`` in: float32 for
+    the half-precision ones (whose own range would overflow at a norm of 65,504 for
+    float16), their own otherwise (``None``)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+
+
 class FunctionalOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs a functional update rule.
 
@@ -310,13 +317,21 @@ class FunctionalOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _raise_if_nonfinite(plan: list[tuple[dict[str, Any], list[str], list[torch.Tensor]]]):
         """``FloatingPointError`` naming the first parameter with a NaN/inf gradient.
-        Gradients on the ``meta`` device hold no values and are not checked."""
-        grads = [p.grad for _, _, params in plan for p in params if p.grad.device.type != "meta"]
-        if not grads:
-            return
-        device = grads[0].device
-        norms = torch.stack([torch.linalg.vector_norm(g).float().to(device) for g in grads])
-        if bool(torch.isfinite(norms).all()):
+        Gradients on the ``meta`` device hold no values and are not checked.
+
+        One ``torch._foreach_norm`` per device and dtype (float16 and bfloat16 gradients
+        accumulate in float32): a NaN or inf makes a norm non-finite. A norm that
+        overflows while every element is finite only sends the check to its exact
+        per-tensor pass, which then finds nothing."""
+        by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for _, _, params in plan:
+            for p in params:
+                if p.grad.device.type != "meta":
+                    by_kind.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        if all(
+            bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, 2, _norm_dtype(d)))).all())
+            for (_, d), grads in by_kind.items()
+        ):
             return
         for gi, (_, keys, params) in enumerate(plan):
             for key, p in zip(keys, params, strict=True):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
+from torch import nn
 
 import metaopt
 from tests.models import build
@@ -155,6 +157,36 @@ def test_nonfinite_gradient_raises_and_leaves_everything_untouched():
     opt.check_finite = False  # documented opt-out: the inf flows into the parameter
     opt.step()
     assert not torch.isfinite(last).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_finite_check_finds_a_bad_value_among_gradients_of_several_dtypes(bad):
+    params = {
+        name: nn.Parameter(torch.ones(5, dtype=dtype))
+        for name, dtype in (("a", torch.float64), ("b", torch.bfloat16), ("c", torch.float32))
+    }
+    opt = metaopt.FunctionalOptimizer(params.items(), metaopt.rules.sgd, lr=0.1)
+    for p in params.values():
+        p.grad = torch.full_like(p, 0.5)
+    params["b"].grad[3] = bad
+    with pytest.raises(FloatingPointError, match="'b'"):
+        opt.step()
+    assert all(torch.equal(p, torch.ones_like(p)) for p in params.values())
+    params["b"].grad[3] = 0.5
+    opt.step()
+    assert all(torch.equal(p, torch.full_like(p, 0.95)) for p in params.values())
+
+
+def test_finite_check_accepts_large_finite_half_precision_gradients():
+    """Their norm (about 134,000) is beyond float16's range; the check accumulates in
+    float32, so the norm is finite and the exact per-tensor pass does not run."""
+    p = nn.Parameter(torch.zeros(5, dtype=torch.float16))
+    opt = metaopt.FunctionalOptimizer([p], metaopt.rules.sgd, lr=1e-4)
+    p.grad = torch.full_like(p, 60000.0)
+    with mock.patch.object(torch, "isfinite", wraps=torch.isfinite) as isfinite:
+        opt.step()
+    assert isfinite.call_count == 1  # the norms only
+    torch.testing.assert_close(p, torch.full_like(p, -6.0))
 
 
 def test_params_without_grad_are_skipped_and_keep_no_state():
