@@ -4,7 +4,8 @@ optimizer-state bytes as a multiple of Adam's, and a cost replica of the referen
 
 Only ``optimizer.step()`` is timed (gradients are fixed random tensors), round-robin over
 the optimizers within each repeat; the numbers are medians over repeats, measured in this
-process::
+process. ``check/fused``: the learned optimizer's finite-gradient check alone (part of
+every checked step) against fused Adam's whole step::
 
     python benchmarks/step_cost.py --quick            # ~100k and 1M params, no replica
     python benchmarks/step_cost.py --repeats 5        # 100k, 1M, 10M and the replica
@@ -138,6 +139,18 @@ def make_optimizers(
     return opts, compile_seconds
 
 
+class FiniteCheck:
+    """The learned optimizer's finite-gradient check alone (``check_finite=True``, one
+    more read of every gradient per step), as something to ``step()`` and time."""
+
+    def __init__(self, opt: LearnedOptimizer) -> None:
+        self.opt = opt
+        self.plan = opt._gather()  # the parameters and their gradients, fixed here
+
+    def step(self) -> None:
+        self.opt._raise_if_nonfinite(self.plan)
+
+
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 """``wall``: elapsed time; ``cpu``: this process's CPU time (steadier on a shared machine,
 equal to the elapsed time of an undisturbed single-threaded run)."""
@@ -179,8 +192,9 @@ def bench_model(
     for p in params:
         p.grad = torch.randn_like(p) * 1e-2
     opts, compile_seconds = make_optimizers(params, compiled)
-    times = time_steps(opts, steps, repeats, warmup, clock)
     learned = opts["learned 2nd+"]
+    timed = {**opts, "finite check": FiniteCheck(learned)}
+    times = time_steps(timed, steps, repeats, warmup, clock)
     tokens = sum(learned_tokens(p.numel(), p.shape[0] if p.ndim else 1) for p in params)
     return {
         "model": kind,
@@ -191,6 +205,7 @@ def bench_model(
         "1st/fused": times["learned 1st"] / times["Adam fused"],
         "2nd+/fused": times["learned 2nd+"] / times["Adam fused"],
         "2nd+/foreach": times["learned 2nd+"] / times["Adam foreach"],
+        "check/fused": times["finite check"] / times["Adam fused"],
         **(
             {
                 "compile s": compile_seconds,

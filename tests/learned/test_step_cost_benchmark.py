@@ -37,6 +37,7 @@ def test_one_row_reports_state_at_one_and_a_half_adam(step_cost, capsys):
     row = [c.strip() for c in lines[3].split("|")]
     assert row[0] == "mlp" and float(row[header.index("state/Adam")]) == 1.5
     assert float(row[header.index("learned 2nd+ ms")]) > 0
+    assert 0 < float(row[header.index("check/fused")]) < float(row[header.index("2nd+/fused")])
 
 
 def test_reference_replica_maps_kernels_to_deltas(step_cost):
