@@ -762,8 +762,9 @@ def _learned_step(
     )
     if in_place:
         torch._foreach_lerp_(m_old, g_v, 1.0 - b1)
-        torch._foreach_mul_(v_old, b2)
-        torch._foreach_addcmul_(v_old, g_dense, g_dense, value=1.0 - b2)
+        if v_old:  # (foreach ops reject empty lists: every tensor may be factored)
+            torch._foreach_mul_(v_old, b2)
+            torch._foreach_addcmul_(v_old, g_dense, g_dense, value=1.0 - b2)
         m_new, v_dense = m_old, v_old
     elif isinstance(b1, torch.Tensor) or isinstance(b2, torch.Tensor):
         # tensor betas (meta-learned): the foreach ops take numbers only; the fused step's
@@ -774,8 +775,10 @@ def _learned_step(
         ]
     else:
         m_new = torch._foreach_lerp(m_old, g_v, 1.0 - b1)
-        v_dense = torch._foreach_addcmul(
-            torch._foreach_mul(v_old, b2), g_dense, g_dense, value=1.0 - b2
+        v_dense = (
+            torch._foreach_addcmul(torch._foreach_mul(v_old, b2), g_dense, g_dense, value=1.0 - b2)
+            if v_old
+            else []
         )
     v_new: list[torch.Tensor] = [None] * len(owners)  # type: ignore[list-item]
     for j, v in zip(dense, v_dense, strict=True):

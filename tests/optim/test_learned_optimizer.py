@@ -350,11 +350,12 @@ def test_vit_style_model_trains_like_adam_at_init():
     assert float(_loss(model, x, y).detach()) < 0.5 * first
 
 
-@pytest.mark.parametrize("shorter_last_tokens", [False, True])
-def test_optimizer_fast_paths_follow_the_pure_rule_across_a_task_boundary(shorter_last_tokens):
+@pytest.mark.parametrize("case", ["mlp", "shorter last tokens", "every tensor factored"])
+def test_optimizer_fast_paths_follow_the_pure_rule_across_a_task_boundary(case):
     """In-place moments, scratch workspace, skipped importance terms in the first task and
     the direct optimizer.state round trip give the pure functional rule's trajectory,
-    also for tensors cut into equal tokens and a shorter last one."""
+    also for tensors cut into equal tokens and a shorter last one, and with factored
+    second moments for every tensor (a bias-free model: no dense moment at all)."""
     from metaopt.learned import learned_rule, new_task
     from metaopt.learned.features import layout_of
     from metaopt.rules import apply_updates
@@ -362,19 +363,25 @@ def test_optimizer_fast_paths_follow_the_pure_rule_across_a_task_boundary(shorte
     # (an MLP: a conv bias before batchnorm has rounding-noise gradients, whose
     # scale-free token features make trajectories differ at the level of rounding)
     model, x, y = build("mlp", 3, seed=15, dtype=torch.float64)
-    max_block = 16
-    if shorter_last_tokens:  # at max_block 5: a bias of 23 is 4 tokens of 5 and one of 3
-        torch.manual_seed(15)
+    options = {"max_block": 16}
+    torch.manual_seed(15)
+    if case == "shorter last tokens":  # at max_block 5: a bias of 23 is 4 x 5 + 3
         model = nn.Sequential(
             nn.Flatten(), nn.Linear(x[0].numel(), 23), nn.Tanh(), nn.Linear(23, 3)
         ).double()
-        max_block = 5
-        assert layout_of(23, max_block, 23).tail == 3
+        options = {"max_block": 5}
+        assert layout_of(23, 5, 23).tail == 3
+    elif case == "every tensor factored":
+        model = nn.Sequential(
+            nn.Flatten(), nn.Linear(x[0].numel(), 6, bias=False), nn.Tanh(),
+            nn.Linear(6, 3, bias=False),
+        ).double()
+        options = {"max_block": 16, "factored": True}
     twin = copy.deepcopy(model)  # evaluates the gradients of the functional trajectory
     net = perturbed_net(dtype=torch.float64)
-    opt = LearnedOptimizer(model.named_parameters(), lr=1e-2, net=net, max_block=max_block)
+    opt = LearnedOptimizer(model.named_parameters(), lr=1e-2, net=net, **options)
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    rule = learned_rule(net, lr=1e-2, max_block=max_block)
+    rule = learned_rule(net, lr=1e-2, **options)
     state = rule.init(params)
     for step in range(6):
         if step == 3:
