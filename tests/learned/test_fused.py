@@ -74,6 +74,29 @@ def test_fused_step_equals_pure_rule_with_shorter_last_tokens(factored):
     _check_fused_equals_pure(params, 5, factored, True, None)
 
 
+@settings(max_examples=15, deadline=None)
+@given(
+    sizes=st.lists(
+        st.sampled_from([1, 2, 3, 7, 23, 29, 31, 46, 58, 97, 101, 202]), min_size=1, max_size=3
+    ).map(tuple),
+    rows=st.sampled_from([1, 2, 3]),
+    max_block=st.sampled_from([3, 5, 8]),
+    factored=st.booleans(),
+)
+def test_fused_step_equals_pure_rule_for_any_token_layout(sizes, rows, max_block, factored):
+    """Sizes with and without fitting divisors (primes, 2 x primes) at small block
+    sizes, so that tensors get equal tokens, a shorter last one, or a single token."""
+
+    def params():
+        gen = torch.Generator().manual_seed(len(sizes) + rows)
+        return {
+            f"p{i}": torch.randn((rows, n), generator=gen, dtype=torch.float64)
+            for i, n in enumerate(sizes)
+        }
+
+    _check_fused_equals_pure(params, max_block, factored, True, None)
+
+
 def _check_fused_equals_pure(make_params, max_block, factored, boundary, topk):
     net = perturbed_net(dtype=torch.float64)
     params = make_params()
