@@ -114,7 +114,7 @@ class LearnedRuleNet(nn.Module):
         if torch.compiler.is_compiling():
             for layer in self.encoder.layers:
                 x = _encoder_layer(layer, x)
-        else:
+        elif len(self.encoder.layers):  # (nn.TransformerEncoder fails without a layer)
             x = self.encoder(x[None])[0]
         context = self.norm(x)[1:]
         raw = self.head(context)

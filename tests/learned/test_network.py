@@ -65,3 +65,23 @@ def test_compiled_net_equals_eager_net(grad):
 def test_bad_token_shape_is_rejected():
     with pytest.raises(ValueError, match="tokens must be"):
         LearnedRuleNet()(torch.zeros(3, N_TOKEN_FEATURES + 1), torch.zeros(N_TASK_FEATURES))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_net_without_encoder_layers_treats_tokens_one_by_one(grad):
+    """``n_layers=0`` (a valid configuration) runs eagerly and compiled: no attention,
+    so each token's coefficients depend on that token alone (and the task token's
+    embedding is dropped with it)."""
+    torch._dynamo.reset()
+    net = _random_net(2, d_model=8, n_heads=2, d_ff=16, n_layers=0)
+    tokens = torch.randn(6, N_TOKEN_FEATURES, dtype=torch.float64)
+    task = torch.randn(N_TASK_FEATURES, dtype=torch.float64)
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    with torch.set_grad_enabled(grad):
+        whole = net(tokens, task)
+        alone = net(tokens[2:3], task)
+        for a, b in zip(whole, compiled(tokens, task), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(whole, alone, strict=True):
+        torch.testing.assert_close(a[2:3], b, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(whole.log_scale[0], whole.log_scale[1])
