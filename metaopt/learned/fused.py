@@ -28,6 +28,7 @@ from metaopt.learned.rule import (
     coefficient_lists,
     direction_of,
     factored_moment,
+    merged,
     pieces_of,
     token_views,
     updated_second_moment,
@@ -335,17 +336,14 @@ def fused_core_(
     # factored second moments: new row and column means and the full moment, now
     v_full: list[torch.Tensor | None] = []
     v_state: list[torch.Tensor | None] = []
-    start = 0
-    for old, lay, shape in zip(row_col, views.layouts, shapes, strict=True):
-        own = views.grads[start : start + len(lay.segments)]
-        start += len(own)
+    whole_grads = merged(views.grads, views.layouts, shapes)
+    for old, lay, g in zip(row_col, views.layouts, whole_grads, strict=True):
         if old is not None:
-            g = own[0] if len(own) == 1 else torch.cat([x.reshape(-1) for x in own])
-            new, full = factored_moment(g.reshape(shape), old, b2)
+            new, full = factored_moment(g, old, b2)
             v_full.extend(token_pieces(full, lay))
             v_state.append(new)
         else:
-            v_full.extend([None] * len(own))
+            v_full.extend([None] * len(lay.segments))
             v_state.append(None)
 
     # the updated moments at the sampled positions only (the same formulas as the pass)

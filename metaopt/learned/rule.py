@@ -484,18 +484,18 @@ def piece_owners(layouts: list[Layout]) -> list[int]:
 
 
 def merged(
-    pieces: list[torch.Tensor], layouts: list[Layout], like: list[torch.Tensor]
+    pieces: list[torch.Tensor], layouts: list[Layout], shapes: list[tuple[int, ...]]
 ) -> list[torch.Tensor]:
-    """Per-piece results back in the shapes of ``like``: a view of a tensor's one piece, a
-    concatenation of its two."""
-    if len(pieces) == len(like):  # no tail token anywhere
-        return [x.reshape(t.shape) for x, t in zip(pieces, like, strict=True)]
+    """Per-piece tensors (as :func:`pieces_of` lists them) back as one tensor each, of the
+    given shapes: a view of a tensor's one piece, a concatenation of its two."""
+    if len(pieces) == len(shapes):  # no tail token anywhere
+        return [x.reshape(shape) for x, shape in zip(pieces, shapes, strict=True)]
     out, start = [], 0
-    for lay, t in zip(layouts, like, strict=True):
+    for lay, shape in zip(layouts, shapes, strict=True):
         own = pieces[start : start + len(lay.segments)]
         start += len(own)
         whole = own[0] if len(own) == 1 else torch.cat([x.reshape(-1) for x in own])
-        out.append(whole.reshape(t.shape))
+        out.append(whole.reshape(shape))
     return out
 
 
@@ -810,13 +810,14 @@ def _learned_step(
     else:
         per_piece = zip(*args, zip(*coefficients, strict=True), strict=True)
         out = [direction_of(*xs, list(c), importance_free) for *xs, c in per_piece]
-    updates = merged(out, layouts, grads)
+    shapes = [tuple(g.shape) for g in grads]
+    updates = merged(out, layouts, shapes)
     if in_place:  # the same tensors, updated
         m_state = [s.exp_avg for s in leaves]
         v_dense_state = [s.exp_avg_sq for s in leaves]
     else:
-        m_state = merged(m_new, layouts, [s.exp_avg for s in leaves])
-        v_dense_state = merged(v_new, layouts, [s.exp_avg for s in leaves])  # factored: unused
+        m_state = merged(m_new, layouts, shapes)
+        v_dense_state = merged(v_new, layouts, shapes)  # factored: replaced below
     v_state = [factored_state.get(i, v) for i, v in enumerate(v_dense_state)]
     return updates, advanced_leaves(leaves, steps, task_steps + 1.0, m_state, v_state)
 
