@@ -13,6 +13,7 @@ Eagerly it runs too (the tests use that), only slower than the unfused eager rul
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,6 @@ from metaopt.learned.network import TokenCoefficients
 from metaopt.learned.rule import (
     TensorFields,
     TokenViews,
-    advanced_leaves,
     coefficient_lists,
     direction_of,
     factored_moment,
@@ -54,9 +54,9 @@ compiled step at 100k-1M parameters (``docs/learned.md``). The cold compile time
 measured the same (kernels and wrapper go to one compiler call)."""
 
 
-_CoreResult = tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]
-"""What :func:`fused_core_` returns: new step counters, in-task steps and factored second
-moments."""
+_CoreResult = list[torch.Tensor | None]
+"""What :func:`fused_core_` returns: per tensor, the new row and column means of a
+factored second moment, ``None`` for a dense one."""
 
 
 def fusable(params: list[torch.Tensor], leaves: list[LearnedState]) -> bool:
@@ -64,14 +64,24 @@ def fusable(params: list[torch.Tensor], leaves: list[LearnedState]) -> bool:
     non-empty parameters and moments (their ``[n_tokens, length]`` views must alias them;
     an empty tensor has no token, see :func:`metaopt.learned.learned_rule`) and no pending
     task boundary (fold it eagerly first, see :func:`metaopt.learned.fold_task`)."""
-    return all(
-        p.numel() > 0
-        and p.is_contiguous()
-        and s.exp_avg.is_contiguous()
-        and s.exp_avg_sq.is_contiguous()
-        and not s.pending.numel()
-        for p, s in zip(params, leaves, strict=True)
+    if len(params) != len(leaves):
+        raise ValueError(f"{len(params)} parameters but {len(leaves)} leaf states")
+    # C-level maps: this runs at every step, over every tensor
+    return (
+        all(map(_numel, params))
+        and all(map(_contiguous, params))
+        and all(map(_contiguous, map(_EXP_AVG, leaves)))
+        and all(map(_contiguous, map(_EXP_AVG_SQ, leaves)))
+        and not any(map(_numel, map(_PENDING, leaves)))
     )
+
+
+_numel = torch.Tensor.numel
+_contiguous = torch.Tensor.is_contiguous
+_data_ptr = torch.Tensor.data_ptr
+_EXP_AVG = operator.attrgetter("exp_avg")
+_EXP_AVG_SQ = operator.attrgetter("exp_avg_sq")
+_PENDING = operator.attrgetter("pending")
 
 
 def _sampled(x: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -102,7 +112,10 @@ def fused_learned_step_(
         grads: the gradients, one per parameter (shapes of the parameters).
         params: the parameters (contiguous, see :func:`fusable`); updated in place.
         leaves: their :class:`LearnedState` (contiguous moments, no pending boundary);
-            ``exp_avg`` and a dense ``exp_avg_sq`` are updated in place.
+            ``exp_avg`` and a dense ``exp_avg_sq`` are updated in place, and so are the
+            ``step`` and ``task_step`` counters that are rows of a field stack kept in
+            ``view_cache`` (those of the leaves this function returned, as
+            ``torch.optim.Adam`` increments its ``step`` tensors in place).
         run_net: ``(tokens [T, F], task [F_task]) -> TokenCoefficients``.
         lr: learning rate (a number or a 0-d tensor).
         b1: Adam's first-moment decay rate (a number or a 0-d tensor).
@@ -126,8 +139,10 @@ def fused_learned_step_(
             same tensors (a reshape per tensor and buffer costs more than the check).
 
     Returns:
-        The new leaves (new counters; the moments are the given tensors, or new row and
-        column means for a factored second moment).
+        The leaves after the update: the given ones where nothing was stacked anew and
+        the second moment is dense; otherwise with counters that are rows of a new
+        field stack (the given counters are not changed) and a factored second moment's
+        new row and column means.
     """
     if not fusable(params, leaves):
         raise ValueError(
@@ -139,7 +154,7 @@ def fused_learned_step_(
     # fewer inputs, cheaper guards and wrappers
     fields, leaves = _stacked_fields(leaves, view_cache)
     row_col = [s.exp_avg_sq if is_factored(s) else None for s in leaves]
-    steps, task_steps, factored_sq = (core or fused_core_)(
+    factored_sq = (core or fused_core_)(
         views,
         v_dense,
         row_col,
@@ -155,19 +170,11 @@ def fused_learned_step_(
         net_dtype=net_dtype,
         importance_free=importance_free,
     )
-    v_state = [s.exp_avg_sq if f is None else f for s, f in zip(leaves, factored_sq, strict=True)]
-    next_task_steps = task_steps + 1.0
-    new_leaves = advanced_leaves(
-        leaves, steps, next_task_steps, [s.exp_avg for s in leaves], v_state
-    )
-    if view_cache is not None:
-        stacks = fields._replace(step=steps, task_step=next_task_steps)
-        entries = {}
-        for name, stacked in zip(TensorFields._fields, stacks, strict=True):
-            rows = tuple(getattr(s, name) for s in new_leaves)
-            entries[name] = (stacked, rows, tuple(r.data_ptr() for r in rows))
-        view_cache["fields"] = entries
-    return new_leaves
+    # dense leaves are unchanged objects: their moments and counters moved in place
+    return [
+        s if f is None else s._replace(exp_avg_sq=f)
+        for s, f in zip(leaves, factored_sq, strict=True)
+    ]
 
 
 def _stacked_fields(
@@ -176,33 +183,34 @@ def _stacked_fields(
     """:func:`~metaopt.learned.rule.stacked_fields`, reusing the stacks of the previous
     call where the leaves still hold the very tensors that call left in them.
 
-    Those tensors are views of the stacks (the counters a step returns are rows of its
-    ``[n]`` outputs; a field stacked here is handed back as rows of its stack), so an
-    in-place edit of one, e.g. ``optimizer.state[p]["task_index"].fill_(2)``, is seen by
-    the cached stack. A field whose tensors were replaced (``load_state_dict``,
+    Those tensors are views of the stacks (a field stacked here is handed back as rows
+    of its stack, and the step updates the ``step`` and ``task_step`` stacks in place),
+    so an in-place edit of one, e.g. ``optimizer.state[p]["task_index"].fill_(2)``, is
+    seen by the cached stack. A field whose tensors were replaced (``load_state_dict``,
     ``new_task``, a loss observed, an emptied state) or given other storage
     (``t.data = x``) is stacked again.
 
     Returns:
         The stacked fields and the leaves (fields stacked anew replaced by their rows).
     """
-    cached = cache.get("fields", {}) if cache is not None else {}
+    cached = cache.setdefault("fields", {}) if cache is not None else {}
     stacks = []
     for name in TensorFields._fields:
-        per_leaf = [getattr(s, name) for s in leaves]
+        per_leaf = list(map(operator.attrgetter(name), leaves))
         hit = cached.get(name)
         if hit is not None and len(hit[1]) == len(per_leaf):
             stacked, rows, addresses = hit
-            if all(a is b for a, b in zip(rows, per_leaf, strict=True)) and addresses == tuple(
-                r.data_ptr() for r in per_leaf
+            if all(map(operator.is_, rows, per_leaf)) and addresses == tuple(
+                map(_data_ptr, per_leaf)
             ):
                 stacks.append(stacked)
                 continue
         stacked = torch.stack(per_leaf)
         stacks.append(stacked)
+        rows = stacked.unbind(0)
+        leaves = [s._replace(**{name: r}) for s, r in zip(leaves, rows, strict=True)]
         if cache is not None:
-            rows = stacked.unbind(0)
-            leaves = [s._replace(**{name: r}) for s, r in zip(leaves, rows, strict=True)]
+            cached[name] = (stacked, rows, tuple(map(_data_ptr, rows)))
     return TensorFields(*stacks), leaves
 
 
@@ -226,7 +234,7 @@ def _views(
     )
     # the storages too: `p.data = x` keeps the tensor object (and its id) but not the
     # storage the cached views point into
-    key = (max_block, *map(id, held), *(t.data_ptr() for t in held))
+    key = (max_block, *map(id, held), *map(_data_ptr, held))
     if cache is not None and cache.get("key") == key:
         views, v_dense = cache["views"], cache["v_dense"]
         return views._replace(grads=pieces_of(grads, views.layouts)), v_dense
@@ -327,9 +335,9 @@ def fused_core_(
         importance_free: as in :func:`fused_learned_step_`.
 
     Returns:
-        The new step counters ``[n tensors]``, the in-task steps before this update
-        ``[n tensors]`` and, per tensor, the new row and column means of a factored
-        second moment (``None`` for a dense one).
+        Per tensor, the new row and column means of a factored second moment (``None``
+        for a dense one). The step counters ``fields.step`` and ``fields.task_step`` are
+        incremented in place.
     """
     device = views.grads[0].device
     columns = [sample_columns(g.shape[1], sample_size, device) for g in views.grads]
@@ -364,7 +372,7 @@ def fused_core_(
     i_s = [_sampled(i, col) for i, col in zip(views.importance, columns, strict=True)]
     samples = tuple(torch.cat(x).to(net_dtype) for x in (g_s, m_s, v_s, w_s, a_s, i_s))
     wide = wide_dtype(views.params)
-    coefficients, steps, task_steps = coefficient_lists(
+    coefficients, steps, _ = coefficient_lists(
         views,
         fields,
         samples,
@@ -398,4 +406,7 @@ def fused_core_(
         if v is not None:
             v.copy_(v_new)
         w.add_(update)
-    return steps, task_steps, v_state
+    # the counters, in place: the leaves' counters are rows of these stacks
+    fields.step.copy_(steps)
+    fields.task_step.add_(1.0)
+    return v_state

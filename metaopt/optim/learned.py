@@ -311,7 +311,8 @@ class LearnedOptimizer(FunctionalOptimizer):
             super()._step_group(group, keys, params)
             return
         rule = super().rule_for(group)  # only initialises missing state here
-        leaves = [self._leaf_state(rule, k, p) for k, p in zip(keys, params, strict=True)]
+        stored = [self._leaf_state(rule, k, p) for k, p in zip(keys, params, strict=True)]
+        leaves = stored
         if self._loss is not None:
             named = observe_loss(dict(zip(keys, leaves, strict=True)), self._loss)
             leaves = [named[k] for k in keys]
@@ -342,8 +343,9 @@ class LearnedOptimizer(FunctionalOptimizer):
             importance_free=self._task_index == 0 and not any(folded),
             view_cache=self._view_caches.setdefault(id(group), {}),
         )
-        for p, leaf in zip(params, new_leaves, strict=True):
-            self._store(p, leaf)
+        for p, before, leaf in zip(params, stored, new_leaves, strict=True):
+            if leaf is not before:  # else the state holds these tensors, updated in place
+                self._store(p, leaf)
 
     def _fused_step_for(self, params: list[torch.Tensor]) -> Callable[..., list[LearnedState]]:
         """The compiled fused step for a group of these parameters: one per device type

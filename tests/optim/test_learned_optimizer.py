@@ -350,12 +350,23 @@ def test_vit_style_model_trains_like_adam_at_init():
     assert float(_loss(model, x, y).detach()) < 0.5 * first
 
 
+def _compile_as_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch.compile`` returns the function itself: ``compile=True`` takes its fused
+    in-place path (and its bookkeeping: view and field caches, counters updated in
+    place) eagerly, without minutes of compilation."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
 @pytest.mark.parametrize("case", ["mlp", "shorter last tokens", "every tensor factored"])
-def test_optimizer_fast_paths_follow_the_pure_rule_across_a_task_boundary(case):
+def test_optimizer_fast_paths_follow_the_pure_rule_across_a_task_boundary(
+    case, fused, monkeypatch
+):
     """In-place moments, scratch workspace, skipped importance terms in the first task and
     the direct optimizer.state round trip give the pure functional rule's trajectory,
     also for tensors cut into equal tokens and a shorter last one, and with factored
-    second moments for every tensor (a bias-free model: no dense moment at all)."""
+    second moments for every tensor (a bias-free model: no dense moment at all); so does
+    the fused in-place step of ``compile=True`` (run eagerly here)."""
     from metaopt.learned import learned_rule, new_task
     from metaopt.learned.features import layout_of
     from metaopt.rules import apply_updates
@@ -379,7 +390,9 @@ def test_optimizer_fast_paths_follow_the_pure_rule_across_a_task_boundary(case):
         options = {"max_block": 16, "factored": True}
     twin = copy.deepcopy(model)  # evaluates the gradients of the functional trajectory
     net = perturbed_net(dtype=torch.float64)
-    opt = LearnedOptimizer(model.named_parameters(), lr=1e-2, net=net, **options)
+    if fused:
+        _compile_as_identity(monkeypatch)
+    opt = LearnedOptimizer(model.named_parameters(), lr=1e-2, net=net, compile=fused, **options)
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     rule = learned_rule(net, lr=1e-2, **options)
     state = rule.init(params)
@@ -398,9 +411,39 @@ def test_optimizer_fast_paths_follow_the_pure_rule_across_a_task_boundary(case):
         with torch.no_grad():
             for k, p in twin.named_parameters():
                 p.copy_(params[k])
+    assert bool(opt._fused_steps) == fused  # the path under test was taken
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), params[name], rtol=0, atol=1e-12)
         assert float(opt.state[p][".importance"].float().abs().sum()) > 0
+
+
+def test_fused_step_increments_the_state_counters_in_place_like_torch_adam(monkeypatch):
+    """``compile=True``'s fused step (run eagerly here) moves ``optimizer.state[p]``'s
+    moments and step counters in place, as ``torch.optim.Adam`` does its ``step``: a
+    reference held by the caller follows, the state keeps its tensors. A counter the
+    caller replaces is used, then moved in place in turn."""
+    _compile_as_identity(monkeypatch)
+    model, x, y = build("mlp", 3, seed=3)
+    adam_model = copy.deepcopy(model)
+    opt = LearnedOptimizer(model.parameters(), lr=1e-2, net=perturbed_net(), compile=True)
+    adam = torch.optim.Adam(adam_model.parameters(), lr=1e-2)
+    _train(model, opt, x, y, 2)
+    _train(adam_model, adam, x, y, 2)
+    p, adam_p = next(model.parameters()), next(adam_model.parameters())
+    held = dict(opt.state[p])
+    adam_step = adam.state[adam_p]["step"]
+    _train(model, opt, x, y, 3)
+    _train(adam_model, adam, x, y, 3)
+    assert adam.state[adam_p]["step"] is adam_step and float(adam_step) == 5.0
+    for name in (".step", ".task_step", ".exp_avg", ".exp_avg_sq"):
+        assert opt.state[p][name] is held[name], name
+    assert float(held[".step"]) == float(held[".task_step"]) == 5.0
+    opt.state[p][".step"] = torch.tensor(100.0)  # replaced by the caller: read, then moved
+    replaced = opt.state[p][".step"]
+    _train(model, opt, x, y, 2)
+    assert float(opt.state[p][".step"]) == 102.0
+    assert float(replaced) == 100.0  # its value was copied into a new stack
+    assert float(held[".task_step"]) == 7.0
 
 
 def test_factored_second_moment_equals_adam_for_rank_one_squared_gradients():
