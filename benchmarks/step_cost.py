@@ -5,7 +5,10 @@ optimizer-state bytes as a multiple of Adam's, and a cost replica of the referen
 Only ``optimizer.step()`` is timed (gradients are fixed random tensors), round-robin over
 the optimizers within each repeat; the numbers are medians over repeats, measured in this
 process. ``check/fused``: the learned optimizer's finite-gradient check alone (part of
-every checked step) against fused Adam's whole step::
+every checked step) against fused Adam's whole step; ``book/fused``: a
+``LearnedOptimizer(compile=True)`` step with its compiled call replaced by a no-op (the
+finite check and the optimizer's Python around the call; nothing compiled) against fused
+Adam's whole step::
 
     python benchmarks/step_cost.py --quick            # ~100k and 1M params, no replica
     python benchmarks/step_cost.py --repeats 5        # 100k, 1M, 10M and the replica
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import multiprocessing
 import re
@@ -26,6 +30,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch._inductor.config
@@ -35,6 +40,8 @@ from metaopt import LearnedOptimizer
 from metaopt._machine import cpu_model
 from metaopt.learned import LearnedRuleNet, learned_rule, load_pretrained
 from metaopt.learned.features import layout_of
+from metaopt.learned.fused import fused_learned_step_
+from metaopt.optim import learned as learned_module
 
 SIZES = {"100k": 100_000, "1M": 1_000_000, "10M": 10_000_000}
 
@@ -139,6 +146,30 @@ def make_optimizers(
     return opts, compile_seconds
 
 
+class FusedBookkeeping:
+    """``LearnedOptimizer(compile=True)`` after a task boundary with its compiled call
+    replaced by a no-op: what its step costs around that call (the finite check, state
+    lookups, the cached token views and counter stacks), as something to ``step()`` and
+    time. Nothing is compiled; the parameters do not move."""
+
+    def __init__(self, params: list[torch.Tensor], net: LearnedRuleNet) -> None:
+        no_op_step = functools.partial(fused_learned_step_, core=_no_op_core)
+        with mock.patch.object(learned_module, "compiled_fused_step", lambda _: no_op_step):
+            self.opt = _after_boundary(LearnedOptimizer(params, lr=1e-3, net=net, compile=True))
+            self.opt.step()  # the step kept in the optimizer is the no-op one
+
+    def step(self) -> None:
+        self.opt.step()
+
+
+def _no_op_core(
+    views: object, v_dense: object, row_col: list[torch.Tensor | None], *args: object, **kw: object
+) -> list[torch.Tensor | None]:
+    """In place of :func:`metaopt.learned.fused.fused_core_`: nothing computed, every
+    factored second moment (none in these models) kept."""
+    return list(row_col)
+
+
 class FiniteCheck:
     """The learned optimizer's finite-gradient check alone (``check_finite=True``, one
     more read of every gradient per step), as something to ``step()`` and time."""
@@ -193,7 +224,11 @@ def bench_model(
         p.grad = torch.randn_like(p) * 1e-2
     opts, compile_seconds = make_optimizers(params, compiled)
     learned = opts["learned 2nd+"]
-    timed = {**opts, "finite check": FiniteCheck(learned)}
+    timed = {
+        **opts,
+        "finite check": FiniteCheck(learned),
+        "fused bookkeeping": FusedBookkeeping(params, learned.net),
+    }
     times = time_steps(timed, steps, repeats, warmup, clock)
     tokens = sum(learned_tokens(p.numel(), p.shape[0] if p.ndim else 1) for p in params)
     return {
@@ -206,6 +241,7 @@ def bench_model(
         "2nd+/fused": times["learned 2nd+"] / times["Adam fused"],
         "2nd+/foreach": times["learned 2nd+"] / times["Adam foreach"],
         "check/fused": times["finite check"] / times["Adam fused"],
+        "book/fused": times["fused bookkeeping"] / times["Adam fused"],
         **(
             {
                 "compile s": compile_seconds,
