@@ -73,6 +73,24 @@ def test_errors_exit_cleanly(tmp_path: Path, monkeypatch, capsys) -> None:
     assert main([]) == 2
 
 
+@pytest.mark.parametrize(
+    "grid",
+    [
+        ["--lrs", "inf"],
+        ["--lrs", "nan"],
+        ["--si-strengths", "nan"],
+        ["--ewc-strengths", "1", "inf"],
+    ],
+)
+def test_non_finite_grid_values_are_usage_errors(grid, capsys) -> None:
+    """A NaN or infinite learning rate or strength would train to NaN and be reported as
+    a result (``--si-strengths nan`` and ``--lrs inf`` were); argparse refuses them."""
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--streams", "split-digits-domain", *grid])
+    assert exc.value.code == 2
+    assert "must be finite" in capsys.readouterr().err
+
+
 def test_subcommands_registered(capsys) -> None:
     commands = build_parser()._subparsers._group_actions[0].choices
     assert {"bench", "download"} <= set(commands)

@@ -17,6 +17,7 @@ as back-propagating the penalised loss, without changing the training loop.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -59,8 +60,8 @@ class QuadraticRegularizer(torch.optim.Optimizer):
         strength: float = 1.0,
         **base_options: Any,
     ) -> None:
-        if strength < 0:
-            raise ValueError(f"strength must be >= 0, got {strength}")
+        if not (math.isfinite(strength) and strength >= 0):  # NaN and inf fail too
+            raise ValueError(f"strength must be finite and >= 0, got {strength}")
         params = list(params)
         if params and isinstance(params[0], dict):
             params = [{**group, "params": _trainable(group["params"])} for group in params]
@@ -205,8 +206,8 @@ class EWC(QuadraticRegularizer):
     ) -> None:
         if n_fisher < 1:
             raise ValueError(f"n_fisher must be >= 1, got {n_fisher}")
-        if gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        if not (math.isfinite(gamma) and gamma >= 0):
+            raise ValueError(f"gamma must be finite and >= 0, got {gamma}")
         super().__init__(params, base, strength=strength, **base_options)
         self.n_fisher = n_fisher
         self.gamma = gamma
@@ -291,7 +292,7 @@ class SI(QuadraticRegularizer):
         xi: float = 0.1,
         **base_options: Any,
     ) -> None:
-        if not xi > 0:
+        if not (math.isfinite(xi) and xi > 0):
             raise ValueError(f"xi must be > 0 (it damps a division by delta^2), got {xi}")
         super().__init__(params, base, strength=strength, **base_options)
         self.xi = xi

@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import importlib.metadata
 import logging
+import math
 import platform
 import shlex
 import sys
@@ -54,6 +55,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _finite_float(text: str) -> float:
+    """argparse type: a finite number (a NaN or infinite learning rate or strength would
+    train to NaN and be reported as a result)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {value}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``bench`` and ``download`` commands to a top-level ``metaopt`` parser."""
     bench = subparsers.add_parser(
@@ -84,9 +97,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="OPT",
         help=f"subset of {', '.join(OPTIMIZERS)}",
     )
-    bench.add_argument("--lrs", nargs="+", type=float, help="SGD/Adam learning-rate grid")
-    bench.add_argument("--ewc-strengths", nargs="+", type=float, help="EWC lambda grid")
-    bench.add_argument("--si-strengths", nargs="+", type=float, help="SI c grid")
+    bench.add_argument("--lrs", nargs="+", type=_finite_float, help="SGD/Adam learning-rate grid")
+    bench.add_argument("--ewc-strengths", nargs="+", type=_finite_float, help="EWC lambda grid")
+    bench.add_argument("--si-strengths", nargs="+", type=_finite_float, help="SI c grid")
     bench.add_argument(
         "--learned-checkpoint",
         metavar="NAME_OR_PT",

@@ -98,8 +98,15 @@ def test_ewc_fallback_without_end_task_and_state_dict() -> None:
     clone = EWC(model.parameters(), lr=0.01, strength=1.0)
     clone.load_state_dict(state)
     assert clone.penalty().item() == pytest.approx(opt.penalty().item())
-    with pytest.raises(ValueError, match="strength"):
-        SI(model.parameters(), strength=-1.0)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="strength"):
+            SI(model.parameters(), strength=bad)
+        with pytest.raises(ValueError, match="strength"):
+            EWC(model.parameters(), strength=bad)
+    with pytest.raises(ValueError, match="gamma"):
+        EWC(model.parameters(), gamma=float("nan"))
+    with pytest.raises(ValueError, match="xi"):
+        SI(model.parameters(), xi=float("inf"))
 
 
 @pytest.mark.parametrize("cls", [EWC, SI])
