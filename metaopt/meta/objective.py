@@ -102,8 +102,13 @@ class ContinualProblem(InnerProblem):
         check_count("meta_batch_size", meta_batch_size)
         if speed_every is not None:
             check_count("speed_every", speed_every)
-        if not (speed_weight >= 0 and earlier_weight >= 0):
-            raise ValueError("speed_weight and earlier_weight must be >= 0")
+        if not all(
+            math.isfinite(w) and w >= 0 for w in (speed_weight, earlier_weight)
+        ):  # an infinite weight made every meta-loss NaN
+            raise ValueError(
+                f"speed_weight and earlier_weight must be finite and >= 0, got "
+                f"{speed_weight} and {earlier_weight}"
+            )
         self.model = PureModel(model)
         self.tasks = list(tasks)
         self.steps = steps

@@ -14,6 +14,7 @@ meta-validation part (20%): validation sequences use images the meta-training ne
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -90,8 +91,13 @@ class FamilyConfig:
         if not self.batch_size or min(self.batch_size) < 1:
             raise ValueError(f"batch_size must be a non-empty tuple of sizes >= 1, got "
                              f"{self.batch_size}")
-        if not (self.speed_weight >= 0 and self.earlier_weight >= 0):
-            raise ValueError("speed_weight and earlier_weight must be >= 0")
+        if not all(
+            math.isfinite(w) and w >= 0 for w in (self.speed_weight, self.earlier_weight)
+        ):  # an infinite weight made every meta-loss NaN
+            raise ValueError(
+                f"speed_weight and earlier_weight must be finite and >= 0, got "
+                f"{self.speed_weight} and {self.earlier_weight}"
+            )
         for model, kwargs in self.model_sizes.items():
             for key, value in kwargs.items():
                 sizes = value if isinstance(value, (tuple, list)) else (value,)

@@ -390,6 +390,8 @@ def test_train_config_refuses_estimator_settings_up_front(bad):
         {"batch_size": (0,)},
         {"speed_weight": -1.0},
         {"earlier_weight": -1.0},
+        {"earlier_weight": float("inf")},  # every meta-loss NaN
+        {"speed_weight": float("nan")},
         {"model_sizes": {"mlp": {"hidden": (0,)}}},
     ],
 )
@@ -506,12 +508,13 @@ def _two_tasks():
 @pytest.mark.parametrize(
     "bad",
     [{"batch_size": 0}, {"meta_batch_size": 0}, {"speed_every": 0}, {"speed_every": -2},
-     {"steps_per_task": [2.5, 3]}],
+     {"steps_per_task": [2.5, 3]}, {"earlier_weight": float("inf")},
+     {"speed_weight": float("nan")}],
 )
 def test_continual_problem_refuses_sizes_that_give_nan_or_drop_the_speed_term(bad):
     """An empty batch made every loss NaN; ``speed_every <= 0`` silently used the default
     spacing (0) or removed the learning-speed term (negative); a fractional step count
-    was truncated."""
+    was truncated; an infinite weight made every meta-loss NaN."""
     with pytest.raises((ValueError, TypeError)):
         ContinualProblem(nn.Sequential(nn.Flatten(), nn.Linear(16, 2)), _two_tasks(), **{
             "steps_per_task": 3, **bad})
