@@ -83,6 +83,8 @@ def _check_options(
         raise ValueError(f"max_block ({max_block}) and sample_size ({sample_size}) must be >= 1")
     if topk_fraction is not None and not 0.0 < topk_fraction <= 1.0:
         raise ValueError(f"topk_fraction must be in (0, 1], got {topk_fraction}")
+    if aux_dtype is not None and not isinstance(aux_dtype, torch.dtype):
+        raise TypeError(f"aux_dtype must be a torch.dtype (torch.bfloat16), got {aux_dtype!r}")
     if aux_dtype is not None and not aux_dtype.is_floating_point:
         raise ValueError(f"aux_dtype must be a floating dtype, got {aux_dtype}")
 
