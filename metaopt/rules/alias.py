@@ -68,6 +68,15 @@ def sgd(
     return chain(_decayed(direction, weight_decay), scale_by_learning_rate(lr))
 
 
+def _pair(betas: tuple[Scalar, Scalar]) -> tuple[Scalar, Scalar]:
+    """``betas`` as ``(b1, b2)``; anything but two values is a ``ValueError`` that says so."""
+    try:
+        b1, b2 = betas
+    except (TypeError, ValueError):
+        raise ValueError(f"betas must be two values (b1, b2), got {betas!r}") from None
+    return b1, b2
+
+
 def adam(
     lr: Scalar | Schedule = 1e-3,
     betas: tuple[Scalar, Scalar] = (0.9, 0.999),
@@ -85,7 +94,7 @@ def adam(
     leaf state is ``(AdamState, ())`` whatever ``weight_decay`` is (0 or not): a
     ``weight_decay`` changed between steps keeps the moments, as in ``torch.optim.Adam``.
     """
-    b1, b2 = betas
+    b1, b2 = _pair(betas)
     return chain(
         _decayed(scale_by_adam(b1, b2, eps, eps_root, amsgrad), weight_decay),
         scale_by_learning_rate(lr),
@@ -105,7 +114,7 @@ def adamw(
     Update: ``-lr * (adam_direction + weight_decay * p)``. The state's layout does not
     depend on ``weight_decay`` (see :func:`adam`).
     """
-    b1, b2 = betas
+    b1, b2 = _pair(betas)
     return chain(
         _decayed(scale_by_adam(b1, b2, eps, eps_root, amsgrad), weight_decay, after=True),
         scale_by_learning_rate(lr),

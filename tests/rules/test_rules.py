@@ -177,6 +177,10 @@ def test_mismatched_state_and_updates_give_clear_errors():
         rules.chain(rules.sgd(), "adam")
     with pytest.raises(ValueError, match="Nesterov"):
         rules.sgd(momentum=0.0, nesterov=True)
+    for factory in (rules.adam, rules.adamw):  # was "too many values to unpack"
+        for betas in ((0.9, 0.99, 0.9), (0.9,), 0.9):
+            with pytest.raises(ValueError, match="betas must be two values"):
+                factory(betas=betas)
 
 
 def test_tree_helpers():
