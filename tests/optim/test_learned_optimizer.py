@@ -233,7 +233,7 @@ def test_from_pretrained_default_and_bad_options():
         LearnedOptimizer(model.parameters(), net=LearnedRuleNet(), importance="bogus")
     with pytest.raises(TypeError, match="LearnedRuleNet"):
         LearnedOptimizer(model.parameters(), net=nn.Linear(2, 2))
-    with pytest.raises(TypeError, match="torch.dtype"):  # was an AttributeError of str
+    with pytest.raises(TypeError, match=r"torch\.dtype"):  # was an AttributeError of str
         LearnedOptimizer(model.parameters(), net=LearnedRuleNet(), aux_dtype="bfloat16")
     assert isinstance(opt, metaopt.FunctionalOptimizer)
 
