@@ -35,6 +35,7 @@ from metaopt.meta.problem import (
     MetaGradient,
     RuleFactory,
     check_count,
+    check_rule_fn,
     scalar_loss,
 )
 from metaopt.meta.unroll import InnerCarry, inner_step
@@ -133,7 +134,7 @@ class ES:
         generator: torch.Generator | None = None,
     ) -> None:
         self.rule_fn, self.sigma, self.num_pairs, self.generator = (
-            rule_fn,
+            check_rule_fn(rule_fn),
             sigma,
             _check(sigma, num_pairs),
             generator,
@@ -185,7 +186,7 @@ class PES:
         self.num_pairs = _check(sigma, num_pairs)
         if truncation is not None:
             truncation = check_count("truncation", truncation)
-        self.rule_fn, self.truncation = rule_fn, truncation
+        self.rule_fn, self.truncation = check_rule_fn(rule_fn), truncation
         self.sigma, self.generator = sigma, generator
 
     def __call__(self, meta_params: Params, problem: InnerProblem) -> MetaGradient:

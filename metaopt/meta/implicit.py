@@ -68,8 +68,8 @@ def conjugate_gradient(
     Args:
         matvec: ``x -> A x`` on trees shaped like ``b``.
         b: right-hand side tree.
-        max_iters: iteration cap.
-        tol: stop when ``||r||^2 <= tol * ||b||^2``.
+        max_iters: iteration cap (``>= 1``).
+        tol: stop when ``||r||^2 <= tol * ||b||^2`` (finite, ``>= 0``).
 
     Returns:
         ``x`` (same tree structure as ``b``), starting from zero. When ``max_iters``
@@ -86,6 +86,8 @@ def conjugate_gradient(
             would grow without bound (rounding makes ``p^T A p`` a tiny positive number
             rather than zero).
     """
+    check_count("max_iters", max_iters)
+    _check_tol(tol)
     eps = min(torch.finfo(v.dtype).eps for v in b.values())
     largest = 0.0
     x = {k: torch.zeros_like(v) for k, v in b.items()}
@@ -126,11 +128,20 @@ def conjugate_gradient(
     return x
 
 
-def _check_solver(cg_iters: int, damping: float) -> int:
+def _check_tol(tol: float) -> None:
+    """``tol`` must be finite and ``>= 0``: with NaN or a negative tolerance the residual
+    test never passes, and every solve ran its ``max_iters`` and warned."""
+    if not 0 <= tol < math.inf:
+        raise ValueError(f"tol must be finite and >= 0, got {tol}")
+
+
+def _check_solver(cg_iters: int, damping: float, tol: float) -> int:
     """``cg_iters`` as an int ``>= 1``; ``damping`` must be finite and ``>= 0`` (NaN gave
-    NaN gradients, infinity dropped the implicit term)."""
+    NaN gradients, infinity dropped the implicit term); ``tol`` as in
+    :func:`_check_tol`."""
     if not 0 <= damping < math.inf:
         raise ValueError(f"damping must be finite and >= 0, got {damping}")
+    _check_tol(tol)
     return check_count("cg_iters", cg_iters)
 
 
@@ -183,14 +194,14 @@ class Implicit:
     Args:
         cg_iters: conjugate-gradient iterations.
         damping: ``lambda`` added to the Hessian (``>= 0``).
-        tol: CG relative tolerance on the squared residual.
+        tol: CG relative tolerance on the squared residual (finite, ``>= 0``).
 
     ``Implicit()(meta_params, problem)`` solves the inner problem with
     ``problem.solve`` and returns the meta-loss at the solution and its gradient.
     """
 
     def __init__(self, cg_iters: int = 100, damping: float = 0.0, tol: float = 1e-12) -> None:
-        self.cg_iters, self.damping, self.tol = _check_solver(cg_iters, damping), damping, tol
+        self.cg_iters, self.damping, self.tol = _check_solver(cg_iters, damping, tol), damping, tol
 
     def __call__(self, meta_params: Params, problem: ImplicitProblem) -> MetaGradient:
         meta_params = detach_tree(meta_params)
@@ -286,7 +297,7 @@ def implicit_root(
         ...     return {"w": closed_form(mp["l2"])}
         >>> w = solve(meta_params)            # differentiable w.r.t. meta_params
     """
-    cg_iters = _check_solver(cg_iters, damping)
+    cg_iters = _check_solver(cg_iters, damping, tol)
 
     def decorate(solver: Callable[..., Any]) -> Callable[..., Any]:
         def solve(meta_params: Any, *args: Any, **kwargs: Any) -> Any:

@@ -54,6 +54,16 @@ def check_count(name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_rule_fn(rule_fn: Any) -> Any:
+    """``rule_fn`` if callable (``meta_params -> UpdateRule``); ``TypeError`` otherwise, at
+    construction rather than at the first estimate."""
+    if not callable(rule_fn):
+        raise TypeError(
+            f"rule_fn must be callable (meta_params -> UpdateRule), got {type(rule_fn).__name__}"
+        )
+    return rule_fn
+
+
 def scalar_loss(value: torch.Tensor, what: str) -> torch.Tensor:
     """``value`` as a 0-d tensor; one holding several numbers (a loss per example, say)
     raises ``ValueError`` naming ``what`` (e.g. ``"problem.meta_loss"``)."""

@@ -111,8 +111,7 @@ class TrainConfig:
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         for name in ("steps", "tasks_per_step", "val_every", "val_tasks", "ckpt_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            check_count(name, getattr(self, name))  # 1.5 steps ran 2
         if not self.clip > 0:
             raise ValueError(f"clip must be > 0, got {self.clip}")
         for name in ("meta_lr", "inner_lr", "sigma"):

@@ -23,6 +23,7 @@ from metaopt.meta.problem import (
     MetaGradient,
     RuleFactory,
     check_count,
+    check_rule_fn,
     scalar_loss,
 )
 from metaopt.rules.base import State, UpdateRule, apply_updates
@@ -116,7 +117,7 @@ class Unrolled:
             truncation = check_count("truncation", truncation)
         if step_fn is not None and not callable(step_fn):
             raise TypeError(f"step_fn must be callable, got {type(step_fn).__name__}")
-        self.rule_fn = rule_fn
+        self.rule_fn = check_rule_fn(rule_fn)
         self.truncation = truncation
         self.step_fn = step_fn
 

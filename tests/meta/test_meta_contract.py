@@ -26,7 +26,7 @@ from metaopt.meta import (
     conjugate_gradient,
     implicit_root,
 )
-from metaopt.meta.trainer import MetaTrainer, plot_history
+from metaopt.meta.trainer import MetaTrainer, TrainConfig, plot_history
 from tests.meta.meta_helpers import classification_problem
 from tests.meta.test_trainer import tiny_config
 
@@ -706,3 +706,27 @@ def test_plotting_an_empty_history_warns_nothing(tmp_path):
         warnings.simplefilter("error")
         path = plot_history([], {}, tmp_path / "curves.png")
     assert path.is_file()
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Implicit(tol=float("nan")),
+        lambda: Implicit(tol=-1.0),
+        lambda: implicit_root(lambda p, mp: 0.0, tol=float("inf")),
+        lambda: conjugate_gradient(lambda v: v, {"a": torch.ones(2)}, tol=float("nan")),
+        lambda: conjugate_gradient(lambda v: v, {"a": torch.ones(2)}, max_iters=0),
+        lambda: Unrolled(None),
+        lambda: ES("sgd"),
+        lambda: PES(None),
+        lambda: TrainConfig(steps=1.5),
+        lambda: TrainConfig(val_every=2.0),
+    ],
+)
+def test_estimators_and_config_refuse_bad_options_when_built(build):
+    """Each was accepted and failed or misbehaved later: a NaN or negative CG tolerance
+    never converged (every solve ran all its iterations and warned), ``max_iters=0``
+    returned zeros with a warning, a missing rule factory failed at the first estimate,
+    ``steps=1.5`` ran two meta-steps."""
+    with pytest.raises((ValueError, TypeError)):
+        build()
