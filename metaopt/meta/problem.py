@@ -154,6 +154,8 @@ class SupervisedProblem(InnerProblem):
     ) -> None:
         if not batches:
             raise ValueError("SupervisedProblem needs at least one inner batch")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
         self.model = model if isinstance(model, PureModel) else PureModel(model)
         self.batches = list(batches)
         self.meta_batch = meta_batch

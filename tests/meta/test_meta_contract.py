@@ -708,6 +708,9 @@ def test_plotting_an_empty_history_warns_nothing(tmp_path):
     assert path.is_file()
 
 
+_BATCH = (torch.zeros(3, 2), torch.zeros(3, dtype=torch.long))
+
+
 @pytest.mark.parametrize(
     "build",
     [
@@ -721,12 +724,13 @@ def test_plotting_an_empty_history_warns_nothing(tmp_path):
         lambda: PES(None),
         lambda: TrainConfig(steps=1.5),
         lambda: TrainConfig(val_every=2.0),
+        lambda: SupervisedProblem(nn.Linear(2, 2), [_BATCH], _BATCH, dtype=torch.int64),
     ],
 )
 def test_estimators_and_config_refuse_bad_options_when_built(build):
     """Each was accepted and failed or misbehaved later: a NaN or negative CG tolerance
     never converged (every solve ran all its iterations and warned), ``max_iters=0``
     returned zeros with a warning, a missing rule factory failed at the first estimate,
-    ``steps=1.5`` ran two meta-steps."""
+    ``steps=1.5`` ran two meta-steps, an integer ``dtype`` failed inside the inner loop."""
     with pytest.raises((ValueError, TypeError)):
         build()
