@@ -11,6 +11,8 @@ from collections import defaultdict
 import pytest
 import torch
 import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import metaopt
@@ -500,3 +502,74 @@ def test_factored_state_is_about_adams_size_and_survives_tasks_and_reload(tmp_pa
     _train(twin, twin_opt, x, y, 2)
     _assert_params_close(model, twin, atol=0)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+_EVENTS = ("step", "closure step", "new task", "empty state", "reload", "no grad", "lr")
+
+
+def _reloaded(opt: LearnedOptimizer, fresh: LearnedOptimizer) -> LearnedOptimizer:
+    fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+    return fresh
+
+
+def _step(opt, model, x, y, *, closure: bool, drop_grad: int | None) -> None:
+    """One step, by closure or not; ``drop_grad``: a parameter left without gradient."""
+
+    def loss_and_grads():
+        opt.zero_grad()
+        loss = _loss(model, x, y)
+        loss.backward()
+        if drop_grad is not None:
+            list(model.parameters())[drop_grad].grad = None
+        return loss
+
+    if closure:
+        opt.step(loss_and_grads)
+    else:
+        loss_and_grads()
+        opt.step()
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    kind=st.sampled_from(["mlp", "transformer"]),
+    events=st.lists(st.sampled_from(_EVENTS), min_size=4, max_size=12),
+    seed=st.integers(0, 50),
+)
+def test_fused_path_follows_the_eager_optimizer_through_training_loop_events(kind, events, seed):
+    """``compile=True``'s fused in-place step (run eagerly) and the eager optimizer take
+    the same steps through what training loops and frameworks do between them: closures
+    (the loss feeds the task token), task boundaries, a parameter's state emptied
+    (Avalanche), a state_dict round trip into a new optimizer, a parameter without a
+    gradient, a changed learning rate (float64; parameters and state within 1e-9)."""
+    with pytest.MonkeyPatch.context() as patch:
+        _compile_as_identity(patch)
+        model, x, y = build(kind, 4, seed=seed)
+        models = [model, copy.deepcopy(model)]
+        net = perturbed_net(dtype=torch.float64)
+        chosen = seed % len(list(model.parameters()))
+
+        def make(m, fused):
+            return LearnedOptimizer(m.parameters(), lr=1e-2, net=net, compile=fused, max_block=8)
+
+        opts = [make(models[0], False), make(models[1], True)]
+        for event in [*events, "step"]:
+            for i, (opt, m) in enumerate(zip(opts, models, strict=True)):
+                if event == "new task":
+                    opt.new_task()
+                elif event == "empty state":
+                    opt.state[list(m.parameters())[chosen]] = {}
+                elif event == "reload":
+                    opts[i] = _reloaded(opt, make(m, fused=i == 1))
+                elif event == "lr":
+                    opt.param_groups[0]["lr"] *= 0.5
+                else:
+                    drop = chosen if event == "no grad" else None
+                    _step(opt, m, x, y, closure=event == "closure step", drop_grad=drop)
+        assert opts[1]._fused_steps  # the fused path was taken
+        for a, b in zip(*(m.parameters() for m in models), strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-9)
+            sa, sb = opts[0].state[a], opts[1].state[b]
+            assert sa.keys() == sb.keys()
+            for k in sa:
+                torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=1e-9, msg=k)
