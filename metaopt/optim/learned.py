@@ -303,11 +303,7 @@ class LearnedOptimizer(FunctionalOptimizer):
     ) -> None:
         """The fused in-place step (``compile=True``) where it applies, else the
         functional one of :class:`metaopt.FunctionalOptimizer`."""
-        if (
-            self._fused_steps is None
-            or params[0].device.type == "meta"
-            or not all(p.is_contiguous() for p in params)
-        ):
+        if self._fused_steps is None or params[0].device.type == "meta":
             super()._step_group(group, keys, params)
             return
         rule = super().rule_for(group)  # only initialises missing state here
@@ -321,7 +317,7 @@ class LearnedOptimizer(FunctionalOptimizer):
             fold_task(s, p, self._options["importance"]) if pending else s
             for s, p, pending in zip(leaves, params, folded, strict=True)
         ]
-        if not fusable(params, leaves):
+        if not fusable(params, leaves):  # e.g. a non-contiguous (channels_last) parameter
             super()._step_group(group, keys, params)
             return
         wide = wide_dtype(params)
