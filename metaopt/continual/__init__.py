@@ -15,7 +15,12 @@ Typical use::
 """
 
 from metaopt.continual.baselines import EWC, SI
-from metaopt.continual.data import load_dataset, load_digits_tensors, load_mnist
+from metaopt.continual.data import (
+    load_dataset,
+    load_digits_tensors,
+    load_idx_dataset,
+    load_mnist,
+)
 from metaopt.continual.metrics import acc, bwt, forgetting, fwt, learning_accuracy, summarize
 from metaopt.continual.models import build_model
 from metaopt.continual.runner import StreamResult, run_stream
@@ -41,6 +46,7 @@ __all__ = [
     "learning_accuracy",
     "load_dataset",
     "load_digits_tensors",
+    "load_idx_dataset",
     "load_mnist",
     "n_outputs",
     "permuted_stream",

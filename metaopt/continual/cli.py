@@ -18,7 +18,7 @@ import torch
 
 from metaopt._machine import cpu_model
 from metaopt._version import __version__
-from metaopt.continual.data import DATASETS, check_dataset
+from metaopt.continual.data import DATASETS
 from metaopt.continual.report import (
     format_markdown,
     format_table,
@@ -34,6 +34,7 @@ from metaopt.continual.suite import (
     SUITES,
     Budget,
     SuiteSpec,
+    check_stream,
     row_key,
     run_suite,
     suite_from_preset,
@@ -85,8 +86,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         metavar="NAME",
         help="streams <kind>-<dataset>[-<scenario>], kind in split/permuted/rotated, "
-        f"dataset in {'/'.join(DATASETS)}, scenario in task/domain/class "
-        "(e.g. split-mnist-domain permuted-mnist)",
+        f"dataset in {'/'.join(DATASETS)} or the name of a folder of the data directory "
+        "holding IDX files in the MNIST layout, scenario in task/domain/class "
+        "(e.g. split-mnist-domain permuted-mnist split-kmnist-task)",
     )
     bench.add_argument("--n-tasks", type=_positive_int, help="tasks per stream (default 5)")
     bench.add_argument("--models", nargs="+", choices=["mlp", "cnn", "transformer"])
@@ -302,8 +304,9 @@ def bench_command(args: argparse.Namespace) -> int:
     _check_n_tasks(results_path, rows, {s.name: s.n_tasks for s in suite.streams})
     to_run = _planned(suite) - skip
     streams_to_run = {key[0] for key in to_run}
-    for dataset in sorted({s.dataset for s in suite.streams if s.name in streams_to_run}):
-        check_dataset(dataset, args.data_dir)  # before any run, not when its stream comes
+    for spec in suite.streams:
+        if spec.name in streams_to_run:
+            check_stream(spec, args.data_dir)  # before any run, not when its stream comes
     learned = [s for s in suite.settings if s.optimizer == "learned"]
     if learned:
         infos = {s.label: _checkpoint_info(s.checkpoint) for s in learned}

@@ -1,9 +1,13 @@
-"""Dataset loaders returning tensors: scikit-learn digits, MNIST and Fashion-MNIST.
+"""Dataset loaders returning tensors: scikit-learn digits, MNIST, Fashion-MNIST and any
+other dataset stored in the MNIST layout.
 
-Images come back as ``float32`` tensors of shape ``[N, 1, H, W]`` with values in
-``[0, 1]`` and labels as ``int64`` tensors of shape ``[N]``. MNIST-style datasets are
-read from IDX files (gzip-compressed or raw) in a data directory given explicitly or by
-the ``METAOPT_DATA_DIR`` environment variable; no torchvision needed.
+Images come back as ``float32`` tensors of shape ``[N, C, H, W]`` (``C = 1`` for
+MNIST) with values in ``[0, 1]`` and labels as ``int64`` tensors of shape ``[N]``.
+MNIST-style datasets are read from IDX files (gzip-compressed or raw) in a data
+directory given explicitly or by the ``METAOPT_DATA_DIR`` environment variable; no
+torchvision needed. Besides the named ones, any folder of that directory holding the
+four IDX files (:data:`IDX_FILES`; e.g. KMNIST or EMNIST) is a dataset named after the
+folder (see :func:`load_idx_dataset`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import re
 import sys
 import zlib
 from pathlib import Path
@@ -23,8 +28,11 @@ __all__ = [
     "N_CLASSES",
     "DataFileError",
     "check_dataset",
+    "check_dataset_name",
+    "dataset_classes",
     "load_dataset",
     "load_digits_tensors",
+    "load_idx_dataset",
     "load_mnist",
     "read_idx",
     "resolve_data_dir",
@@ -40,9 +48,12 @@ IDX_FILES: dict[str, dict[str, str]] = {
 
 MNIST_LIKE = ("mnist", "fashion-mnist")
 DATASETS = ("digits", *MNIST_LIKE)
-"""Names accepted by :func:`load_dataset`."""
+"""The named datasets of :func:`load_dataset` (besides these, any folder of IDX files in
+the data directory, see :func:`load_idx_dataset`)."""
 N_CLASSES: dict[str, int] = dict.fromkeys(DATASETS, 10)
 """Number of classes of each dataset of :data:`DATASETS`."""
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+"""A dataset folder's name: one path component, no leading dot (so never ``..``)."""
 
 _IDX_DTYPES = {
     0x08: torch.uint8,
@@ -61,10 +72,24 @@ class DataFileError(FileNotFoundError):
 
 
 def _how_to_get(name: str) -> str:
+    if name not in MNIST_LIKE:
+        files = ", ".join(f"{stem}[.gz]" for split in IDX_FILES.values() for stem in split.values())
+        return f"put {files} into <data dir>/{name}/ and point {DATA_DIR_ENV} / data_dir= at it"
     return (
         f"get it with `metaopt download {name} --data-dir DIR` (needs internet) or point "
         f"{DATA_DIR_ENV} / data_dir= at a directory holding {name}/<idx files>"
     )
+
+
+def check_dataset_name(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` is a named dataset (:data:`DATASETS`) or can
+    be the folder of one in the data directory (letters, digits, ``_ . -``; no path
+    separator, no leading dot)."""
+    if not isinstance(name, str) or not (name in DATASETS or _FOLDER_NAME.fullmatch(name)):
+        raise ValueError(
+            f"unknown dataset {name!r}; expected one of {DATASETS} or the name of a folder "
+            "of the data directory holding IDX files (letters, digits, '_', '.', '-')"
+        )
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -140,17 +165,17 @@ def check_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> 
     """Check, without reading them, that the files of dataset ``name`` can be found.
 
     Args:
-        name: one of :data:`DATASETS` (``"digits"`` ships with scikit-learn: always there).
+        name: one of :data:`DATASETS` (``"digits"`` ships with scikit-learn: always there)
+            or a folder of IDX files in the data directory.
         data_dir: folder holding ``name/``; default ``$METAOPT_DATA_DIR``.
 
     Raises:
-        ValueError: unknown ``name``.
+        ValueError: ``name`` can be neither (see :func:`check_dataset_name`).
         DataFileError: no data directory, or a file is missing (the message says how to
             get it).
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
-    if name not in MNIST_LIKE:
+    check_dataset_name(name)
+    if name == "digits":
         return
     folder = resolve_data_dir(data_dir) / name
     try:
@@ -159,6 +184,25 @@ def check_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> 
                 _find_idx(folder, stem)
     except DataFileError as exc:
         raise DataFileError(f"{exc}; {_how_to_get(name)}") from exc
+
+
+def dataset_classes(name: str, data_dir: str | os.PathLike[str] | None = None) -> int:
+    """How many distinct labels the training split of dataset ``name`` holds: 10 for the
+    named ones (:data:`N_CLASSES`), read from the labels file of a folder's dataset.
+
+    Raises:
+        ValueError: a bad ``name``.
+        DataFileError: its labels file is missing or corrupt.
+    """
+    check_dataset_name(name)
+    if name in N_CLASSES:
+        return N_CLASSES[name]
+    folder = resolve_data_dir(data_dir) / name
+    try:
+        labels = read_idx(_find_idx(folder, IDX_FILES["train"]["labels"]))
+    except DataFileError as exc:
+        raise DataFileError(f"{exc}; {_how_to_get(name)}") from exc
+    return len(torch.unique(labels))
 
 
 def load_mnist(
@@ -182,21 +226,65 @@ def load_mnist(
     """
     if name not in MNIST_LIKE:
         raise ValueError(f"unknown dataset {name!r}; expected one of {MNIST_LIKE}")
+    return load_idx_dataset(name, data_dir, split)
+
+
+def load_idx_dataset(
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    split: str = "train",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load any dataset in the MNIST layout: the IDX files of :data:`IDX_FILES` in
+    ``data_dir/name/`` (KMNIST, EMNIST and Fashion-MNIST are distributed that way).
+
+    Images are an IDX array ``[N, H, W]`` (one channel) or ``[N, C, H, W]`` of
+    ``uint8`` (scaled by 1/255) or floats (kept as they are); labels ``[N]`` of
+    non-negative integers (class ``k`` is label ``k``).
+
+    Args:
+        name: the folder's name (see :func:`check_dataset_name`).
+        data_dir: folder holding ``name/``; default ``$METAOPT_DATA_DIR``.
+        split: ``"train"`` or ``"test"``.
+
+    Returns:
+        ``(x, y)``: ``x`` float32 ``[N, C, H, W]``, ``y`` int64 ``[N]``.
+
+    Raises:
+        ValueError: a bad ``name`` or ``split``.
+        DataFileError: a file is missing or corrupt, or its arrays are not images and
+            labels as above (the message names the file).
+    """
+    check_dataset_name(name)
+    if name == "digits":
+        raise ValueError("'digits' comes with scikit-learn, not as IDX files: use load_dataset")
     if split not in IDX_FILES:
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
     folder = resolve_data_dir(data_dir) / name
     try:
-        images = read_idx(_find_idx(folder, IDX_FILES[split]["images"]))
-        labels = read_idx(_find_idx(folder, IDX_FILES[split]["labels"]))
+        images_path = _find_idx(folder, IDX_FILES[split]["images"])
+        labels_path = _find_idx(folder, IDX_FILES[split]["labels"])
+        images, labels = read_idx(images_path), read_idx(labels_path)
     except DataFileError as exc:
         raise DataFileError(f"{exc}; {_how_to_get(name)}") from exc
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+    if images.ndim not in (3, 4) or labels.ndim != 1 or len(images) != len(labels):
         raise DataFileError(
-            f"{folder}: images {images.shape} and labels {labels.shape} do not match; "
+            f"{folder}: images {tuple(images.shape)} and labels {tuple(labels.shape)} do not "
+            "match (expected images [N, H, W] or [N, C, H, W] and labels [N]); "
             + _how_to_get(name)
         )
-    x = (images.to(torch.float32) / 255.0).unsqueeze(1)
-    return x, labels.to(torch.int64)
+    if not len(images):
+        raise DataFileError(f"{images_path}: no images")
+    if images.dtype == torch.uint8:
+        x = images.to(torch.float32) / 255.0
+    elif images.is_floating_point():
+        x = images.to(torch.float32)
+    else:
+        raise DataFileError(
+            f"{images_path}: images of type {images.dtype}; expected uint8 (0-255) or floats"
+        )
+    if labels.is_floating_point() or (len(labels) and int(labels.min()) < 0):
+        raise DataFileError(f"{labels_path}: labels must be non-negative integers")
+    return (x.unsqueeze(1) if x.ndim == 3 else x), labels.to(torch.int64)
 
 
 def load_digits_tensors(split: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +315,9 @@ def load_digits_tensors(split: str | None = None) -> tuple[torch.Tensor, torch.T
 def load_dataset(
     name: str, data_dir: str | os.PathLike[str] | None = None, split: str = "train"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load any dataset of :data:`DATASETS` by name (see :func:`load_mnist`)."""
+    """Load a dataset by name: ``"digits"`` (:func:`load_digits_tensors`), or MNIST,
+    Fashion-MNIST or another folder of IDX files in the data directory
+    (:func:`load_idx_dataset`)."""
     if name == "digits":
         return load_digits_tensors(split)
-    return load_mnist(name, data_dir, split)
+    return load_idx_dataset(name, data_dir, split)

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +20,14 @@ from typing import Any
 import torch
 
 from metaopt.continual.baselines import EWC, SI
-from metaopt.continual.data import DATASETS, N_CLASSES, load_dataset
+from metaopt.continual.data import (
+    DATASETS,
+    N_CLASSES,
+    check_dataset,
+    check_dataset_name,
+    dataset_classes,
+    load_dataset,
+)
 from metaopt.continual.models import build_model
 from metaopt.continual.runner import run_stream
 from metaopt.continual.streams import (
@@ -41,6 +49,7 @@ __all__ = [
     "StreamSpec",
     "SuiteSpec",
     "build_stream",
+    "check_stream",
     "learned_available",
     "make_optimizer",
     "n_runs",
@@ -65,7 +74,8 @@ class StreamSpec:
 
     Attributes:
         kind: ``"split"``, ``"permuted"`` or ``"rotated"``.
-        dataset: one of :data:`metaopt.continual.data.DATASETS`.
+        dataset: one of :data:`metaopt.continual.data.DATASETS`, or a folder of IDX
+            files in the data directory (see :func:`metaopt.continual.load_idx_dataset`).
         scenario: for split streams, ``"task"``, ``"domain"`` or ``"class"``.
         n_tasks: number of tasks.
     """
@@ -78,6 +88,7 @@ class StreamSpec:
     def __post_init__(self) -> None:
         if self.n_tasks < 1:
             raise ValueError(f"stream {self.name!r}: n_tasks must be >= 1, got {self.n_tasks}")
+        check_dataset_name(self.dataset)
         n_classes = N_CLASSES.get(self.dataset)
         if self.kind == "split" and n_classes is not None and n_classes % self.n_tasks:
             raise ValueError(
@@ -95,17 +106,27 @@ class StreamSpec:
 def parse_stream(name: str, n_tasks: int | None = None) -> StreamSpec:
     """Parse ``<kind>-<dataset>[-<scenario>]`` (split streams need a scenario).
 
-    ``n_tasks`` defaults to 5; split streams need it to divide the number of classes.
+    ``dataset`` is a name of :data:`metaopt.continual.data.DATASETS` or the folder of a
+    dataset of IDX files in the data directory (``split-kmnist-domain`` reads
+    ``<data dir>/kmnist/``; whether its files exist is checked when it is loaded, or by
+    :func:`metaopt.continual.data.check_dataset`). ``n_tasks`` defaults to 5; split
+    streams need it to divide the number of classes (of a folder's dataset: the labels
+    found in its training file).
     """
     kind, _, rest = name.partition("-")
     scenario = None
     for candidate in SCENARIOS:
         if rest.endswith(f"-{candidate}"):
             rest, scenario = rest[: -len(candidate) - 1], candidate
-    if kind not in KINDS or rest not in DATASETS:
+    try:
+        check_dataset_name(rest)
+    except ValueError:
+        rest = ""
+    if kind not in KINDS or not rest:
         raise ValueError(
             f"unknown stream {name!r}: expected <kind>-<dataset>[-<scenario>] with kind in "
-            f"{KINDS}, dataset in {DATASETS}, scenario in {SCENARIOS}"
+            f"{KINDS}, dataset in {DATASETS} or a folder of IDX files in the data directory, "
+            f"scenario in {SCENARIOS}"
         )
     if (kind == "split") != (scenario is not None):
         raise ValueError(f"stream {name!r}: split streams (only) need a scenario {SCENARIOS}")
@@ -142,6 +163,26 @@ class Budget:
                 raise ValueError(f"budget: {name} must be {allowed}, got {value}")
 
 
+def check_stream(spec: StreamSpec, data_dir: str | os.PathLike[str] | None = None) -> None:
+    """Check, before any run, that ``spec``'s dataset files can be found and, for a split
+    stream, that its classes divide into ``spec.n_tasks`` equal tasks (for a folder's
+    dataset this reads its training labels).
+
+    Raises:
+        ValueError: the classes do not divide.
+        metaopt.continual.data.DataFileError: a file is missing (the message says how to
+            get it) or unreadable.
+    """
+    check_dataset(spec.dataset, data_dir)
+    if spec.kind == "split":
+        n_classes = dataset_classes(spec.dataset, data_dir)
+        if n_classes % spec.n_tasks:
+            raise ValueError(
+                f"stream {spec.name!r}: the {n_classes} classes of {spec.dataset!r} cannot be "
+                f"split into {spec.n_tasks} equal tasks (--n-tasks)"
+            )
+
+
 def build_stream(
     spec: StreamSpec, budget: Budget, seed: int, data_dir: str | None = None
 ) -> list[Task]:
@@ -157,6 +198,11 @@ def build_stream(
     """
     x_train, y_train = load_dataset(spec.dataset, data_dir, "train")
     x_test, y_test = load_dataset(spec.dataset, data_dir, "test")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise ValueError(
+            f"dataset {spec.dataset!r}: training images {tuple(x_train.shape[1:])} and test "
+            f"images {tuple(x_test.shape[1:])} differ in shape"
+        )
     gen = torch.Generator().manual_seed(seed)
     name = spec.name
     if spec.kind == "split":
@@ -173,7 +219,7 @@ def build_stream(
         # Subsample before transforming: permuting/rotating all 60,000 images is wasted work.
         n_keep_train = None if budget.n_train is None else budget.n_train + budget.n_val
         (only,) = subsample(
-            [Task("all", x_train, y_train, x_test, y_test, 10, 0)],
+            [Task("all", x_train, y_train, x_test, y_test, int(y_train.max()) + 1, 0)],
             n_keep_train and n_keep_train * spec.n_tasks,
             budget.n_test and budget.n_test * spec.n_tasks,
             seed=gen,

@@ -35,9 +35,13 @@ def test_parse_stream_names() -> None:
     )
     assert spec.name == "split-fashion-mnist-class"
     assert parse_stream("permuted-mnist").scenario is None
-    for bad in ("split-mnist", "permuted-mnist-task", "shuffled-mnist", "split-cifar-task"):
-        with pytest.raises(ValueError, match=bad):
+    for bad in ("split-mnist", "permuted-mnist-task", "shuffled-mnist", "split-../x-task",
+                "split-.hidden-task", "rotated-a/b", "permuted-"):
+        with pytest.raises(ValueError, match="stream"):
             parse_stream(bad)
+    # any other name is a folder of IDX files in the data directory (checked on loading)
+    spec = parse_stream("split-my_kmnist.v2-domain", n_tasks=3)
+    assert (spec.kind, spec.dataset, spec.scenario) == ("split", "my_kmnist.v2", "domain")
 
 
 def test_grid_and_factories() -> None:
