@@ -71,7 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--earlier-weight", type=float, default=1.0, help="weight of earlier tasks vs current"
     )
-    p.add_argument("--mnist-size", type=int, default=14, help="MNIST side after pooling (28: none)")
+    p.add_argument(
+        "--mnist-size", type=int, default=14, help="MNIST side after pooling (28: none; at most 28)"
+    )
     p.add_argument(
         "--mlp-hidden", nargs="+", type=int, default=[32], help="hidden widths of the MLPs"
     )

@@ -34,6 +34,8 @@ DATASETS = ("digits", "mnist")
 MODELS = ("mlp", "cnn", "transformer")
 KINDS = ("split", "permuted", "rotated")
 
+_MNIST_SIDE = 28
+
 _SMALL_MODELS: dict[str, dict[str, Any]] = {
     "mlp": {"hidden": (32,)},
     "cnn": {"channels": (4, 8)},
@@ -51,7 +53,8 @@ class FamilyConfig:
         steps_per_task: inner steps per task.
         batch_size: inner batch sizes to choose from.
         examples: training images drawn per sequence (before the held-out split).
-        mnist_size: MNIST images are average-pooled to this side (14: 2x2 pooling).
+        mnist_size: MNIST images are average-pooled to this side (14: 2x2 pooling; 28:
+            none; at most 28).
         meta_batch_size: held-out examples per task for the meta-loss.
         speed_weight: weight of the learning-speed term.
         earlier_weight: weight of each earlier task relative to the current one.
@@ -86,8 +89,13 @@ class FamilyConfig:
                 raise ValueError(f"{name} must be (low, high) with 1 <= low <= high")
         if self.examples < 20:
             raise ValueError(f"examples must be >= 20, got {self.examples}")
-        if self.mnist_size < 1 or self.meta_batch_size < 1:
-            raise ValueError("mnist_size and meta_batch_size must be >= 1")
+        if self.meta_batch_size < 1:
+            raise ValueError(f"meta_batch_size must be >= 1, got {self.meta_batch_size}")
+        if not 1 <= self.mnist_size <= _MNIST_SIDE:  # a larger side would upsample
+            raise ValueError(
+                f"mnist_size must be in [1, {_MNIST_SIDE}] (MNIST's images are "
+                f"{_MNIST_SIDE}x{_MNIST_SIDE}, average-pooled to it), got {self.mnist_size}"
+            )
         if not self.batch_size or min(self.batch_size) < 1:
             raise ValueError(f"batch_size must be a non-empty tuple of sizes >= 1, got "
                              f"{self.batch_size}")

@@ -385,6 +385,7 @@ def test_train_config_refuses_estimator_settings_up_front(bad):
     "bad",
     [
         {"mnist_size": 0},
+        {"mnist_size": 29},  # pooling to 29 upsampled the 28x28 images
         {"meta_batch_size": 0},
         {"batch_size": ()},
         {"batch_size": (0,)},
@@ -430,6 +431,7 @@ def _cli_args(tmp_path) -> list[str]:
         ["--compare", "-1"],
         ["--mlp-hidden", "0"],
         ["--mnist-size", "0"],
+        ["--mnist-size", "29"],
         ["--estimator", "pes", "--truncation", "0"],
         ["--truncation", "0"],
         ["--estimator", "es", "--sigma", "0"],
