@@ -35,6 +35,7 @@ MODELS = ("mlp", "cnn", "transformer")
 KINDS = ("split", "permuted", "rotated")
 
 _MNIST_SIDE = 28
+_N_CLASSES = 10  # digits and MNIST
 
 _SMALL_MODELS: dict[str, dict[str, Any]] = {
     "mlp": {"hidden": (32,)},
@@ -87,6 +88,11 @@ class FamilyConfig:
             low, high = getattr(self, name)
             if not 1 <= low <= high:
                 raise ValueError(f"{name} must be (low, high) with 1 <= low <= high")
+        if "split" in self.kinds and self.n_tasks[1] > _N_CLASSES // 2:
+            raise ValueError(  # the first sequence that long failed, hours into a run
+                f"split sequences take 2 of the {_N_CLASSES} classes per task: n_tasks must "
+                f"be at most {_N_CLASSES // 2} with kinds including 'split', got {self.n_tasks}"
+            )
         if self.examples < 20:
             raise ValueError(f"examples must be >= 20, got {self.examples}")
         if self.meta_batch_size < 1:
@@ -173,7 +179,7 @@ class TaskFamily:
         x, y = self.pools[dataset]
         options: dict[str, Any] = {"n_tasks": n_tasks}
         if kind == "split":
-            classes = torch.randperm(10, generator=gen)[: 2 * n_tasks]
+            classes = torch.randperm(_N_CLASSES, generator=gen)[: 2 * n_tasks]
             keep = torch.isin(y, classes)
             x, y = x[keep], y[keep]
             options.update(scenario="domain", classes=classes.tolist())
