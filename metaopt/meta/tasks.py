@@ -50,7 +50,7 @@ class FamilyConfig:
 
     Attributes:
         datasets, models, kinds: choices (see :data:`DATASETS`, :data:`MODELS`, :data:`KINDS`).
-        n_tasks: tasks per sequence.
+        n_tasks: tasks per sequence (at most 5 when ``kinds`` include split: 2 classes each).
         steps_per_task: inner steps per task.
         batch_size: inner batch sizes to choose from.
         examples: training images drawn per sequence (before the held-out split).
