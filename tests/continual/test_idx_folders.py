@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from metaopt.cli import main
 from metaopt.continual.data import (
@@ -158,3 +161,47 @@ def test_bench_on_a_folder_dataset_equals_the_builtin_one(
               "3", "--out", str(tmp_path / "none")])
     assert "split-my-digits-domain" in capsys.readouterr().err
     assert not (tmp_path / "none" / "results.json").exists()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    side=st.tuples(st.integers(4, 13), st.integers(4, 13)),
+    channels=st.sampled_from([1, 3]),
+    n_classes=st.integers(2, 8),
+    as_float=st.booleans(),
+    kind=st.sampled_from(["split", "permuted", "rotated"]),
+    scenario=st.sampled_from(["task", "domain", "class"]),
+)
+def test_any_shape_channels_and_classes_round_trip_into_streams_and_models(
+    side: tuple[int, int], channels: int, n_classes: int, as_float: bool, kind: str,
+    scenario: str,
+) -> None:
+    """Whatever the image size, channels, pixel type and number of classes of a folder
+    dataset: its pixels load back exactly, every stream kind builds tasks with labels in
+    their heads' range, and every model maps its images to ``n_outputs`` logits."""
+    shape = side if channels == 1 else (channels, *side)
+    n_tasks = next(t for t in (3, 2, 1) if n_classes % t == 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        images = _toy(root, "set", shape, n_classes, n=(60, 30),
+                      dtype=np.float32 if as_float else np.uint8)
+        x, y = load_idx_dataset("set", root, "train")
+        assert y.dtype == torch.int64 and int(y.max()) < n_classes
+        scale = 1.0 if as_float else 255.0
+        want = torch.from_numpy(images["train"] / scale).float().reshape(x.shape)
+        assert x.shape == (60, channels, *side) and torch.allclose(x, want)
+        spec = parse_stream(f"{kind}-set" + (f"-{scenario}" if kind == "split" else ""),
+                            n_tasks=n_tasks)
+        check_stream(spec, root)
+        tasks = build_stream(spec, Budget(n_train=8, n_val=2, n_test=5), seed=0,
+                             data_dir=str(root))
+    assert len(tasks) == n_tasks
+    outputs = n_outputs(tasks)
+    for task in tasks:
+        assert task.x_train.shape[1:] == (channels, *side)
+        labels = torch.cat([task.y_train, task.y_test])
+        assert int(labels.min()) >= 0 and int(labels.max()) < task.n_classes
+        assert task.logit_offset + task.n_classes <= outputs
+    for name in ("mlp", "cnn", "transformer"):
+        model = build_model(name, (channels, *side), outputs)
+        assert model(tasks[-1].x_test[:2]).shape == (2, outputs)
