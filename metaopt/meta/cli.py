@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from metaopt.continual.data import check_dataset_name
 from metaopt.meta.distributed import init_distributed
 from metaopt.meta.tasks import DATASETS, KINDS, MODELS, FamilyConfig
 from metaopt.meta.trainer import MetaTrainer, TrainConfig, check_out_dir
@@ -25,6 +26,15 @@ from metaopt.meta.trainer import MetaTrainer, TrainConfig, check_out_dir
 __all__ = ["check_args", "config_from_args", "register"]
 
 logger = logging.getLogger(__name__)
+
+
+def _dataset_name(name: str) -> str:
+    """``--datasets`` values: a built-in pool or a folder name (a usage error otherwise)."""
+    try:
+        check_dataset_name(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,7 +69,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--val-tasks", type=int, default=8)
     p.add_argument("--ckpt-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--datasets", nargs="+", choices=DATASETS, default=["digits"])
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        type=_dataset_name,
+        default=["digits"],
+        metavar="NAME",
+        help=f"image pools: {' / '.join(DATASETS)} or folders of IDX files in the data "
+        "directory (their training files only)",
+    )
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     p.add_argument("--n-tasks", nargs=2, type=int, default=[2, 3], metavar=("LOW", "HIGH"))
@@ -83,7 +101,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="start from this learned checkpoint (a shipped name such as 'default', or a "
         ".pt path) instead of the Adam-identity initialisation",
     )
-    p.add_argument("--data-dir", help="MNIST folder (default $METAOPT_DATA_DIR)")
+    p.add_argument(
+        "--data-dir", help="folder holding mnist/ and other datasets (default $METAOPT_DATA_DIR)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--no-resume", action="store_true", help="start afresh (overwrites)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

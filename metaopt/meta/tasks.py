@@ -6,9 +6,11 @@ a dataset (scikit-learn digits, MNIST), a model (MLP, CNN, transformer), a strea
 a step budget per task and a batch size, each at random from the family's ranges.
 
 Only training images are ever used: digits' fixed ``"train"`` split and MNIST's 60,000
-training images. Fashion-MNIST is never used, so results on it are out-of-distribution.
-Each pool is partitioned once (fixed seed) into a meta-training part (80%) and a
-meta-validation part (20%): validation sequences use images the meta-training never saw.
+training images (and the training file of any other dataset of IDX files named in
+``datasets``, see :func:`metaopt.continual.data.load_idx_dataset`). The shipped rule never
+saw Fashion-MNIST, so results on it are out-of-distribution. Each pool is partitioned once
+(fixed seed) into a meta-training part (80%) and a meta-validation part (20%): validation
+sequences use images the meta-training never saw.
 """
 
 from __future__ import annotations
@@ -21,16 +23,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from metaopt.continual.data import load_digits_tensors, load_mnist
+from metaopt.continual.data import check_dataset_name, load_digits_tensors, load_idx_dataset
 from metaopt.continual.models import build_model
 from metaopt.continual.streams import n_outputs, stream_from_tensors
 from metaopt.meta.objective import ContinualProblem
 
-__all__ = ["DATASETS", "KINDS", "MODELS", "FamilyConfig", "TaskFamily"]
+__all__ = ["DATASETS", "HELD_OUT_DATASETS", "KINDS", "MODELS", "FamilyConfig", "TaskFamily"]
 
 logger = logging.getLogger(__name__)
 
 DATASETS = ("digits", "mnist")
+"""The built-in pools (any folder of IDX files in the data directory works too)."""
+HELD_OUT_DATASETS = ("fashion-mnist",)
+"""Never meta-trained on: results on them stay out-of-distribution."""
 MODELS = ("mlp", "cnn", "transformer")
 KINDS = ("split", "permuted", "rotated")
 
@@ -49,13 +54,17 @@ class FamilyConfig:
     """Ranges the family samples from (inclusive integer ranges as ``(low, high)``).
 
     Attributes:
-        datasets, models, kinds: choices (see :data:`DATASETS`, :data:`MODELS`, :data:`KINDS`).
-        n_tasks: tasks per sequence (at most 5 when ``kinds`` include split: 2 classes each).
+        datasets, models, kinds: choices (see :data:`MODELS`, :data:`KINDS`); datasets are
+            those of :data:`DATASETS` or folders of IDX files in the data directory (their
+            training files only), never one of :data:`HELD_OUT_DATASETS`.
+        n_tasks: tasks per sequence (with split streams, 2 classes each: at most 5 for
+            digits and MNIST).
         steps_per_task: inner steps per task.
         batch_size: inner batch sizes to choose from.
         examples: training images drawn per sequence (before the held-out split).
         mnist_size: MNIST images are average-pooled to this side (14: 2x2 pooling; 28:
-            none; at most 28).
+            none; at most 28); a folder's images whose longer side exceeds it are pooled
+            to it as well, keeping their aspect ratio.
         meta_batch_size: held-out examples per task for the meta-loss.
         speed_weight: weight of the learning-speed term.
         earlier_weight: weight of each earlier task relative to the current one.
@@ -77,22 +86,32 @@ class FamilyConfig:
 
     def __post_init__(self) -> None:
         for name, chosen, allowed in (
-            ("datasets", self.datasets, DATASETS),
             ("models", self.models, MODELS),
             ("kinds", self.kinds, KINDS),
         ):
             bad = [c for c in chosen if c not in allowed]
             if not chosen or bad:
                 raise ValueError(f"{name} must be a non-empty subset of {allowed}, got {chosen}")
+        if not self.datasets:
+            raise ValueError("datasets must not be empty")
+        for dataset in self.datasets:
+            check_dataset_name(dataset)
+            if dataset in HELD_OUT_DATASETS:
+                raise ValueError(
+                    f"datasets: {dataset!r} is held out of meta-training (metaopt's "
+                    "out-of-distribution benchmark); use digits, mnist or a folder of IDX files"
+                )
         for name in ("n_tasks", "steps_per_task"):
             low, high = getattr(self, name)
             if not 1 <= low <= high:
                 raise ValueError(f"{name} must be (low, high) with 1 <= low <= high")
-        if "split" in self.kinds and self.n_tasks[1] > _N_CLASSES // 2:
+        built_in = set(self.datasets) & set(DATASETS)
+        if built_in and "split" in self.kinds and self.n_tasks[1] > _N_CLASSES // 2:
             raise ValueError(  # the first sequence that long failed, hours into a run
-                f"split sequences take 2 of the {_N_CLASSES} classes per task: n_tasks must "
-                f"be at most {_N_CLASSES // 2} with kinds including 'split', got {self.n_tasks}"
-            )
+                f"split sequences take 2 of the {_N_CLASSES} classes of {sorted(built_in)} per "
+                f"task: n_tasks must be at most {_N_CLASSES // 2} with kinds including "
+                f"'split', got {self.n_tasks}"
+            )  # (a folder's classes are counted when TaskFamily loads it)
         if self.examples < 20:
             raise ValueError(f"examples must be >= 20, got {self.examples}")
         if self.meta_batch_size < 1:
@@ -124,11 +143,18 @@ class FamilyConfig:
 
 
 def _load_pool(name: str, data_dir: str | None, mnist_size: int):
+    """The training images of ``name``, those larger than ``mnist_size`` average-pooled
+    to it (the longer side; the aspect ratio kept)."""
     if name == "digits":
         return load_digits_tensors(split="train")
-    x, y = load_mnist("mnist", data_dir, split="train")
-    if mnist_size != x.shape[-1]:
-        x = F.adaptive_avg_pool2d(x, mnist_size)
+    x, y = load_idx_dataset(name, data_dir, split="train")
+    height, width = x.shape[-2:]
+    if max(height, width) > mnist_size:
+        size = (
+            max(1, round(height * mnist_size / max(height, width))),
+            max(1, round(width * mnist_size / max(height, width))),
+        )
+        x = F.adaptive_avg_pool2d(x, size)
     return x, y
 
 
@@ -146,8 +172,12 @@ class TaskFamily:
     Args:
         config: the ranges (:class:`FamilyConfig`).
         part: ``"train"`` or ``"val"``: which part of each image pool to draw from.
-        data_dir: MNIST folder (default ``$METAOPT_DATA_DIR``); only read if the config
-            includes ``"mnist"``.
+        data_dir: the data directory (default ``$METAOPT_DATA_DIR``); only read if the
+            config includes a dataset other than ``"digits"``.
+
+    Raises:
+        ValueError: a split sequence could need more classes than a dataset has
+            (``2 * n_tasks`` high).
     """
 
     def __init__(
@@ -158,8 +188,16 @@ class TaskFamily:
         self.config = config or FamilyConfig()
         self.part = part
         self.pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.classes: dict[str, torch.Tensor] = {}
         for name in self.config.datasets:
             x, y = _load_pool(name, data_dir, self.config.mnist_size)
+            self.classes[name] = torch.unique(y)
+            most = 2 * self.config.n_tasks[1]
+            if "split" in self.config.kinds and most > len(self.classes[name]):
+                raise ValueError(
+                    f"dataset {name!r} has {len(self.classes[name])} classes: too few for "
+                    f"split sequences of up to {self.config.n_tasks[1]} tasks of 2 classes"
+                )
             order = torch.randperm(len(y), generator=torch.Generator().manual_seed(1234))
             cut = int(0.8 * len(y))
             index = order[:cut] if part == "train" else order[cut:]
@@ -179,7 +217,8 @@ class TaskFamily:
         x, y = self.pools[dataset]
         options: dict[str, Any] = {"n_tasks": n_tasks}
         if kind == "split":
-            classes = torch.randperm(_N_CLASSES, generator=gen)[: 2 * n_tasks]
+            pool_classes = self.classes[dataset]
+            classes = pool_classes[torch.randperm(len(pool_classes), generator=gen)[: 2 * n_tasks]]
             keep = torch.isin(y, classes)
             x, y = x[keep], y[keep]
             options.update(scenario="domain", classes=classes.tolist())

@@ -3,7 +3,6 @@ directory, through the loader, the stream builder and ``metaopt bench``."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import tempfile
 from pathlib import Path
@@ -27,39 +26,8 @@ from metaopt.continual.models import build_model
 from metaopt.continual.streams import n_outputs
 from metaopt.continual.suite import Budget, build_stream, check_stream, parse_stream
 from tests.cli_args import TINY_BENCH
-
-_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
-          np.dtype(np.float32): 0x0D}
-
-
-def _idx(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, _CODES[array.dtype], array.ndim])
-    dims = b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-    return header + dims + array.astype(array.dtype.newbyteorder(">")).tobytes()
-
-
-def _write(root: Path, name: str, images: dict[str, np.ndarray],
-           labels: dict[str, np.ndarray]) -> None:
-    folder = root / name
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images[split])))
-        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(labels[split]))
-
-
-def _toy(root: Path, name: str = "toy", shape: tuple[int, ...] = (12, 10), n_classes: int = 4,
-         n: tuple[int, int] = (240, 80), dtype: type = np.uint8) -> dict[str, np.ndarray]:
-    """Images whose mean brightness tells the class (learnable in a few steps)."""
-    rng = np.random.default_rng(0)
-    images, labels = {}, {}
-    for split, count in zip(("train", "test"), n, strict=True):
-        y = rng.integers(0, n_classes, count).astype(np.uint8)
-        level = (y.astype(np.float64) * 200 / max(n_classes - 1, 1)).reshape(-1, *[1] * len(shape))
-        x = np.clip(level + rng.integers(0, 50, (count, *shape)), 0, 255)
-        images[split] = x.astype(dtype) if dtype is np.uint8 else (x / 255).astype(dtype)
-        labels[split] = y
-    _write(root, name, images, labels)
-    return images
+from tests.idx_files import toy_idx_dataset as _toy
+from tests.idx_files import write_idx_dataset as _write
 
 
 @pytest.mark.parametrize(

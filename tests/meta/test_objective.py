@@ -99,13 +99,13 @@ def test_unrolled_meta_gradient_through_a_sequence_with_boundaries(family):
 
 def test_family_uses_training_images_only_and_is_reproducible(monkeypatch, data_dir):
     calls = []
-    real = continual_data.load_mnist
+    real = continual_data.load_idx_dataset
 
     def spy(name, data_dir=None, split="train"):
         calls.append((name, split))
         return real(name, data_dir, split)
 
-    monkeypatch.setattr(meta_tasks, "load_mnist", spy)
+    monkeypatch.setattr(meta_tasks, "load_idx_dataset", spy)
     config = FamilyConfig(datasets=("digits", "mnist"), models=("cnn", "transformer"),
                           examples=100)
     fam = TaskFamily(config, data_dir=str(data_dir))
@@ -120,11 +120,51 @@ def test_family_uses_training_images_only_and_is_reproducible(monkeypatch, data_
 
 
 def test_family_rejects_unknown_choices():
-    with pytest.raises(ValueError, match="datasets"):
+    with pytest.raises(ValueError, match="held out of meta-training"):
         FamilyConfig(datasets=("fashion-mnist",))
+    with pytest.raises(ValueError, match="unknown dataset"):
+        FamilyConfig(datasets=("../mnist",))
     with pytest.raises(ValueError, match="steps_per_task"):
         FamilyConfig(steps_per_task=(5, 2))
     with pytest.raises(ValueError, match="part"):
         TaskFamily(SMALL, part="test")
     with pytest.raises(ValueError, match="steps_per_task"):
         ContinualProblem(torch.nn.Linear(2, 2), [object()], steps_per_task=[0])
+
+
+def test_family_on_a_folder_dataset(tmp_path, capsys):
+    """A folder of IDX files in the data directory is a pool like MNIST: its training
+    images only, pooled to ``mnist_size`` with their aspect ratio, its own classes for
+    split sequences (too few for the longest ones: an error before any sequence), and
+    ``metaopt meta-train --datasets <folder>`` trains and exports on it."""
+    from metaopt.cli import main
+    from tests.idx_files import toy_idx_dataset
+
+    toy_idx_dataset(tmp_path, "toy", (3, 20, 16), n_classes=6, n=(300, 10))
+    config = FamilyConfig(datasets=("toy",), models=("mlp", "cnn"), n_tasks=(2, 3),
+                          steps_per_task=(2, 3), examples=120, mnist_size=10)
+    family = TaskFamily(config, data_dir=str(tmp_path))
+    val = TaskFamily(config, part="val", data_dir=str(tmp_path))
+    assert family.pools["toy"][0].shape[1:] == (3, 10, 8)
+    assert len(family.pools["toy"][1]) + len(val.pools["toy"][1]) == 300  # training file
+    gen = torch.Generator().manual_seed(0)
+    kinds = set()
+    for _ in range(12):
+        problem = family.sample(gen)
+        kinds.add(problem.description.split("/")[1])
+        assert problem.tasks[0].x_train.shape[1:] == (3, 10, 8)
+        metrics = evaluate_rule(metaopt.rules.adam(1e-2), problem)
+        assert math.isfinite(metrics["meta_loss"]) and 0.0 <= metrics["acc"] <= 1.0
+    assert kinds == {"split", "permuted", "rotated"}
+    with pytest.raises(ValueError, match="6 classes: too few"):
+        TaskFamily(FamilyConfig(datasets=("toy",), n_tasks=(2, 4)), data_dir=str(tmp_path))
+
+    export = tmp_path / "rule.pt"
+    argv = ["meta-train", "--out", str(tmp_path / "run"), "--datasets", "toy", "--data-dir",
+            str(tmp_path), "--steps", "1", "--tasks-per-step", "1", "--n-tasks", "2", "2",
+            "--steps-per-task", "2", "2", "--models", "mlp", "--val-tasks", "1",
+            "--val-every", "1", "--mnist-size", "10", "--no-progress", "--export", str(export)]
+    assert main(argv) == 0
+    meta = torch.load(export, weights_only=True)["metadata"]
+    assert meta["trained_on"].startswith("toy training images")
+    assert meta["train_config"]["family"]["datasets"] == ["toy"]
