@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import datetime
 import logging
+import os
 import shlex
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from metaopt.continual.data import check_dataset_name
-from metaopt.meta.distributed import init_distributed
+from metaopt.meta.distributed import DistributedContext, init_distributed
 from metaopt.meta.tasks import DATASETS, KINDS, MODELS, FamilyConfig
 from metaopt.meta.trainer import MetaTrainer, TrainConfig, check_out_dir
 
@@ -105,6 +106,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--data-dir", help="folder holding mnist/ and other datasets (default $METAOPT_DATA_DIR)"
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="device of the net and the inner models, e.g. cuda (default cpu); under "
+        "torchrun, cuda means each process's cuda:LOCAL_RANK",
+    )
     p.add_argument("--no-resume", action="store_true", help="start afresh (overwrites)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -160,11 +167,24 @@ def check_args(args: argparse.Namespace) -> None:
     (``ValueError``, which ``metaopt`` prints as one error line)."""
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    try:
+        torch.device(args.device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {args.device!r}: {exc}") from None
     if args.compare < 0:
         raise ValueError(f"--compare must be >= 0, got {args.compare}")
     check_out_dir(Path(args.out))
     if args.export and Path(args.export).is_dir():
         raise ValueError(f"--export {args.export} is a directory; give a file path")
+
+
+def process_device(device: str, ctx: DistributedContext) -> torch.device:
+    """``device`` for this process: a bare ``"cuda"`` in a distributed run is the
+    process's own GPU, ``cuda:$LOCAL_RANK`` (as ``torchrun`` sets it)."""
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and chosen.index is None and ctx.world_size > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", ctx.rank)))
+    return chosen
 
 
 def meta_train_command(args: argparse.Namespace) -> int:
@@ -180,6 +200,7 @@ def meta_train_command(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         progress=not args.no_progress,
         compile=args.compile,
+        device=process_device(args.device, ctx),
     )
     if not args.no_resume and trainer.resume():
         logger.info("continuing at meta-step %d of %d", trainer.step, config.steps)

@@ -55,6 +55,11 @@ def _check_meta_params(meta_params: Params) -> None:
         raise ValueError("meta_params is empty: nothing to estimate a gradient for")
 
 
+def _device_of(meta_params: Params) -> torch.device:
+    """The device the estimates accumulate on: the first meta-parameter's."""
+    return next(iter(meta_params.values())).device
+
+
 def _pair_seed(generator: torch.Generator | None) -> int:
     """The seed both runs of one antithetic pair start torch's global generator from."""
     device = generator.device if generator is not None else None  # a CUDA generator too
@@ -71,8 +76,15 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 def _noise(meta_params: Params, generator: torch.Generator | None) -> Params:
+    """Standard normal noise shaped like ``meta_params``, drawn on ``generator``'s device
+    (a CPU generator for meta-parameters on a GPU gives the same noise as on the CPU)."""
     return {
-        k: torch.randn(v.shape, dtype=v.dtype, device=v.device, generator=generator)
+        k: torch.randn(
+            v.shape,
+            dtype=v.dtype,
+            device=generator.device if generator is not None else v.device,
+            generator=generator,
+        ).to(v.device)
         for k, v in meta_params.items()
     }
 
@@ -80,10 +92,13 @@ def _noise(meta_params: Params, generator: torch.Generator | None) -> Params:
 def _shift(meta_params: Params, eps: Params, scale: float) -> Params:
     """``meta_params + scale * eps``; a perturbation lost entirely to rounding (``sigma``
     below the resolution of a meta-parameter's dtype) raises instead of making both runs
-    of a pair equal and the estimate silently zero."""
+    of a pair equal and the estimate silently zero. (Tensors on the ``meta`` device hold
+    no values to check.)"""
     shifted = {k: v.detach() + scale * eps[k] for k, v in meta_params.items()}
     for k, v in meta_params.items():
-        if v.numel() and torch.equal(shifted[k], v.detach()) and bool(eps[k].any()):
+        if v.device.type == "meta" or not v.numel():
+            continue
+        if torch.equal(shifted[k], v.detach()) and bool(eps[k].any()):
             raise ValueError(
                 f"sigma={abs(scale)} is below the resolution of meta-parameter {k!r} "
                 f"({v.dtype}, largest magnitude {float(v.abs().max()):.3g}): the perturbation "
@@ -106,7 +121,7 @@ def _run(
         params, buffers = problem.init(meta_params)
         params = {k: p.detach() for k, p in params.items()}
         carry = InnerCarry(params, buffers, rule.init(params))
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=_device_of(meta_params))
     for step in steps:
         carry, _ = inner_step(rule, problem, carry, step, create_graph=False)
         with torch.no_grad():
@@ -144,7 +159,7 @@ class ES:
         _check_meta_params(meta_params)
         steps = range(problem.num_steps)
         grads = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in meta_params.items()}
-        loss = torch.zeros((), dtype=torch.float64)
+        loss = torch.zeros((), dtype=torch.float64, device=_device_of(meta_params))
         for _ in range(self.num_pairs):
             eps = _noise(meta_params, self.generator)
             seed = _pair_seed(self.generator)
@@ -192,7 +207,7 @@ class PES:
     def __call__(self, meta_params: Params, problem: InnerProblem) -> MetaGradient:
         _check_meta_params(meta_params)
         grads = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in meta_params.items()}
-        loss = torch.zeros((), dtype=torch.float64)
+        loss = torch.zeros((), dtype=torch.float64, device=_device_of(meta_params))
         window = self.truncation or max(problem.num_steps, 1)
         for _ in range(self.num_pairs):
             carries: list[InnerCarry | None] = [None, None]

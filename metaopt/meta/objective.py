@@ -28,6 +28,7 @@ repeated evaluations (ES pairs, finite differences, resumed runs) see the same d
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -129,6 +130,27 @@ class ContinualProblem(InnerProblem):
             {k - 1 for k in range(s, 0, -(speed_every or max(1, s // 4)))} for s in steps
         ]
 
+    def to(self, device: str | torch.device) -> ContinualProblem:
+        """Move the model, the tasks' images and labels and the fixed batch indices to
+        ``device`` (in place; returns ``self``). The problem is built on the CPU, so its
+        random choices do not depend on the device it then runs on."""
+        device = torch.device(device)
+        self.model.module.to(device)
+        self.tasks = [
+            dataclasses.replace(
+                task,
+                **{
+                    name: value.to(device)
+                    for name, value in vars(task).items()
+                    if isinstance(value, torch.Tensor)
+                },
+            )
+            for task in self.tasks
+        ]
+        self._batches = [index.to(device) for index in self._batches]
+        self._meta = [index.to(device) for index in self._meta]
+        return self
+
     def task_of(self, step: int) -> tuple[int, int]:
         """``(task index, step within the task)`` of inner step ``step``."""
         for t in reversed(range(len(self.tasks))):
@@ -167,7 +189,9 @@ class ContinualProblem(InnerProblem):
         total: Any = None
         if k == self.steps[t] - 1:
             losses = torch.stack([self.held_out_loss(params, buffers, j) for j in range(t + 1)])
-            weights = torch.full((t + 1,), self.earlier_weight, dtype=losses.dtype)
+            weights = torch.full(
+                (t + 1,), self.earlier_weight, dtype=losses.dtype, device=losses.device
+            )
             weights[t] = 1.0
             total = (losses * weights).sum() / (weights.sum() * n)
         if self.speed_weight and k in self._speed_points[t]:
@@ -206,7 +230,9 @@ class ContinualProblem(InnerProblem):
         return (
             task.x_train[index],
             task.y_train[index],
-            torch.tensor([first, first + task.n_classes], dtype=torch.int64),
+            torch.tensor(
+                [first, first + task.n_classes], dtype=torch.int64, device=task.x_train.device
+            ),
         )
 
 

@@ -195,6 +195,10 @@ class MetaTrainer:
             meta-gradients up to float rounding, faster per meta-step once each shape
             signature (dataset x model x batch size of the family) has compiled, which
             takes minutes each on a CPU (see ``docs/meta.md``). Unrolled estimator only.
+        device: where the net, the inner models and their data live (``"cuda"``...);
+            task sequences are drawn on the CPU and then moved, so a run draws the same
+            sequences on any device. Not part of the configuration: a run may resume on
+            another device. Default: the CPU.
 
     Example:
         >>> trainer = MetaTrainer(TrainConfig(steps=100), "runs/a")
@@ -211,7 +215,15 @@ class MetaTrainer:
         data_dir: str | None = None,
         progress: bool = True,
         compile: bool = False,
+        device: str | torch.device | None = None,
     ) -> None:
+        self.device = torch.device("cpu" if device is None else device)
+        if self.device.type == "meta":
+            raise ValueError("device 'meta' holds no values to train on")
+        try:  # an unavailable device fails here, before any work
+            torch.empty(0, device=self.device)
+        except (RuntimeError, AssertionError) as exc:  # AssertionError: torch without CUDA
+            raise ValueError(f"device {str(self.device)!r} is not available: {exc}") from None
         if compile and config.estimator != "unrolled":
             raise ValueError(
                 f"compile=True needs the unrolled estimator, got estimator={config.estimator!r}"
@@ -228,6 +240,7 @@ class MetaTrainer:
             self.net = LearnedRuleNet(**config.net)
         if config.init is not None:  # a bad checkpoint fails before any data is loaded
             _load_init(self.net, config.init)
+        self.net.to(self.device)
         self.family = TaskFamily(family_config, "train", data_dir)
         self.val_family = TaskFamily(family_config, "val", data_dir)
         self.meta_optimizer = torch.optim.Adam(self.net.parameters(), lr=config.meta_lr)
@@ -235,7 +248,9 @@ class MetaTrainer:
         self.noise = torch.Generator()  # reseeded per task sample (see meta_gradient)
         self.estimator = self._make_estimator()
         val_gen = torch.Generator().manual_seed(10_000 + config.seed)
-        self.val_problems = [self.val_family.sample(val_gen) for _ in range(config.val_tasks)]
+        self.val_problems = [
+            self.val_family.sample(val_gen).to(self.device) for _ in range(config.val_tasks)
+        ]
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {}
@@ -317,7 +332,10 @@ class MetaTrainer:
     def train_step(self) -> dict[str, float]:
         """One meta-step; returns its record (meta-loss, gradient norm, skipped: no update
         because no sequence had a finite meta-gradient, dropped: sequences left out)."""
-        problems = [self.family.sample(self.sampler) for _ in range(self.config.tasks_per_step)]
+        problems = [
+            self.family.sample(self.sampler).to(self.device)
+            for _ in range(self.config.tasks_per_step)
+        ]
         seeds = torch.randint(2**62, (len(problems),), generator=self.sampler).tolist()
         loss, grads, dropped = self._meta_gradient(problems, seeds)
         finite = all(bool(torch.isfinite(g).all()) for g in grads.values())
@@ -427,14 +445,14 @@ class MetaTrainer:
         """
         if n_sequences < 1:
             raise ValueError(f"n_sequences must be >= 1, got {n_sequences}")
-        net = LearnedRuleNet(**self.config.net)
+        net = LearnedRuleNet(**self.config.net).to(self.device)
         net.load_state_dict(self.best.get("state") or self.net.state_dict())
         rules = {
             "learned": learned_rule(net, self.config.inner_lr, **self.config.rule_options),
             "adam": adam(self.config.inner_lr),
         }
         gen = torch.Generator().manual_seed(seed)
-        problems = [self.val_family.sample(gen) for _ in range(n_sequences)]
+        problems = [self.val_family.sample(gen).to(self.device) for _ in range(n_sequences)]
         results: dict[str, list[dict[str, float]]] = {name: [] for name in rules}
         with torch.no_grad():
             for problem in problems:

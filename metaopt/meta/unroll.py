@@ -131,7 +131,8 @@ class Unrolled:
         params, buffers = problem.init(mp)
         carry = InnerCarry(params, buffers, rule.init(params))
         total_grads = {k: torch.zeros_like(v) for k, v in mp.items()}
-        total_loss = torch.zeros((), dtype=torch.float64)
+        device = next(iter(mp.values())).device if mp else None
+        total_loss = torch.zeros((), dtype=torch.float64, device=device)
         window = self.truncation or problem.num_steps
         window_loss: Any = None
         for step in range(problem.num_steps):

@@ -429,6 +429,7 @@ def _cli_args(tmp_path) -> list[str]:
     "extra",
     [
         ["--threads", "0"],
+        ["--device", "gpu"],
         ["--compare", "-1"],
         ["--mlp-hidden", "0"],
         ["--mnist-size", "0"],
