@@ -115,9 +115,13 @@ def parse_stream(name: str, n_tasks: int | None = None) -> StreamSpec:
     """
     kind, _, rest = name.partition("-")
     scenario = None
-    for candidate in SCENARIOS:
-        if rest.endswith(f"-{candidate}"):
-            rest, scenario = rest[: -len(candidate) - 1], candidate
+    for candidate in SCENARIOS:  # one suffix only: a folder may be named "my-task"
+        base = rest[: -len(candidate) - 1]
+        # a scenario belongs to split streams; elsewhere "-task" is part of a folder's
+        # name, unless what precedes it is a named dataset (then it is a mistake)
+        if rest.endswith(f"-{candidate}") and (kind == "split" or base in DATASETS):
+            rest, scenario = base, candidate
+            break
     try:
         check_dataset_name(rest)
     except ValueError:

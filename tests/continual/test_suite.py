@@ -42,6 +42,10 @@ def test_parse_stream_names() -> None:
     # any other name is a folder of IDX files in the data directory (checked on loading)
     spec = parse_stream("split-my_kmnist.v2-domain", n_tasks=3)
     assert (spec.kind, spec.dataset, spec.scenario) == ("split", "my_kmnist.v2", "domain")
+    spec = parse_stream("split-hard-task-domain", n_tasks=2)  # only the last suffix
+    assert (spec.dataset, spec.scenario, spec.name) == ("hard-task", "domain",
+                                                        "split-hard-task-domain")
+    assert parse_stream("permuted-hard-class").dataset == "hard-class"  # not a scenario
 
 
 def test_grid_and_factories() -> None:
