@@ -63,8 +63,8 @@ class FamilyConfig:
         batch_size: inner batch sizes to choose from.
         examples: training images drawn per sequence (before the held-out split).
         mnist_size: MNIST images are average-pooled to this side (14: 2x2 pooling; 28:
-            none; at most 28); a folder's images whose longer side exceeds it are pooled
-            to it as well, keeping their aspect ratio.
+            none; at most 28 with MNIST); a folder's images whose longer side exceeds it
+            are pooled to it as well, keeping their aspect ratio (smaller ones are kept).
         meta_batch_size: held-out examples per task for the meta-loss.
         speed_weight: weight of the learning-speed term.
         earlier_weight: weight of each earlier task relative to the current one.
@@ -116,8 +116,8 @@ class FamilyConfig:
             raise ValueError(f"examples must be >= 20, got {self.examples}")
         if self.meta_batch_size < 1:
             raise ValueError(f"meta_batch_size must be >= 1, got {self.meta_batch_size}")
-        if not 1 <= self.mnist_size <= _MNIST_SIDE:  # a larger side would upsample
-            raise ValueError(
+        if self.mnist_size < 1 or ("mnist" in self.datasets and self.mnist_size > _MNIST_SIDE):
+            raise ValueError(  # pooling MNIST to a larger side upsampled it
                 f"mnist_size must be in [1, {_MNIST_SIDE}] (MNIST's images are "
                 f"{_MNIST_SIDE}x{_MNIST_SIDE}, average-pooled to it), got {self.mnist_size}"
             )

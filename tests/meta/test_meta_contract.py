@@ -385,7 +385,7 @@ def test_train_config_refuses_estimator_settings_up_front(bad):
     "bad",
     [
         {"mnist_size": 0},
-        {"mnist_size": 29},  # pooling to 29 upsampled the 28x28 images
+        {"mnist_size": 29, "datasets": ("mnist",)},  # pooling to 29 upsampled MNIST
         {"n_tasks": (3, 6)},  # 6 split tasks of 2 classes need 12 classes
         {"meta_batch_size": 0},
         {"batch_size": ()},
@@ -433,7 +433,7 @@ def _cli_args(tmp_path) -> list[str]:
         ["--compare", "-1"],
         ["--mlp-hidden", "0"],
         ["--mnist-size", "0"],
-        ["--mnist-size", "29"],
+        ["--datasets", "mnist", "--mnist-size", "29"],
         ["--n-tasks", "2", "6"],
         ["--estimator", "pes", "--truncation", "0"],
         ["--truncation", "0"],
