@@ -36,6 +36,7 @@ from metaopt.meta.problem import (
     RuleFactory,
     check_count,
     check_rule_fn,
+    device_of,
     scalar_loss,
 )
 from metaopt.meta.unroll import InnerCarry, inner_step
@@ -53,11 +54,6 @@ def _check(sigma: float, num_pairs: int) -> int:
 def _check_meta_params(meta_params: Params) -> None:
     if not meta_params:
         raise ValueError("meta_params is empty: nothing to estimate a gradient for")
-
-
-def _device_of(meta_params: Params) -> torch.device:
-    """The device the estimates accumulate on: the first meta-parameter's."""
-    return next(iter(meta_params.values())).device
 
 
 def _pair_seed(generator: torch.Generator | None) -> int:
@@ -121,7 +117,7 @@ def _run(
         params, buffers = problem.init(meta_params)
         params = {k: p.detach() for k, p in params.items()}
         carry = InnerCarry(params, buffers, rule.init(params))
-    total = torch.zeros((), dtype=torch.float64, device=_device_of(meta_params))
+    total = torch.zeros((), dtype=torch.float64, device=device_of(meta_params))
     for step in steps:
         carry, _ = inner_step(rule, problem, carry, step, create_graph=False)
         with torch.no_grad():
@@ -159,7 +155,7 @@ class ES:
         _check_meta_params(meta_params)
         steps = range(problem.num_steps)
         grads = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in meta_params.items()}
-        loss = torch.zeros((), dtype=torch.float64, device=_device_of(meta_params))
+        loss = torch.zeros((), dtype=torch.float64, device=device_of(meta_params))
         for _ in range(self.num_pairs):
             eps = _noise(meta_params, self.generator)
             seed = _pair_seed(self.generator)
@@ -207,7 +203,7 @@ class PES:
     def __call__(self, meta_params: Params, problem: InnerProblem) -> MetaGradient:
         _check_meta_params(meta_params)
         grads = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in meta_params.items()}
-        loss = torch.zeros((), dtype=torch.float64, device=_device_of(meta_params))
+        loss = torch.zeros((), dtype=torch.float64, device=device_of(meta_params))
         window = self.truncation or max(problem.num_steps, 1)
         for _ in range(self.num_pairs):
             carries: list[InnerCarry | None] = [None, None]

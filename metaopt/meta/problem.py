@@ -64,6 +64,12 @@ def check_rule_fn(rule_fn: Any) -> Any:
     return rule_fn
 
 
+def device_of(meta_params: Params) -> torch.device | None:
+    """The device an estimator accumulates its loss on: the first meta-parameter's
+    (``None`` when there is none)."""
+    return next(iter(meta_params.values())).device if meta_params else None
+
+
 def scalar_loss(value: torch.Tensor, what: str) -> torch.Tensor:
     """``value`` as a 0-d tensor; one holding several numbers (a loss per example, say)
     raises ``ValueError`` naming ``what`` (e.g. ``"problem.meta_loss"``)."""

@@ -24,6 +24,7 @@ from metaopt.meta.problem import (
     RuleFactory,
     check_count,
     check_rule_fn,
+    device_of,
     scalar_loss,
 )
 from metaopt.rules.base import State, UpdateRule, apply_updates
@@ -131,8 +132,7 @@ class Unrolled:
         params, buffers = problem.init(mp)
         carry = InnerCarry(params, buffers, rule.init(params))
         total_grads = {k: torch.zeros_like(v) for k, v in mp.items()}
-        device = next(iter(mp.values())).device if mp else None
-        total_loss = torch.zeros((), dtype=torch.float64, device=device)
+        total_loss = torch.zeros((), dtype=torch.float64, device=device_of(mp))
         window = self.truncation or problem.num_steps
         window_loss: Any = None
         for step in range(problem.num_steps):
