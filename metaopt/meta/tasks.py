@@ -23,7 +23,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from metaopt.continual.data import check_dataset_name, load_digits_tensors, load_idx_dataset
+from metaopt.continual.data import (
+    N_CLASSES,
+    check_dataset_name,
+    load_digits_tensors,
+    load_idx_dataset,
+)
 from metaopt.continual.models import build_model
 from metaopt.continual.streams import n_outputs, stream_from_tensors
 from metaopt.meta.objective import ContinualProblem
@@ -40,7 +45,6 @@ MODELS = ("mlp", "cnn", "transformer")
 KINDS = ("split", "permuted", "rotated")
 
 _MNIST_SIDE = 28
-_N_CLASSES = 10  # digits and MNIST
 
 _SMALL_MODELS: dict[str, dict[str, Any]] = {
     "mlp": {"hidden": (32,)},
@@ -106,10 +110,11 @@ class FamilyConfig:
             if not 1 <= low <= high:
                 raise ValueError(f"{name} must be (low, high) with 1 <= low <= high")
         built_in = set(self.datasets) & set(DATASETS)
-        if built_in and "split" in self.kinds and self.n_tasks[1] > _N_CLASSES // 2:
+        n_classes = min((N_CLASSES[d] for d in built_in), default=0)
+        if built_in and "split" in self.kinds and self.n_tasks[1] > n_classes // 2:
             raise ValueError(  # the first sequence that long failed, hours into a run
-                f"split sequences take 2 of the {_N_CLASSES} classes of {sorted(built_in)} per "
-                f"task: n_tasks must be at most {_N_CLASSES // 2} with kinds including "
+                f"split sequences take 2 of the {n_classes} classes of {sorted(built_in)} per "
+                f"task: n_tasks must be at most {n_classes // 2} with kinds including "
                 f"'split', got {self.n_tasks}"
             )  # (a folder's classes are counted when TaskFamily loads it)
         if self.examples < 20:
