@@ -20,9 +20,12 @@ demo: $(STAMP)
 	$(BIN)/metaopt bench --suite quick
 
 ## Everything CI checks: lint, the fast and the slow tests, the docs build.
+## Tests run in parallel processes (pytest-xdist, one per core, at most 4; a test file
+## stays in one process so that its compiled graphs are built once).
+XDIST := -n auto --maxprocesses 4 --dist loadfile
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -m "not slow"
-	$(BIN)/python -m pytest -q -m slow --durations=15
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow"
+	$(BIN)/python -m pytest -q $(XDIST) -m slow --durations=15
 	$(BIN)/mkdocs build --strict
 
 ## Fast selection only (no slow tests).
