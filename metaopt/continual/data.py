@@ -12,12 +12,14 @@ folder (see :func:`load_idx_dataset`).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
 import re
 import sys
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -161,16 +163,12 @@ def _find_idx(folder: Path, stem: str) -> Path:
     raise DataFileError(f"missing {folder / stem}[.gz]")
 
 
-def _dataset_file(
-    name: str, data_dir: str | os.PathLike[str] | None, split: str, kind: str, read: bool
-) -> tuple[Path, torch.Tensor | None]:
-    """The ``kind`` (``"images"`` / ``"labels"``) IDX file of ``split`` of dataset
-    ``name`` and, with ``read``, its contents; a missing or corrupt file is a
-    ``DataFileError`` that says how to get the dataset."""
-    folder = resolve_data_dir(data_dir) / name
+@contextlib.contextmanager
+def _explained(name: str) -> Iterator[None]:
+    """Re-raise a ``DataFileError`` (a missing or corrupt file of dataset ``name``) with
+    how to get the dataset appended to its message."""
     try:
-        path = _find_idx(folder, IDX_FILES[split][kind])
-        return path, read_idx(path) if read else None
+        yield
     except DataFileError as exc:
         raise DataFileError(f"{exc}; {_how_to_get(name)}") from exc
 
@@ -191,9 +189,11 @@ def check_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> 
     check_dataset_name(name)
     if name == "digits":
         return
-    for split, files in IDX_FILES.items():
-        for kind in files:
-            _dataset_file(name, data_dir, split, kind, read=False)
+    folder = resolve_data_dir(data_dir) / name
+    with _explained(name):
+        for files in IDX_FILES.values():
+            for stem in files.values():
+                _find_idx(folder, stem)
 
 
 def dataset_classes(name: str, data_dir: str | os.PathLike[str] | None = None) -> int:
@@ -207,7 +207,9 @@ def dataset_classes(name: str, data_dir: str | os.PathLike[str] | None = None) -
     check_dataset_name(name)
     if name in N_CLASSES:
         return N_CLASSES[name]
-    _, labels = _dataset_file(name, data_dir, "train", "labels", read=True)
+    folder = resolve_data_dir(data_dir) / name
+    with _explained(name):
+        labels = read_idx(_find_idx(folder, IDX_FILES["train"]["labels"]))
     return len(torch.unique(labels))
 
 
@@ -265,13 +267,15 @@ def load_idx_dataset(
         raise ValueError("'digits' comes with scikit-learn, not as IDX files: use load_dataset")
     if split not in IDX_FILES:
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
-    images_path, images = _dataset_file(name, data_dir, split, "images", read=True)
-    labels_path, labels = _dataset_file(name, data_dir, split, "labels", read=True)
+    folder = resolve_data_dir(data_dir) / name
+    with _explained(name):
+        images_path = _find_idx(folder, IDX_FILES[split]["images"])
+        labels_path = _find_idx(folder, IDX_FILES[split]["labels"])
+        images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim not in (3, 4) or labels.ndim != 1 or len(images) != len(labels):
         raise DataFileError(
-            f"{images_path.parent}: images {tuple(images.shape)} and labels "
-            f"{tuple(labels.shape)} do not match (expected images [N, H, W] or "
-            "[N, C, H, W] and labels [N]); "
+            f"{folder}: images {tuple(images.shape)} and labels {tuple(labels.shape)} do not "
+            "match (expected images [N, H, W] or [N, C, H, W] and labels [N]); "
             + _how_to_get(name)
         )
     if not len(images):
