@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from metaopt.continual.data import check_dataset_name
 from metaopt.meta.distributed import DistributedContext, init_distributed
-from metaopt.meta.tasks import DATASETS, KINDS, MODELS, FamilyConfig
+from metaopt.meta.tasks import DATASETS, KINDS, MODELS, SMALL_MODELS, FamilyConfig
 from metaopt.meta.trainer import MetaTrainer, TrainConfig, check_out_dir
 
 __all__ = ["check_args", "config_from_args", "register"]
@@ -94,7 +94,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--mnist-size", type=int, default=14, help="MNIST side after pooling (28: none; at most 28)"
     )
     p.add_argument(
-        "--mlp-hidden", nargs="+", type=int, default=[32], help="hidden widths of the MLPs"
+        "--mlp-hidden",
+        nargs="+",
+        type=int,
+        default=list(SMALL_MODELS["mlp"]["hidden"]),
+        help="hidden widths of the MLPs (the paper suite's MLP: 400 400)",
+    )
+    p.add_argument(
+        "--cnn-channels",
+        nargs="+",
+        type=int,
+        default=list(SMALL_MODELS["cnn"]["channels"]),
+        help="channels of the CNNs' conv blocks (the paper suite's CNN: 16 32)",
+    )
+    p.add_argument(
+        "--transformer-size",
+        nargs=3,
+        type=int,
+        default=[SMALL_MODELS["transformer"][k] for k in ("dim", "depth", "heads")],
+        metavar=("DIM", "DEPTH", "HEADS"),
+        help="width, layers and attention heads of the ViT-style transformers (the paper "
+        "suite's: 64 2 4)",
     )
     p.add_argument(
         "--init",
@@ -140,8 +160,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         earlier_weight=args.earlier_weight,
         mnist_size=args.mnist_size,
     )
-    family = dataclasses.replace(  # validated again with the MLP widths
-        family, model_sizes={**family.model_sizes, "mlp": {"hidden": tuple(args.mlp_hidden)}}
+    dim, depth, heads = args.transformer_size
+    family = dataclasses.replace(  # validated again with the model sizes
+        family,
+        model_sizes={
+            "mlp": {"hidden": tuple(args.mlp_hidden)},
+            "cnn": {"channels": tuple(args.cnn_channels)},
+            "transformer": {"dim": dim, "depth": depth, "heads": heads},
+        },
     )
     return TrainConfig(
         steps=args.steps,

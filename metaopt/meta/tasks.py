@@ -33,7 +33,15 @@ from metaopt.continual.models import build_model
 from metaopt.continual.streams import n_outputs, stream_from_tensors
 from metaopt.meta.objective import ContinualProblem
 
-__all__ = ["DATASETS", "HELD_OUT_DATASETS", "KINDS", "MODELS", "FamilyConfig", "TaskFamily"]
+__all__ = [
+    "DATASETS",
+    "HELD_OUT_DATASETS",
+    "KINDS",
+    "MODELS",
+    "SMALL_MODELS",
+    "FamilyConfig",
+    "TaskFamily",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +54,14 @@ KINDS = ("split", "permuted", "rotated")
 
 _MNIST_SIDE = 28
 
-_SMALL_MODELS: dict[str, dict[str, Any]] = {
+SMALL_MODELS: dict[str, dict[str, Any]] = {
     "mlp": {"hidden": (32,)},
     "cnn": {"channels": (4, 8)},
     "transformer": {"dim": 16, "depth": 1, "heads": 2},
 }
+"""The family's default model sizes (keyword arguments of
+:func:`metaopt.continual.models.build_model`); the paper suite's models are larger (MLP
+400-400, CNN 16-32 channels, transformer width 64, 2 layers, 4 heads)."""
 
 
 @dataclass
@@ -86,7 +97,7 @@ class FamilyConfig:
     meta_batch_size: int = 64
     speed_weight: float = 0.25
     earlier_weight: float = 1.0
-    model_sizes: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(_SMALL_MODELS))
+    model_sizes: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(SMALL_MODELS))
 
     def __post_init__(self) -> None:
         for name, chosen, allowed in (
@@ -141,6 +152,12 @@ class FamilyConfig:
                 sizes = value if isinstance(value, (tuple, list)) else (value,)
                 if any(isinstance(v, int) and v < 1 for v in sizes):
                     raise ValueError(f"model_sizes[{model!r}][{key!r}] must be >= 1, got {value}")
+        transformer = self.model_sizes.get("transformer", {})
+        if transformer.get("dim", 1) % transformer.get("heads", 1):
+            raise ValueError(  # nn.MultiheadAttention's assertion, when first drawn
+                f"model_sizes['transformer']: dim {transformer['dim']} must be a multiple of "
+                f"heads {transformer['heads']}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (for checkpoint metadata)."""
@@ -208,6 +225,22 @@ class TaskFamily:
             index = order[:cut] if part == "train" else order[cut:]
             self.pools[name] = (x[index], y[index])
             logger.info("task family %s/%s: %d images", name, part, len(index))
+            self._check_models_fit(name, tuple(x.shape[1:]))
+
+    def _check_models_fit(self, dataset: str, image_shape: tuple[int, ...]) -> None:
+        """Build each model of the family once for ``dataset``'s images, so that sizes
+        that do not fit them (a CNN deeper than the images allow, a transformer width
+        that its heads do not divide) fail here, not when a sequence first draws them."""
+        for model_name in self.config.models:
+            try:
+                with torch.random.fork_rng(devices=[]):  # leaves the caller's draws as they were
+                    build_model(model_name, image_shape, 2, **self.config.model_sizes[model_name])
+            except (ValueError, AssertionError, RuntimeError) as error:
+                raise ValueError(
+                    f"model_sizes[{model_name!r}] = {self.config.model_sizes[model_name]} "
+                    f"does not fit {dataset!r} ({'x'.join(map(str, image_shape))} images): "
+                    f"{error}"
+                ) from error
 
     def sample(self, gen: torch.Generator) -> ContinualProblem:
         """One random task sequence; all randomness comes from ``gen``."""

@@ -432,6 +432,8 @@ def _cli_args(tmp_path) -> list[str]:
         ["--device", "gpu"],
         ["--compare", "-1"],
         ["--mlp-hidden", "0"],
+        ["--cnn-channels", "8", "0"],
+        ["--transformer-size", "10", "1", "3"],
         ["--mnist-size", "0"],
         ["--datasets", "mnist", "--mnist-size", "29"],
         ["--n-tasks", "2", "6"],

@@ -132,6 +132,35 @@ def test_family_rejects_unknown_choices():
         ContinualProblem(torch.nn.Linear(2, 2), [object()], steps_per_task=[0])
 
 
+def test_family_model_sizes_reach_the_models_and_misfits_fail_up_front():
+    """``model_sizes`` set every model a sequence draws (the paper suite's sizes here);
+    sizes that cannot be built for a pool's images fail when the family is made (they
+    used to fail when a sequence first drew that model, possibly hours into a run), and
+    checking them draws nothing from the global random state."""
+    paper = {"mlp": {"hidden": (400, 400)}, "cnn": {"channels": (16, 32)},
+             "transformer": {"dim": 64, "depth": 2, "heads": 4}}
+    family = TaskFamily(FamilyConfig(n_tasks=(2, 2), steps_per_task=(2, 2), examples=60,
+                                     model_sizes=paper))
+    gen = torch.Generator().manual_seed(0)
+    seen = {}
+    for _ in range(12):
+        problem = family.sample(gen)
+        seen[problem.description.split("/")[2]] = problem.model.module
+    assert [m.shape for m in seen["mlp"].parameters()][:2] == [(400, 64), (400,)]
+    assert seen["cnn"].net[0].out_channels == 16 and seen["cnn"].net[4].out_channels == 32
+    assert seen["transformer"].head.in_features == 64
+    assert len(seen["transformer"].encoder.layers) == 2
+    assert seen["transformer"].encoder.layers[0].self_attn.num_heads == 4
+
+    state = torch.random.get_rng_state()
+    with pytest.raises(ValueError, match=r"model_sizes\['cnn'\].*does not fit 'digits' \(1x8x8"):
+        TaskFamily(FamilyConfig(model_sizes={**paper, "cnn": {"channels": (4, 4, 4, 4)}}))
+    TaskFamily(FamilyConfig(model_sizes=paper))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    with pytest.raises(ValueError, match="dim 10 must be a multiple of heads 3"):
+        FamilyConfig(model_sizes={"transformer": {"dim": 10, "depth": 1, "heads": 3}})
+
+
 def test_family_on_a_folder_dataset(tmp_path, capsys):
     """A folder of IDX files in the data directory is a pool like MNIST: its training
     images only, pooled to ``mnist_size`` with their aspect ratio, its own classes for

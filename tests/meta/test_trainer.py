@@ -234,6 +234,20 @@ def test_cli_init_option_reaches_the_config(tmp_path):
     assert config_from_args(parser.parse_args(["meta-train", "--out", "x"])).init is None
 
 
+def test_cli_model_size_options_reach_the_family():
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["meta-train", "--out", "x", "--mlp-hidden", "400", "400",
+                              "--cnn-channels", "16", "32", "--transformer-size", "64", "2", "4"])
+    assert config_from_args(args).family["model_sizes"] == {
+        "mlp": {"hidden": (400, 400)},
+        "cnn": {"channels": (16, 32)},
+        "transformer": {"dim": 64, "depth": 2, "heads": 4},
+    }
+    defaults = config_from_args(parser.parse_args(["meta-train", "--out", "x"]))
+    assert defaults.family["model_sizes"] == FamilyConfig().model_sizes
+
+
 def test_compile_option_reaches_the_unrolled_estimator(tmp_path, monkeypatch):
     from metaopt.meta import cli
     from metaopt.meta.compiled import CompiledContinualSteps
