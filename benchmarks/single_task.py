@@ -29,6 +29,7 @@ from metaopt.continual.models import build_model
 from metaopt.learned import load_pretrained
 
 ADAM_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+LEARNED = "learned (lr=1e-3)"
 
 
 def split_train_heldout(
@@ -80,12 +81,12 @@ def train(
 def run(args: argparse.Namespace) -> list[dict[str, object]]:
     """Final training and held-out loss of every (model, optimizer, seed)."""
     (x, y), heldout = split_train_heldout(args.dataset, args.train, args.heldout, args.data_dir)
-    net = load_pretrained("default")
+    net = load_pretrained(args.checkpoint)
     optimizers: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
         f"adam lr={lr:g}": (lambda m, lr=lr: torch.optim.Adam(m.parameters(), lr=lr))
         for lr in ADAM_LRS
     }
-    optimizers["learned (default, lr=1e-3)"] = lambda m: LearnedOptimizer(
+    optimizers[LEARNED] = lambda m: LearnedOptimizer(
         m.parameters(), lr=1e-3, net=net
     )
     rows = []
@@ -119,7 +120,7 @@ def summarise(rows: list[dict[str, object]]) -> list[dict[str, object]]:
                     if r["model"] == model_name and r["optimizer"] == opt_name]
 
         adams = [f"adam lr={lr:g}" for lr in ADAM_LRS]
-        learned = "learned (default, lr=1e-3)"
+        learned = LEARNED
         out: dict[str, object] = {"model": model_name}
         for column in ("train loss", "held-out loss"):
             best = min(adams, key=lambda name, c=column: statistics.mean(losses(name, c)))
@@ -151,6 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--checkpoint",
+        default="default",
+        help="the learned rule: a shipped name or a .pt path (metaopt meta-train --export)",
+    )
     args = parser.parse_args(argv)
     if args.dataset == "digits":  # 1,347 training images in all
         args.train, args.heldout = min(args.train, 1000), min(args.heldout, 347)
@@ -159,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"single-task training, {args.dataset} ({args.train} training / {args.heldout} "
         f"held-out images), {args.epochs} epochs at batch {args.batch}, {args.seeds} "
-        f"seed(s), {args.threads} thread(s); Adam lr tuned per model over {ADAM_LRS}"
+        f"seed(s), {args.threads} thread(s); Adam lr tuned per model over {ADAM_LRS}; "
+        f"learned rule {args.checkpoint!r}"
     )
     for line in summarise(rows):
         print(" | ".join(f"{k}: {v}" for k, v in line.items()))

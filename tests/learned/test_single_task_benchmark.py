@@ -25,7 +25,7 @@ def test_summary_tunes_adam_per_model_and_column(bench):
             heldout = {1e-2: 0.40, 1e-3: 0.30}.get(lr, 0.90)
             rows.append({"model": "mlp", "optimizer": f"adam lr={lr:g}", "seed": seed,
                          "train loss": train, "held-out loss": heldout})
-        rows.append({"model": "mlp", "optimizer": "learned (default, lr=1e-3)", "seed": seed,
+        rows.append({"model": "mlp", "optimizer": bench.LEARNED, "seed": seed,
                      "train loss": 0.12 + 0.01 * seed, "held-out loss": 0.27})
     (line,) = bench.summarise(rows)
     assert line["tuned Adam train loss"].endswith("(0.01)")
@@ -40,6 +40,21 @@ def test_tiny_run_on_digits_prints_a_line_per_model(bench, capsys):
     out = capsys.readouterr().out
     (ratio,) = re.findall(r"model: mlp .*train loss learned / tuned: ([\d.]+)", out)
     assert 0 < float(ratio) < 10
+
+
+def test_checkpoint_option_picks_the_learned_rule(bench, capsys, tmp_path):
+    """``--checkpoint`` runs another rule than the shipped default: the Adam-identity
+    initialisation trains exactly like Adam at lr 1e-3 (up to float rounding)."""
+    from metaopt.learned import LearnedRuleNet, save_checkpoint
+
+    path = save_checkpoint(LearnedRuleNet(), tmp_path / "identity.pt", {"description": "id"})
+    bench.main(["--dataset", "digits", "--models", "mlp", "--seeds", "1", "--epochs", "1",
+                "--train", "128", "--heldout", "64", "--batch", "32", "--checkpoint", str(path)])
+    out = capsys.readouterr().out
+    assert f"learned rule {str(path)!r}" in out
+    learned, = re.findall(r"learned train loss: ([\d.]+)", out)
+    adam, = re.findall(r"Adam 1e-3 train loss: ([\d.]+)", out)
+    assert float(learned) == pytest.approx(float(adam), abs=2e-4)
 
 
 def test_asking_for_more_images_than_the_split_has_is_refused(bench):
