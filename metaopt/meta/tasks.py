@@ -15,6 +15,7 @@ sequences use images the meta-training never saw.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -97,7 +98,9 @@ class FamilyConfig:
     meta_batch_size: int = 64
     speed_weight: float = 0.25
     earlier_weight: float = 1.0
-    model_sizes: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(SMALL_MODELS))
+    model_sizes: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: copy.deepcopy(SMALL_MODELS)
+    )
 
     def __post_init__(self) -> None:
         for name, chosen, allowed in (
@@ -146,6 +149,12 @@ class FamilyConfig:
             raise ValueError(
                 f"speed_weight and earlier_weight must be finite and >= 0, got "
                 f"{self.speed_weight} and {self.earlier_weight}"
+            )
+        missing = [m for m in self.models if m not in self.model_sizes]
+        if missing:
+            raise ValueError(  # a KeyError when a sequence first drew that model
+                f"model_sizes has no entry for {missing} (every model in models needs one; "
+                f"metaopt.meta.tasks.SMALL_MODELS holds the defaults)"
             )
         for model, kwargs in self.model_sizes.items():
             for key, value in kwargs.items():

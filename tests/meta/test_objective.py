@@ -157,8 +157,15 @@ def test_family_model_sizes_reach_the_models_and_misfits_fail_up_front():
         TaskFamily(FamilyConfig(model_sizes={**paper, "cnn": {"channels": (4, 4, 4, 4)}}))
     TaskFamily(FamilyConfig(model_sizes=paper))
     assert torch.equal(torch.random.get_rng_state(), state)
+    with pytest.raises(ValueError, match=r"no entry for \['cnn'\]"):
+        FamilyConfig(models=("mlp", "cnn"), model_sizes={"mlp": {"hidden": (8,)}})
+    config = FamilyConfig()
+    config.model_sizes["mlp"]["hidden"] = (7,)  # a config's sizes are its own
+    assert meta_tasks.SMALL_MODELS["mlp"]["hidden"] == (32,)
+    assert FamilyConfig().model_sizes["mlp"]["hidden"] == (32,)
     with pytest.raises(ValueError, match="dim 10 must be a multiple of heads 3"):
-        FamilyConfig(model_sizes={"transformer": {"dim": 10, "depth": 1, "heads": 3}})
+        FamilyConfig(models=("transformer",),
+                     model_sizes={"transformer": {"dim": 10, "depth": 1, "heads": 3}})
 
 
 def test_family_on_a_folder_dataset(tmp_path, capsys):
