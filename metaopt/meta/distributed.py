@@ -97,8 +97,10 @@ def all_reduce_mean(
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     names = list(sums)
-    flat = torch.cat([sums[k].reshape(-1) for k in names] + [loss_sum.reshape(1).to(
-        sums[names[0]].dtype)])
+    # the loss sum is a CPU float64 on every device; the gradients set dtype and device
+    flat = torch.cat(
+        [sums[k].reshape(-1) for k in names] + [loss_sum.reshape(1).to(sums[names[0]])]
+    )
     if ctx.world_size > 1:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat = flat / count

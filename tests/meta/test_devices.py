@@ -15,7 +15,7 @@ import torch
 from metaopt.learned import LearnedRuleNet, learned_rule
 from metaopt.meta import ES, PES, Unrolled
 from metaopt.meta.cli import process_device, register
-from metaopt.meta.distributed import DistributedContext
+from metaopt.meta.distributed import DistributedContext, all_reduce_mean
 from metaopt.meta.tasks import FamilyConfig, TaskFamily
 from metaopt.meta.trainer import MetaTrainer
 from tests.meta.test_trainer import states_equal, tiny_config
@@ -100,3 +100,18 @@ def test_cli_device_is_each_processes_own_gpu_under_torchrun(monkeypatch):
     assert process_device("cuda:0", two) == torch.device("cuda", 0)
     assert process_device("cuda", DistributedContext()) == torch.device("cuda")
     assert process_device("cpu", two) == torch.device("cpu")
+
+
+def test_all_reduce_mean_takes_a_cpu_loss_sum_with_gradients_on_a_device():
+    """The trainer sums losses on the CPU (float64) whatever the device; the mean comes back
+    on the gradients' device (a CPU loss sum made meta-training on CUDA fail here)."""
+    sums = {"w": torch.ones(2, 3, device=META), "b": torch.ones(3, device=META)}
+    grads, loss = all_reduce_mean(sums, torch.tensor(4.0, dtype=torch.float64), 2,
+                                  DistributedContext())
+    assert loss.device == META and loss.shape == ()
+    assert {k: (g.device, g.shape) for k, g in grads.items()} == {
+        "w": (META, (2, 3)), "b": (META, (3,))
+    }
+    cpu_grads, cpu_loss = all_reduce_mean({"w": torch.full((2,), 3.0)}, torch.tensor(4.0), 2,
+                                          DistributedContext())
+    assert cpu_loss.item() == 2.0 and cpu_grads["w"].tolist() == [1.5, 1.5]
