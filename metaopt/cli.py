@@ -45,10 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2),
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    # -v/-vv turn up metaopt's own logging only (not that of matplotlib, torch, ...)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("metaopt").setLevel(logging.WARNING - 10 * min(args.verbose, 2))
     if args.command is None:
         parser.print_help()
         return 2

@@ -128,3 +128,14 @@ def test_ctrl_c_exits_with_status_130_and_no_traceback(monkeypatch, capsys):
         main(["meta-train", "--out", "unused"])
     assert exit_info.value.code == 130
     assert "metaopt meta-train: interrupted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "level"), [([], logging.WARNING), (["-v"], logging.INFO),
+                                              (["-vv"], logging.DEBUG)])
+def test_verbosity_turns_up_metaopts_logging_only(flags, level, monkeypatch) -> None:
+    """-v/-vv set metaopt's loggers to INFO/DEBUG; other libraries' (matplotlib's debug
+    font search flooded -vv logs) stay at WARNING."""
+    monkeypatch.setattr(logging.getLogger("metaopt"), "level", logging.NOTSET)
+    assert main(flags) == 2  # no command: help, after logging is configured
+    assert logging.getLogger("metaopt.meta.trainer").getEffectiveLevel() == level
+    assert logging.getLogger("matplotlib.font_manager").getEffectiveLevel() >= logging.WARNING
