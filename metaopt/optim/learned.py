@@ -46,7 +46,10 @@ class LearnedOptimizer(FunctionalOptimizer):
     Args:
         params: parameters or parameter groups (named parameters are accepted).
         lr: learning rate (per group; schedulers change it).
-        net: the rule's network; ``None`` loads the shipped ``"default"`` checkpoint.
+        net: the rule's network; ``None`` loads the shipped ``"default"`` checkpoint onto
+            the parameters' device (when they share one). A net passed here runs where it
+            is: on a GPU, move it there too (``net.to("cuda")``), or every step sends the
+            tokens to the net's device and the coefficients back.
         betas: Adam's moment decay rates (per group).
         eps: Adam's denominator constant (per group).
         topk_fraction: hard selection of the fraction of tokens that move (per group).
@@ -124,6 +127,7 @@ class LearnedOptimizer(FunctionalOptimizer):
         self._eager_fast_paths = not compile
         self._reuse_buffers = reuse_buffers
         self._task_index = 0
+        loaded_here = net is None
         super().__init__(
             params,
             self._rule_factory(),
@@ -134,6 +138,16 @@ class LearnedOptimizer(FunctionalOptimizer):
             eps=eps,
             topk_fraction=topk_fraction,
         )
+        if loaded_here:
+            self._move_net_to_params()
+
+    def _move_net_to_params(self) -> None:
+        """Puts a net this optimizer loaded itself on its parameters' device, when they
+        share one, so that the rule's attention runs there (not on the CPU, with the
+        tokens and coefficients copied both ways at every step)."""
+        device = _one_device([p for group in self.param_groups for p in group["params"]])
+        if device is not None and device.type != "meta":
+            self.net.to(device)
 
     _TENSOR_HYPERS = frozenset({"lr"})  # the rule needs betas, eps, topk_fraction as numbers
 
@@ -169,8 +183,11 @@ class LearnedOptimizer(FunctionalOptimizer):
         cls, name: str, params: Iterable[Any], lr: float = 1e-3, **options: Any
     ) -> LearnedOptimizer:
         """An optimizer running a shipped checkpoint (see
-        :func:`metaopt.learned.load_pretrained`; ``name`` may also be a ``.pt`` path)."""
-        return cls(params, lr=lr, net=load_pretrained(name), **options)
+        :func:`metaopt.learned.load_pretrained`; ``name`` may also be a ``.pt`` path),
+        with its net on the parameters' device when they share one."""
+        optimizer = cls(params, lr=lr, net=load_pretrained(name), **options)
+        optimizer._move_net_to_params()
+        return optimizer
 
     @property
     def task_index(self) -> int:
