@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -395,11 +396,18 @@ class MetaTrainer:
         )
         with _deferred_interrupt(self.ctx.world_size == 1) as interrupted:
             while self.step < target:
-                record = self.train_step()
+                start = time.perf_counter()
+                record = self.train_step()  # ends with the loss on the host: synchronised
+                seconds = time.perf_counter() - start  # logged only: histories stay equal
                 self.history.append(record)
                 bar.update(1)
                 bar.set_postfix(meta_loss=f"{record['meta_loss']:.4f}")
-                logger.debug("meta-step %(step)d: meta-loss %(meta_loss).5f", record)
+                logger.debug(
+                    "meta-step %d: meta-loss %.5f, %.2f s",
+                    record["step"],
+                    record["meta_loss"],
+                    seconds,
+                )
                 if self.step % self.config.val_every == 0 or self.step == target:
                     self._record_validation()
                 stop = interrupted()  # read once: a Ctrl-C from here on waits for the next step
