@@ -15,6 +15,7 @@ Adam's whole step::
     python benchmarks/step_cost.py --compiled --sizes 1M 10M --reference-repeats 0
     python benchmarks/step_cost.py --compiled --cold-compile --models mlp --sizes 1M \
         --reference-repeats 0      # and the cold compile time
+    python benchmarks/step_cost.py --device cuda --compiled   # on a GPU (synchronised clock)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import math
 import multiprocessing
 import re
@@ -113,7 +115,7 @@ def _compiled_after_boundary(
 
 
 def make_optimizers(
-    params: list[torch.Tensor], compiled: bool = False
+    params: list[torch.Tensor], compiled: bool = False, device: str = "cpu"
 ) -> tuple[dict[str, torch.optim.Optimizer], float | None]:
     """The baselines and the learned optimizer twice: in its first task ("learned 1st",
     where every importance is still zero and its terms are skipped) and after a task
@@ -127,7 +129,7 @@ def make_optimizers(
         took to compile its two graphs (the others reuse them through Inductor's cache,
         unless it is off), else ``None``.
     """
-    net = load_pretrained("default")
+    net = load_pretrained("default").to(device)
     opts: dict[str, torch.optim.Optimizer] = {
         "SGD": torch.optim.SGD(params, lr=1e-3),
         "Adam foreach": torch.optim.Adam(params, lr=1e-3, foreach=True),
@@ -187,6 +189,13 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time
 equal to the elapsed time of an undisturbed single-threaded run)."""
 
 
+def cuda_wall_clock() -> float:
+    """Elapsed seconds after waiting for every queued CUDA kernel (the clock of
+    ``--device cuda``: a step returns before its kernels have run)."""
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def time_steps(
     opts: dict[str, torch.optim.Optimizer],
     steps: int,
@@ -216,13 +225,14 @@ def bench_model(
     warmup: int,
     clock: Callable[[], float],
     compiled: bool = False,
+    device: str = "cpu",
 ) -> dict[str, object]:
     torch.manual_seed(0)
-    model = MODELS[kind](SIZES[size])
+    model = MODELS[kind](SIZES[size]).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-2
-    opts, compile_seconds = make_optimizers(params, compiled)
+    opts, compile_seconds = make_optimizers(params, compiled, device)
     learned = opts["learned 2nd+"]
     timed = {
         **opts,
@@ -295,19 +305,22 @@ def _peak_rss_gib(reset: bool = False) -> float:
     return int(match.group(1)) / 2**20 if match else float("nan")
 
 
-def _reference_case(case: str, repeats: int, threads: int) -> tuple[float, float, float]:
+def _reference_case(
+    case: str, repeats: int, threads: int, device: str = "cpu"
+) -> tuple[float, float, float]:
     """Runs in a fresh process: median seconds per call of ``case`` on the reference's
-    90,000-weight layer, the process's resident memory before the calls and its peak
-    during them (GiB)."""
+    90,000-weight layer, and the memory before the calls and its peak during them (GiB):
+    the process's resident memory on a CPU, CUDA's allocated memory on a GPU (after one
+    untimed call there, which initialises the CUDA libraries)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    weight = nn.Conv2d(100, 100, 3, bias=False).weight
+    weight = nn.Conv2d(100, 100, 3, bias=False).to(device).weight
     weight.grad = torch.randn_like(weight) * 1e-2
     if case == "learned step":
-        opt = LearnedOptimizer([weight], lr=1e-3, net=load_pretrained("default"))
+        opt = LearnedOptimizer([weight], lr=1e-3, net=load_pretrained("default").to(device))
         fn: Callable[[], object] = opt.step
     elif case == "learned meta-gradient":
-        net = load_pretrained("default")
+        net = load_pretrained("default").to(device)
         meta = {k: v.detach().clone().requires_grad_() for k, v in net.named_parameters()}
         rule = learned_rule(net, 1e-3, meta_params=meta)
         params = {"w": weight.detach()}
@@ -318,20 +331,30 @@ def _reference_case(case: str, repeats: int, threads: int) -> tuple[float, float
             updates["w"].sum().backward()
 
     else:
-        replica = ReferenceReplica()
-        importance = torch.rand(weight.shape[0] * weight.shape[1])  # one score per kernel
+        replica = ReferenceReplica().to(device)
+        importance = torch.rand(weight.shape[0] * weight.shape[1], device=device)  # per kernel
 
         def fn() -> None:
             replica.zero_grad()
             replica(weight.detach(), importance).sum().backward()
 
-    baseline = _peak_rss_gib(reset=True)
+    if torch.device(device).type == "cuda":
+        fn()
+        torch.cuda.reset_peak_memory_stats()
+        clock, baseline = cuda_wall_clock, torch.cuda.memory_allocated() / 2**30
+    else:
+        clock, baseline = time.perf_counter, _peak_rss_gib(reset=True)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), baseline, _peak_rss_gib()
+        times.append(clock() - start)
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**30
+        if torch.device(device).type == "cuda"
+        else _peak_rss_gib()
+    )
+    return statistics.median(times), baseline, peak
 
 
 REFERENCE_CASES = {
@@ -341,20 +364,21 @@ REFERENCE_CASES = {
 }
 
 
-def bench_reference(repeats: int, threads: int) -> list[dict[str, object]]:
+def bench_reference(repeats: int, threads: int, device: str = "cpu") -> list[dict[str, object]]:
     """Each case in a fresh process (spawn), so that peak memory is its own."""
     rows = []
     context = multiprocessing.get_context("spawn")
+    memory = "CUDA GiB" if torch.device(device).type == "cuda" else "RSS GiB"
     for case, label in REFERENCE_CASES.items():
         n = repeats if case == "reference" else max(5, repeats)
         with context.Pool(1) as pool:
-            seconds, before, peak = pool.apply(_reference_case, (case, n, threads))
+            seconds, before, peak = pool.apply(_reference_case, (case, n, threads, device))
         rows.append(
             {
                 "what": label,
                 "seconds per call": seconds,
-                "RSS GiB before": before,
-                "peak RSS GiB during": peak,
+                f"{memory} before": before,
+                f"peak {memory} during": peak,
             }
         )
     return rows
@@ -384,6 +408,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the models, gradients and the rule's net live (cuda: the wall clock, "
+        "synchronised before each reading)",
+    )
     parser.add_argument(
         "--clock",
         choices=list(CLOCKS),
@@ -423,8 +453,14 @@ def main(argv: list[str] | None = None) -> None:
         args.sizes = [s for s in args.sizes if s != "10M"]
         args.repeats, args.steps, args.reference_repeats = 3, 3, 0
     torch.set_num_threads(args.threads)
+    on_cuda = torch.device(args.device).type == "cuda"
+    if on_cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here")
+    clock = cuda_wall_clock if on_cuda else CLOCKS[args.clock]
+    hardware = torch.cuda.get_device_name(args.device) if on_cuda else cpu_model()
     print(
-        f"torch {torch.__version__}, {cpu_model()}, {args.threads} thread(s), {args.clock} clock; "
+        f"torch {torch.__version__}, {hardware}, {args.threads} thread(s), "
+        f"{'synchronised wall' if on_cuda else args.clock} clock; "
         f"medians of {args.repeats} repeats x {args.steps} steps"
         + (
             f"; compile s: the first compiled optimizer's two graphs, Inductor caches "
@@ -434,23 +470,25 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
     if not args.reference_only:
-        rows = [
-            bench_model(
-                kind,
-                size,
-                args.steps,
-                args.repeats,
-                args.warmup,
-                CLOCKS[args.clock],
-                args.compiled,
-            )
-            for size in args.sizes
-            for kind in args.models
-        ]
+        rows = []
+        for size in args.sizes:
+            for kind in args.models:
+                row = bench_model(
+                    kind,
+                    size,
+                    args.steps,
+                    args.repeats,
+                    args.warmup,
+                    clock,
+                    args.compiled,
+                    args.device,
+                )
+                print(f"{size} {kind}: {json.dumps(row)}", flush=True)  # kept if cut short
+                rows.append(row)
         print_table(rows)
     if args.reference_repeats > 0:
         print("\nThe reference method's layer: Conv2d(100, 100, 3), 90,000 weights, wall clock")
-        print_table(bench_reference(args.reference_repeats, args.threads))
+        print_table(bench_reference(args.reference_repeats, args.threads, args.device))
 
 
 if __name__ == "__main__":

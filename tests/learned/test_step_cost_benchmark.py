@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -33,8 +35,12 @@ def test_one_row_reports_state_at_one_and_a_half_adam(step_cost, capsys):
         ]
     )
     lines = capsys.readouterr().out.strip().splitlines()
-    header = [c.strip() for c in lines[1].split("|")]
-    row = [c.strip() for c in lines[3].split("|")]
+    # each row as JSON as soon as it is measured (kept when a run is cut short), then the table
+    assert lines[1].startswith("100k mlp: ")
+    early = json.loads(lines[1].removeprefix("100k mlp: "))
+    assert early["model"] == "mlp" and early["state/Adam"] == pytest.approx(1.5, abs=1e-3)
+    header = [c.strip() for c in lines[2].split("|")]
+    row = [c.strip() for c in lines[4].split("|")]
     assert row[0] == "mlp" and float(row[header.index("state/Adam")]) == 1.5
     assert float(row[header.index("learned 2nd+ ms")]) > 0
     assert 0 < float(row[header.index("check/fused")]) < float(row[header.index("2nd+/fused")])
@@ -49,3 +55,25 @@ def test_reference_replica_maps_kernels_to_deltas(step_cost):
     assert deltas.shape == kernels.shape
     deltas.sum().backward()
     assert replica.embed[0].weight.grad is not None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_device_cuda_without_a_gpu_is_refused(step_cost, capsys):
+    with pytest.raises(SystemExit):
+        step_cost.main(["--device", "cuda", "--reference-repeats", "0"])
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_step_profile_counts_the_learned_steps_operators(capsys):
+    """benchmarks/step_profile.py: operators per step from torch.profiler, the learned
+    step's many more than fused Adam's (CPU, 100k parameters)."""
+    load_benchmark("step_profile").main(["--size", "100k", "--steps", "1", "--top", "3"])
+    out = capsys.readouterr().out
+    counts = {
+        line.split()[0]: int(line.split("aten ops/step")[0].split()[-1])
+        for line in out.splitlines()
+        if "aten ops/step" in line
+    }
+    assert set(counts) == {"Adam", "learned"}  # "Adam fused", "learned"
+    assert counts["learned"] > 5 * counts["Adam"] > 0
+    assert "most frequent operators, learned" in out
