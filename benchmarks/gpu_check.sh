@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# One GPU session's checks, in priority order, each under its own time limit so that one
-# hang does not cost the others: the CUDA correctness tests (tests/gpu), the optimizer
-# step costs (learned vs fused Adam, eager, then compiled), the compiled training steps,
-# and meta-training on the GPU. Logs go to $OUT (the device tool's folder) or ./gpu_out.
+# A GPU session's checks, each under its own time limit so that one hang does not cost
+# the others; logs go to $OUT (the device tool's folder) or ./gpu_out.
 #
-#   bash benchmarks/gpu_check.sh                 # from the repository root, ~8.5 minutes at most
+#   bash benchmarks/gpu_check.sh correctness   # tests/gpu and 10 meta-steps, ~5 min
+#   bash benchmarks/gpu_check.sh speed         # step costs, profile, compiled steps, ~7 min
 #
-# Runs from the source tree (PYTHONPATH), with the machine's own torch: nothing installed.
+# Each part fits one 10-minute device call (the first H200 session, 2026-12-04, learned
+# that everything at once does not: each compiled case compiles for 20-45 s there).
+# Runs from the source tree (PYTHONPATH) with the machine's own torch: nothing installed.
 set -u
+if [[ ${1:-} != correctness && ${1:-} != speed ]]; then
+    echo "usage: bash benchmarks/gpu_check.sh correctness|speed" >&2
+    exit 2
+fi
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -28,12 +33,22 @@ run() {  # run NAME SECONDS COMMAND...: output appended to $out/NAME.log
 } >"$out/env.txt" 2>&1
 cat "$out/env.txt"
 
-run tests 150 "$py" -m pytest -q -m "" -p no:cacheprovider -rs tests/gpu
-run step_cost 60 "$py" benchmarks/step_cost.py --device cuda --steps 20 --repeats 7 \
-    --reference-repeats 3
-run step_cost_compiled 150 "$py" benchmarks/step_cost.py --device cuda --compiled \
-    --models mlp transformer --sizes 1M 10M --steps 20 --repeats 7 --reference-repeats 0
-run compiled_step 100 "$py" benchmarks/compiled_step.py --device cuda --quick
-meta_out=$(mktemp -d)
-run meta_train 50 "$py" -m metaopt.cli -vv meta-train --device cuda --out "$meta_out" \
-    --steps 10 --val-every 10 --val-tasks 4 --no-progress
+case $1 in
+correctness)
+    run tests 300 "$py" -m pytest -q -m "" -p no:cacheprovider -rs tests/gpu
+    meta_out=$(mktemp -d)
+    run meta_train 60 "$py" -m metaopt.cli -vv meta-train --device cuda --out "$meta_out" \
+        --steps 10 --val-every 10 --val-tasks 4 --no-progress
+    ;;
+speed)
+    run step_cost 60 "$py" benchmarks/step_cost.py --device cuda --steps 20 --repeats 7 \
+        --reference-repeats 0
+    run step_cost 60 "$py" benchmarks/step_cost.py --device cuda --reference-only \
+        --reference-repeats 3
+    run step_profile 45 "$py" benchmarks/step_profile.py --device cuda --steps 5
+    run step_cost_compiled 150 "$py" benchmarks/step_cost.py --device cuda --compiled \
+        --models mlp --sizes 1M 10M --steps 20 --repeats 7 --reference-repeats 0
+    run compiled_step 100 "$py" benchmarks/compiled_step.py --device cuda --quick \
+        --models mlp,cnn --no-meta
+    ;;
+esac
