@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +80,13 @@ def test_step_profile_counts_the_learned_steps_operators(capsys):
     assert set(counts) == {"Adam", "learned"}  # "Adam fused", "learned"
     assert counts["learned"] > 5 * counts["Adam"] > 0
     assert "most frequent operators, learned" in out
+
+
+def test_gpu_check_script_names_its_parts(tmp_path):
+    """benchmarks/gpu_check.sh runs one part per call (correctness or speed, each within
+    one 10-minute device call); anything else is refused before it touches a GPU."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
+    done = subprocess.run(["bash", str(script), "everything"], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "OUT": str(tmp_path / "out")})
+    assert done.returncode == 2 and "correctness|speed" in done.stderr
+    assert not (tmp_path / "out").exists()  # refused before writing anything
