@@ -509,12 +509,14 @@ def test_sparse_embedding_gradients_at_extreme_scales_stay_finite(default_net, s
     statistics then see mostly exact zeros), across task boundaries and loss scales from
     1e-20 (gradients far below Adam's eps: hardly a step) to 1e10: parameters, moments,
     anchor and importance stay finite, and where the gradients are not lost in eps the
-    loss on each task falls."""
+    loss on each task falls (by 11-15 % on the second and third task with the fifth shipped
+    rule, which protects what the first task learned in the shared head; by over 20 % with
+    the earlier ones; at 1e-20, where the gradients are lost in eps, it does not fall)."""
     losses, state = _train_sparse_embedding(default_net, scale)
     assert all(torch.isfinite(t).all() for leaf in state.values() for t in leaf.values())
     if scale >= 1.0:
         before, after = losses[0::2], losses[1::2]
-        assert all(a < 0.8 * b for a, b in zip(after, before, strict=True)), losses
+        assert all(a < 0.95 * b for a, b in zip(after, before, strict=True)), losses
 
 
 def test_zero_lr_after_a_boundary_only_pulls_towards_the_anchors(default_net):
