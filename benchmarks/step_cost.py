@@ -338,7 +338,8 @@ def _reference_case(
             replica.zero_grad()
             replica(weight.detach(), importance).sum().backward()
 
-    if torch.device(device).type == "cuda":
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda:
         fn()
         torch.cuda.reset_peak_memory_stats()
         clock, baseline = cuda_wall_clock, torch.cuda.memory_allocated() / 2**30
@@ -349,11 +350,7 @@ def _reference_case(
         start = clock()
         fn()
         times.append(clock() - start)
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**30
-        if torch.device(device).type == "cuda"
-        else _peak_rss_gib()
-    )
+    peak = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else _peak_rss_gib()
     return statistics.median(times), baseline, peak
 
 
