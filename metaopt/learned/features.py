@@ -122,6 +122,24 @@ def uncached_when_compiling(fn: Any) -> Any:
     return fn.__wrapped__ if torch.compiler.is_compiling() else fn
 
 
+def constant_on(device: torch.device, build: Any, *args: Any) -> torch.Tensor:
+    """``build(*args)`` (an ``lru_cache``'d function that makes a CPU tensor, such as an
+    index) on ``device``.
+
+    Outside ``torch.compile`` the device's copy is cached as well, so an eager step on a
+    GPU copies nothing from the host (such a copy waits for the GPU, and a CUDA graph
+    cannot capture it); while compiling, the uncached CPU tensor is moved inside the
+    graph, a constant of it."""
+    if torch.compiler.is_compiling():
+        return build.__wrapped__(*args).to(device)
+    return _constant_on(device, build, args)
+
+
+@functools.lru_cache(maxsize=1024)
+def _constant_on(device: torch.device, build: Any, args: tuple[Any, ...]) -> torch.Tensor:
+    return build(*args).to(device)
+
+
 @functools.lru_cache(maxsize=4096)
 def layout_of(numel: int, max_block: int, leading: int = 1) -> Layout:
     """The token layout of a tensor with ``numel`` elements (cached).
@@ -186,8 +204,7 @@ def sample_columns(length: int, sample_size: int, device: torch.device) -> torch
     """``[sample_size]`` evenly spaced positions inside a token of ``length`` elements
     (the same for every token of a ``[rows, length]`` view; repeated when a token is
     shorter than ``sample_size``)."""
-    index = uncached_when_compiling(_sample_columns_cpu)(length, sample_size)
-    return index if index.device == device else index.to(device)
+    return constant_on(device, _sample_columns_cpu, length, sample_size)
 
 
 def _kind(name: str, ndim: int) -> str:

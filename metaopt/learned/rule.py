@@ -32,6 +32,7 @@ from torch.func import functional_call
 
 from metaopt.learned.features import (
     Layout,
+    constant_on,
     layout_of,
     param_reference,
     sample_columns,
@@ -582,8 +583,7 @@ def coefficient_table(
     steps = fields.step + 1.0
     bc1 = 1.0 - scalar_power(b1, steps.to(wide))  # [n tensors]
     bc2 = 1.0 - scalar_power(b2, steps.to(wide))
-    owner = uncached_when_compiling(_token_owner_cpu)(tuple(counts))
-    owner = owner if owner.device == steps.device else owner.to(steps.device)
+    owner = constant_on(steps.device, _token_owner_cpu, tuple(counts))
 
     def per_token(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return x.to(dtype).index_select(0, owner)
@@ -888,8 +888,7 @@ def _flat_step(
     v = updated_second_moment(flat([s.exp_avg_sq for s in leaves]), g, b2)
     anchor, imp = flat([s.anchor for s in leaves]), flat([s.importance for s in leaves])
 
-    index = uncached_when_compiling(_flat_sample_index_cpu)(tuple(layouts), sample_size)
-    index = index if index.device == g.device else index.to(g.device)
+    index = constant_on(g.device, _flat_sample_index_cpu, tuple(layouts), sample_size)
     samples = tuple(
         x.index_select(0, index).view(sum(counts), sample_size).to(options.net_dtype)
         for x in (g, m, v, w, anchor, imp)

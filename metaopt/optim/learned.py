@@ -167,7 +167,7 @@ class LearnedOptimizer(FunctionalOptimizer):
             {} if self._compile else None
         )
         self._view_caches: dict[int, dict[str, Any]] = {}  # per group, for the fused step
-        self._adam_input_cache: dict[int, tuple[Any, tuple[torch.Tensor, ...]]] = {}
+        self._step_input_cache: dict[int, tuple[Any, tuple[torch.Tensor, ...]]] = {}
         self._workspace: dict[Any, list[torch.Tensor]] | None = (
             {} if self._reuse_buffers and not self._compile else None
         )
@@ -339,13 +339,13 @@ class LearnedOptimizer(FunctionalOptimizer):
             return
         wide = wide_dtype(params)
         device = params[0].device
-        b1, b2, eps = self._adam_inputs(group, wide, device)
+        lr, b1, b2, eps = self._step_inputs(group, wide, device)
         new_leaves = self._fused_step_for(params)(
             [p.grad for p in params],
             params,
             leaves,
             lambda tokens, task: run_on_net_device(self.net, None, tokens, task),
-            lr=torch.as_tensor(group["lr"], dtype=wide, device=device),
+            lr=lr,
             b1=b1,
             b2=b2,
             eps=eps,
@@ -378,27 +378,31 @@ class LearnedOptimizer(FunctionalOptimizer):
             fused_step = self._fused_steps[key] = compiled_fused_step(device_type)
         return fused_step
 
-    def _adam_inputs(
-        self, group: dict[str, Any], dtype: torch.dtype, device: torch.device
+    def _step_inputs(
+        self, group: dict[str, Any], wide: torch.dtype, device: torch.device
     ) -> tuple[torch.Tensor, ...]:
-        """The group's ``betas`` and ``eps`` as 0-d tensors for the fused step: inputs of
-        its graph, so a scheduler that changes them (``OneCycleLR`` cycles ``betas``) does
-        not recompile. Kept while the values do not change (no new tensors per step).
+        """The group's ``lr`` (in ``wide``), ``betas`` and ``eps`` as 0-d tensors on the
+        parameters' device for the fused step: inputs of its graph, so a scheduler that
+        changes them (``OneCycleLR`` cycles ``betas``) does not recompile. Kept while the
+        values do not change: no new tensors, and no copy from the host, per step (a
+        CUDA graph can then capture the step).
 
-        In float64 where the device has it: ``1 - b2`` of a float32 ``b2`` is off by
-        1e-5 (relative) from the eager rule's ``1 - b2`` in Python floats."""
-        if device.type in ("cpu", "cuda"):
-            dtype = torch.float64
-        values = (*group["betas"], group["eps"])
-        key = (values, dtype, device)
+        ``betas`` and ``eps`` in float64 where the device has it: ``1 - b2`` of a float32
+        ``b2`` is off by 1e-5 (relative) from the eager rule's ``1 - b2`` in Python floats."""
+        adam_dtype = torch.float64 if device.type in ("cpu", "cuda") else wide
+        values = (group["lr"], *group["betas"], group["eps"])
+        key = (values, wide, device)
         if not all(isinstance(v, (int, float)) for v in values):
             key = None  # tensors: compared by value only at a cost
-        cached = self._adam_input_cache.get(id(group))
+        cached = self._step_input_cache.get(id(group))
         if key is not None and cached is not None and cached[0] == key:
             return cached[1]
-        tensors = tuple(torch.as_tensor(v, dtype=dtype, device=device) for v in values)
+        tensors = tuple(
+            torch.as_tensor(v, dtype=wide if i == 0 else adam_dtype, device=device)
+            for i, v in enumerate(values)
+        )
         if key is not None:
-            self._adam_input_cache[id(group)] = (key, tensors)
+            self._step_input_cache[id(group)] = (key, tensors)
         return tensors
 
     @torch.no_grad()

@@ -12,6 +12,8 @@ from metaopt.learned.features import (
     KINDS,
     N_STATIC_FEATURES,
     STATIC_FEATURES,
+    _sample_columns_cpu,
+    constant_on,
     layout_of,
     sample_columns,
     static_descriptor,
@@ -88,3 +90,16 @@ def test_static_descriptor_recognises_kinds_and_shapes():
     assert math.isclose(
         float(d[STATIC_FEATURES.index("log_fan_in")]), math.log1p(27) / 10, rel_tol=1e-6
     )
+
+
+def test_constant_on_copies_an_index_to_its_device_once():
+    """Outside torch.compile an index built on the CPU reaches a device once and is then
+    reused (an eager GPU step copies nothing from the host; a CUDA graph can capture it)."""
+    meta = torch.device("meta")
+    first = constant_on(meta, _sample_columns_cpu, 100, 8)
+    assert first.device == meta and first.shape == (8,)
+    assert constant_on(meta, _sample_columns_cpu, 100, 8) is first
+    assert constant_on(meta, _sample_columns_cpu, 100, 9) is not first
+    on_cpu = constant_on(torch.device("cpu"), _sample_columns_cpu, 100, 8)
+    assert torch.equal(on_cpu, torch.arange(8) * 100 // 8)
+    assert torch.equal(sample_columns(100, 8, torch.device("cpu")), on_cpu)

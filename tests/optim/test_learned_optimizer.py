@@ -573,3 +573,23 @@ def test_fused_path_follows_the_eager_optimizer_through_training_loop_events(kin
             assert sa.keys() == sb.keys()
             for k in sa:
                 torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=1e-9, msg=k)
+
+
+def test_fused_step_inputs_are_made_once_per_value():
+    """The compiled step's lr, betas and eps tensors are kept while their values stay
+    (no new tensors, no host-to-device copy per step) and remade when a scheduler
+    changes one; lr in the parameters' dtype, betas and eps in float64."""
+    p = nn.Parameter(torch.randn(4, 3))
+    opt = LearnedOptimizer([p], lr=1e-3)
+    group = opt.param_groups[0]
+    first = opt._step_inputs(group, torch.float32, p.device)
+    assert [t.dtype for t in first] == [torch.float32] + [torch.float64] * 3
+    assert [t.item() for t in first[1:]] == [0.9, 0.999, 1e-8]
+    again = opt._step_inputs(group, torch.float32, p.device)
+    assert all(a is b for a, b in zip(again, first, strict=True))
+    group["lr"] = 5e-4
+    lr, *adam = opt._step_inputs(group, torch.float32, p.device)
+    assert lr is not first[0] and lr.item() == pytest.approx(5e-4)
+    assert torch.equal(torch.stack(adam), torch.stack(first[1:]))
+    group["lr"] = torch.tensor(2e-4)  # a tensor lr is passed on, never cached
+    assert opt._step_inputs(group, torch.float32, p.device)[0] is group["lr"]
