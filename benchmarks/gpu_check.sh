@@ -4,13 +4,14 @@
 #
 #   bash benchmarks/gpu_check.sh correctness   # tests/gpu and 10 meta-steps, ~5 min
 #   bash benchmarks/gpu_check.sh speed         # step costs, profile, compiled steps, ~7 min
+#   bash benchmarks/gpu_check.sh graphs        # the learned step in a CUDA graph, ~8 min
 #
 # Each part fits one 10-minute device call (the first H200 session, 2026-12-04, learned
 # that everything at once does not: each compiled case compiles for 20-45 s there).
 # Runs from the source tree (PYTHONPATH) with the machine's own torch: nothing installed.
 set -u
-if [[ ${1:-} != correctness && ${1:-} != speed ]]; then
-    echo "usage: bash benchmarks/gpu_check.sh correctness|speed" >&2
+if [[ ${1:-} != correctness && ${1:-} != speed && ${1:-} != graphs ]]; then
+    echo "usage: bash benchmarks/gpu_check.sh correctness|speed|graphs" >&2
     exit 2
 fi
 out=${OUT:-gpu_out}
@@ -50,5 +51,17 @@ speed)
         --models mlp --sizes 1M 10M --steps 20 --repeats 7 --reference-repeats 0
     run compiled_step 100 "$py" benchmarks/compiled_step.py --device cuda --quick \
         --models mlp,cnn --no-meta
+    ;;
+graphs)  # the learned make_step test alone: it never finished within the shared limit
+    learned_make_step="compiled_step_on_cuda_matches_eager and learned"
+    run tests 150 "$py" -m pytest -q -m "" -p no:cacheprovider -rs tests/gpu \
+        -k "not ($learned_make_step)"
+    run tests 150 "$py" -m pytest -q -m "" -p no:cacheprovider -rs tests/gpu \
+        -k "$learned_make_step"
+    for kind in eager compiled; do  # one process each: a failed capture stays in its own
+        run cuda_graph_step 120 "$py" benchmarks/cuda_graph_step.py --learned $kind \
+            --sizes 1M 10M --steps 50 --repeats 7
+    done
+    run step_profile 40 "$py" benchmarks/step_profile.py --device cuda --steps 5
     ;;
 esac

@@ -83,10 +83,42 @@ def test_step_profile_counts_the_learned_steps_operators(capsys):
 
 
 def test_gpu_check_script_names_its_parts(tmp_path):
-    """benchmarks/gpu_check.sh runs one part per call (correctness or speed, each within
-    one 10-minute device call); anything else is refused before it touches a GPU."""
+    """benchmarks/gpu_check.sh runs one part per call (correctness, speed or graphs, each
+    within one 10-minute device call); anything else is refused before it touches a GPU."""
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
     done = subprocess.run(["bash", str(script), "everything"], capture_output=True, text=True,
                           cwd=tmp_path, env={**os.environ, "OUT": str(tmp_path / "out")})
-    assert done.returncode == 2 and "correctness|speed" in done.stderr
+    assert done.returncode == 2 and "correctness|speed|graphs" in done.stderr
     assert not (tmp_path / "out").exists()  # refused before writing anything
+
+
+def test_cuda_graph_benchmark_checks_and_times_each_optimizer(monkeypatch, capsys):
+    """benchmarks/cuda_graph_step.py, its harness on the CPU with the graph replaced by a
+    plain step: every optimizer is built both ways, compared after the same steps and
+    timed against fused Adam; one that fails to build is reported and left out."""
+    module = load_benchmark("cuda_graph_step")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+    class NotCaptured(module.Launched):  # a graph needs CUDA; the same steps without one
+        pass
+
+    monkeypatch.setattr(module, "Captured", NotCaptured)
+    module.bench("100k", steps=2, repeats=1, learned_kinds=["eager"], device="cpu")
+    out = capsys.readouterr().out
+    assert out.count("max |replayed - launched| after 5 more steps 0.00e+00") == 2
+    assert "learned eager, graph" in out and "x1.00 of fused Adam" in out
+
+    def fails(opt):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(NotCaptured, "__init__", lambda self, opt: fails(opt))
+    module.bench("100k", steps=2, repeats=1, learned_kinds=["eager"], device="cpu")
+    out = capsys.readouterr().out
+    assert "learned eager, NotCaptured: failed" in out and "not permitted" in out
+    assert "learned eager, launched" in out and "learned eager, graph" not in out
+
+
+def test_cuda_graph_benchmark_needs_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        load_benchmark("cuda_graph_step").main(["--sizes", "100k"])
