@@ -186,20 +186,41 @@ def observe_loss(state: Any, loss: torch.Tensor | float) -> Any:
     if loss_t.numel() != 1:
         raise ValueError(f"observe_loss expects a scalar loss, got shape {tuple(loss_t.shape)}")
     loss_t = loss_t.reshape(())
+    leaves: list[LearnedState] = []
 
-    def update(key: str, leaf: LearnedState) -> LearnedState:
-        fast, slow, start, count = leaf.loss_stats.unbind(0)
-        value = loss_t.to(leaf.loss_stats)
-        w_fast = torch.clamp(1.0 / (count + 1.0), min=0.1)
-        w_slow = torch.clamp(1.0 / (count + 1.0), min=0.01)
-        stats = torch.stack(
-            [
-                fast + w_fast * (value - fast),
-                slow + w_slow * (value - slow),
-                torch.where(count == 0, value, start),
-                count + 1.0,
-            ]
-        )
-        return leaf._replace(loss_stats=torch.where(torch.isfinite(value), stats, leaf.loss_stats))
+    def collect(key: str, leaf: LearnedState) -> LearnedState:
+        leaves.append(leaf)
+        return leaf
 
-    return map_learned(state, update)
+    map_learned(state, collect)  # also checks that `state` holds learned leaves
+    # one update over all leaves' statistics per device and dtype (the same formulas per
+    # element), not a dozen small operations per parameter tensor
+    by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        by_kind.setdefault((leaf.loss_stats.device, leaf.loss_stats.dtype), []).append(i)
+    new_stats: list[torch.Tensor] = [torch.empty(0)] * len(leaves)
+    for indices in by_kind.values():
+        rows = _observed(torch.stack([leaves[i].loss_stats for i in indices]), loss_t)
+        for i, row in zip(indices, rows.unbind(0), strict=True):
+            new_stats[i] = row
+    rows_in_order = iter(new_stats)
+    return map_learned(state, lambda key, leaf: leaf._replace(loss_stats=next(rows_in_order)))
+
+
+def _observed(stats: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """``[n, 4]`` loss statistics (fast, slow, start, count per row) after observing the
+    0-d ``loss``; unchanged where the loss is not finite."""
+    fast, slow, start, count = stats.unbind(1)
+    value = loss.to(stats)
+    w_fast = torch.clamp(1.0 / (count + 1.0), min=0.1)
+    w_slow = torch.clamp(1.0 / (count + 1.0), min=0.01)
+    new = torch.stack(
+        [
+            fast + w_fast * (value - fast),
+            slow + w_slow * (value - slow),
+            torch.where(count == 0, value, start),
+            count + 1.0,
+        ],
+        dim=1,
+    )
+    return torch.where(torch.isfinite(value), new, stats)

@@ -159,6 +159,25 @@ def test_observe_loss_tracks_averages_and_task_start():
     assert abs(fast - 7.0 / 3.0) < 1e-6 and abs(slow - 7.0 / 3.0) < 1e-6
 
 
+def test_observe_loss_updates_each_leaf_by_its_own_count_and_device():
+    """All leaves are updated in one batched computation per device; each still follows
+    its own count (a parameter added later has seen fewer losses), and leaves on other
+    devices (here ``meta``) and outside the learned rule's state are handled too."""
+    params = mlp_params(torch.float32)
+    state = learned_rule(LearnedRuleNet()).init(params)
+    for value in (4.0, 2.0):
+        state = observe_loss(state, value)
+    late = learned_rule(LearnedRuleNet()).init({"late": torch.zeros(3)})["late"]
+    on_meta = learned_rule(LearnedRuleNet()).init({"m": torch.zeros(3, device="meta")})["m"]
+    mixed = {**state, "late": late, "m": on_meta, "other": {"not_learned": torch.ones(1)}}
+    after = observe_loss(mixed, torch.tensor(1.0))
+    old_key = next(iter(state))
+    assert after[old_key].loss_stats.tolist() == pytest.approx([7 / 3, 7 / 3, 4.0, 3.0])
+    assert after["late"].loss_stats.tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert after["m"].loss_stats.device.type == "meta" and after["m"].loss_stats.shape == (4,)
+    assert torch.equal(after["other"]["not_learned"], torch.ones(1))
+
+
 def test_topk_fraction_moves_only_selected_tokens():
     params = mlp_params(torch.float32)
     rule = learned_rule(perturbed_net(), lr=1e-2, topk_fraction=0.5)
