@@ -68,7 +68,10 @@ def map_learned(state: Any, fn: Callable[[str, LearnedState], LearnedState]) -> 
         return leaf
 
     out = {
-        key: pytree.tree_map(lambda x, k=key: visit(k, x), leaf_state, is_leaf=_is_learned)
+        # the learned rule's own state holds a LearnedState per key: no tree to walk
+        key: visit(key, leaf_state)
+        if type(leaf_state) is LearnedState
+        else pytree.tree_map(lambda x, k=key: visit(k, x), leaf_state, is_leaf=_is_learned)
         for key, leaf_state in state.items()
     }
     if state and not found:
