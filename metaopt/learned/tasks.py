@@ -201,7 +201,7 @@ def observe_loss(state: Any, loss: torch.Tensor | float) -> Any:
     by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, leaf in enumerate(leaves):
         by_kind.setdefault((leaf.loss_stats.device, leaf.loss_stats.dtype), []).append(i)
-    new_stats: list[torch.Tensor] = [torch.empty(0)] * len(leaves)
+    new_stats: list[torch.Tensor | None] = [None] * len(leaves)
     for indices in by_kind.values():
         rows = _observed(torch.stack([leaves[i].loss_stats for i in indices]), loss_t)
         for i, row in zip(indices, rows.unbind(0), strict=True):
