@@ -138,20 +138,19 @@ def bench(
     captured is reported with its error and left out."""
     runners: dict[str, Launched | Captured] = {}
     for name, make in factories(learned_kinds, device).items():
-        built: dict[type, Launched | Captured] = {}
-        for wrap in (Launched, Captured):
-            start = time.perf_counter()
+        built: dict[str, Launched | Captured] = {}
+        for wrap, how in ((Launched, "launched"), (Captured, "graph")):
+            label, start = f"{name}, {how}", time.perf_counter()
             try:
-                built[wrap] = wrap(make(_params(size, device)))
+                built[how] = wrap(make(_params(size, device)))
             except Exception:  # a step that cannot be captured: say why, go on
-                print(f"  {name}, {wrap.__name__}: failed\n{traceback.format_exc(limit=-4)}")
-            print(f"  {name}, {wrap.__name__}: ready in {time.perf_counter() - start:.1f} s",
-                  flush=True)
+                print(f"  {label}: failed\n{traceback.format_exc(limit=-4)}")
+            else:
+                print(f"  {label}: ready in {time.perf_counter() - start:.1f} s", flush=True)
         if len(built) == 2:
-            diff = max_difference(built[Launched], built[Captured], 5)
+            diff = max_difference(built["launched"], built["graph"], 5)
             print(f"  {name}: max |replayed - launched| after 5 more steps {diff:.2e}")
-        for wrap, runner in built.items():
-            runners[f"{name}, {'graph' if wrap is Captured else 'launched'}"] = runner
+        runners.update({f"{name}, {how}": runner for how, runner in built.items()})
     times = time_runners(runners, steps, repeats)
     base = times.get("Adam fused, launched")
     for label, seconds in times.items():
