@@ -68,9 +68,9 @@ def test_lightning(tmp_path):
     acc_first = [float(v) for v in first[0].split(",")]
     acc_second = [float(v) for v in second[0].split(",")]
     # each task learned in its fit (5 classes: chance 0.2; the second task, 2 smoke epochs
-    # of 8x8 digits, measured 0.769 / 0.715 / 0.692 with the fourth shipped rule, the
-    # fifth's intermediate and the fifth, which protect the first task more and more)
-    assert acc_first[0] > 0.8 and acc_second[1] > 0.6
+    # of 8x8 digits, measured 0.769 / 0.692 / 0.742 with the fourth, fifth and sixth
+    # shipped rules; the fifth protected the first task most)
+    assert acc_first[0] > 0.8 and acc_second[1] > 0.7
     assert (first[1], second[1]) == ("0", "1")          # the callback marked the boundary
     resumed = re.search(r"task index (\d), optimizer state for (\d+) parameters", out)
     assert resumed.groups() == ("1", "4")               # restored from the Lightning checkpoint
