@@ -397,9 +397,9 @@ class LearnedOptimizer(FunctionalOptimizer):
         cached = self._step_input_cache.get(id(group))
         if key is not None and cached is not None and cached[0] == key:
             return cached[1]
+        dtypes = (wide, adam_dtype, adam_dtype, adam_dtype)
         tensors = tuple(
-            torch.as_tensor(v, dtype=wide if i == 0 else adam_dtype, device=device)
-            for i, v in enumerate(values)
+            torch.as_tensor(v, dtype=d, device=device) for v, d in zip(values, dtypes, strict=True)
         )
         if key is not None:
             self._step_input_cache[id(group)] = (key, tensors)
