@@ -64,9 +64,24 @@ def init_distributed(backend: str | None = None) -> DistributedContext:
         return DistributedContext()
     if not dist.is_initialized():
         backend = backend or default_backend()
+        _import_modules_that_would_pin_the_group()
         dist.init_process_group(backend)
         logger.info("joined %s process group: rank %d of %d", backend, dist.get_rank(), world)
     return DistributedContext(dist.get_rank(), dist.get_world_size())
+
+
+def _import_modules_that_would_pin_the_group() -> None:
+    """Import ``torch._dynamo`` (and with it ``torch.distributed.fsdp``) before the group
+    exists.
+
+    Some of torch's modules take ``dist.group.WORLD`` as a default argument, evaluated
+    when they are imported; imported after ``init_process_group`` (``torch.optim``
+    imports ``torch._dynamo`` on first use, which imports ``torch.distributed.fsdp``),
+    they hold the group for good. ``destroy_process_group`` then cannot free it, and gloo's
+    worker threads are torn down during interpreter shutdown, which now and then aborts
+    a rank that has finished ("terminate called without an active exception").
+    """
+    import torch._dynamo  # noqa: F401
 
 
 def default_backend() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, result: str) -> None
                       MASTER_PORT=str(port))
     ctx = init_distributed()
     assert (ctx.rank, ctx.world_size) == (rank, world)
+    group = weakref.ref(dist.distributed_c10d._get_default_group())
     try:
         trainer = MetaTrainer(tiny_config(), out_dir, ctx=ctx, progress=False)
         loss, grads = _meta_gradient(trainer)
@@ -43,6 +45,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, result: str) -> None
         dist.barrier()  # no rank tears gloo down while its peer still talks to it
     finally:
         dist.destroy_process_group()
+    # freed now, with its gloo threads, not during interpreter shutdown (where a thread
+    # still running can abort the process): nothing imported after init holds the group
+    assert group() is None, "the process group outlived destroy_process_group"
 
 
 def _free_port() -> int:
