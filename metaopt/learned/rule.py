@@ -50,7 +50,7 @@ from metaopt.rules.base import (
     UpdateRule,
     _check_state_keys,
     _scalar,
-    scalar_power,
+    bias_corrections,
 )
 from metaopt.tree import named_leaves, rebuild
 
@@ -581,8 +581,7 @@ def coefficient_table(
         counters ``[n tensors]`` and the current in-task steps ``[n tensors]``.
     """
     steps = fields.step + 1.0
-    bc1 = 1.0 - scalar_power(b1, steps.to(wide))  # [n tensors]
-    bc2 = 1.0 - scalar_power(b2, steps.to(wide))
+    bc1, bc2 = bias_corrections(b1, b2, steps.to(wide))  # [n tensors] each
     owner = constant_on(steps.device, _token_owner_cpu, tuple(counts))
 
     def per_token(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

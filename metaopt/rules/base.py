@@ -36,6 +36,23 @@ def scalar_power(base: Scalar, exponent: torch.Tensor) -> torch.Tensor:
     return base**exponent
 
 
+def bias_corrections(
+    b1: Scalar, b2: Scalar, steps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam's bias corrections ``(1 - b1 ** steps, 1 - b2 ** steps)`` in ``steps``' dtype
+    and shape (a 0-d count, or one count per tensor).
+
+    Computed as one stacked tensor on purpose: under ``torch.compile``, Inductor inlines a
+    small pointwise value into every loop that reads it, so the two powers were recomputed
+    (``std::pow`` calls, which the C++ compiler may not hoist) for every vector of 16
+    elements of the update that divides by them; a stack is a buffer of its own, computed
+    once before the loop. Measured on a 200,704-element Adam update on one CPU thread:
+    0.28 -> 0.15 ms.
+    """
+    powers = torch.stack([scalar_power(b1, steps), scalar_power(b2, steps)])
+    return (1 - powers).unbind()
+
+
 Schedule = Callable[[torch.Tensor], Scalar]
 """A function of the step count (0-d tensor, starting at 0) returning a scalar."""
 
@@ -45,6 +62,7 @@ __all__ = [
     "State",
     "UpdateRule",
     "apply_updates",
+    "bias_corrections",
     "chain",
     "identity",
     "per_leaf",

@@ -18,8 +18,8 @@ from metaopt.rules.base import (
     UpdateRule,
     _check_state_keys,
     _scalar,
+    bias_corrections,
     per_leaf,
-    scalar_power,
 )
 from metaopt.tree import named_leaves, rebuild
 
@@ -223,8 +223,9 @@ def scale_by_adam(
         if amsgrad:
             max_sq = torch.maximum(max_sq, v)
             second = max_sq
-        m_hat = m / (1 - scalar_power(b1, t)).to(g.dtype)
-        v_hat = second / (1 - scalar_power(b2, t)).to(g.dtype)
+        bc1, bc2 = bias_corrections(b1, b2, t)
+        m_hat = m / bc1.to(g.dtype)
+        v_hat = second / bc2.to(g.dtype)
         direction = m_hat / (torch.sqrt(v_hat + eps_root) + eps)
         return direction, AdamState(step, m, v, max_sq)
 

@@ -260,3 +260,17 @@ def test_adam_with_float64_tensor_hyper_parameters_equals_adam_with_numbers(dtyp
         u_ten, s_ten = as_tensors.update(grads, s_ten, params)
         assert u_ten["w"].dtype == dtype
         torch.testing.assert_close(u_ten["w"], u_num["w"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "steps", [torch.tensor(3.0), torch.tensor([1.0, 2.0, 40.0])], ids=["0-d", "per-tensor"]
+)
+def test_bias_corrections_equal_the_direct_formula_in_the_steps_dtype(steps):
+    b2 = torch.tensor(0.999, dtype=torch.float64, requires_grad=True)
+    bc1, bc2 = rules.base.bias_corrections(0.9, b2, steps)
+    assert bc1.shape == bc2.shape == steps.shape
+    assert bc1.dtype == bc2.dtype == steps.dtype
+    torch.testing.assert_close(bc1, 1 - 0.9**steps, rtol=0, atol=0)
+    torch.testing.assert_close(bc2, 1 - b2.to(steps.dtype) ** steps, rtol=0, atol=0)
+    (g,) = torch.autograd.grad(bc2.sum(), b2)  # a tensor beta stays differentiable
+    assert float(g) < 0.0
