@@ -180,6 +180,8 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         and the caches keyed by tensors and groups."""
         self._update = compile_own(_update_group) if self._compile else _update_group
         self._specs: dict[torch.Tensor, Any] = {}
+        # per parameter: the structure of the state last stored and its keys
+        self._keys: dict[torch.Tensor, tuple[Any, tuple[str, ...]]] = {}
         self._rule_cache: dict[int, tuple[Any, UpdateRule]] = {}
         # per group: the rule_for() rule it was built from (and dtype, device), the rule
         # with tensor hyper-parameters (compile=True)
@@ -290,9 +292,19 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         return pytree.tree_unflatten(list(flat.values()), spec)
 
     def _store(self, p: torch.Tensor, leaf_state: Any) -> None:
-        flat, spec = _flatten_leaf_state(leaf_state)
+        leaves, spec = pytree.tree_flatten(leaf_state)
+        stored = self._keys.get(p)
+        if stored is not None and spec == stored[0]:
+            # the structure stored last time: its keys again (building the key paths at
+            # every step took half the Python time of a compiled MLP step())
+            if all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+                self.state[p] = dict(zip(stored[1], leaves, strict=True))
+                self._specs[p] = spec
+                return
+        flat, spec = _flatten_leaf_state(leaf_state)  # a non-tensor leaf raises here
         self.state[p] = flat
         self._specs[p] = spec
+        self._keys[p] = (spec, tuple(flat))
 
     # ------------------------------------------------------------------ step
     def _gather(self) -> list[tuple[dict[str, Any], list[str], list[torch.Tensor]]]:
@@ -478,6 +490,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
             self._optimizer_load_state_dict_pre_hooks = pre
             self._optimizer_load_state_dict_post_hooks = post
         self._specs.clear()
+        self._keys.clear()
         self._rule_cache.clear()
         self._tensor_rules.clear()  # torch.optim's loader made new group dicts
         self._after_load(dtypes)
