@@ -239,6 +239,44 @@ def test_add_param_group_and_emptied_state_reinitialise_lazily():
     assert float(opt.state[body[0]]["[0].step"]) == 1.0
 
 
+def test_state_is_stored_under_its_key_paths_at_every_step_and_when_its_layout_changes():
+    model, x, y = build("mlp", 4, seed=0)
+    w = next(model.parameters())
+    base = metaopt.rules.adam(lr=0.01)
+    extra = {"on": False}
+
+    def update(grads, state, params=None):  # from the third step, one more state tensor
+        updates, new = base.update(grads, {k: s[0] for k, s in state.items()}, params)
+        return updates, {k: (s, torch.ones(())) if extra["on"] else (s,) for k, s in new.items()}
+
+    rule = metaopt.UpdateRule(lambda p: {k: (s,) for k, s in base.init(p).items()}, update)
+    opt = metaopt.FunctionalOptimizer(model.parameters(), rule)
+    adam_keys = ["[0][0].step", "[0][0].exp_avg", "[0][0].exp_avg_sq", "[0][0].max_exp_avg_sq"]
+    for step in range(1, 5):
+        extra["on"] = step >= 3
+        _train(model, opt, x, y, 1)
+        assert list(opt.state[w]) == adam_keys + (["[1]"] if step >= 3 else [])
+        assert float(opt.state[w]["[0][0].step"]) == step
+
+
+def test_a_rule_state_leaf_that_is_no_tensor_is_rejected_at_any_step():
+    model, x, y = build("mlp", 4, seed=0)
+    base = metaopt.rules.sgd(lr=0.1, momentum=0.9)
+    calls = []
+
+    def update(grads, state, params=None):
+        calls.append(1)
+        updates, new = base.update(grads, state, params)
+        if len(calls) == 2:  # a number where a tensor was
+            new = {k: (s[0], 1.0) if isinstance(s, tuple) else s for k, s in new.items()}
+        return updates, new
+
+    opt = metaopt.FunctionalOptimizer(model.parameters(), metaopt.UpdateRule(base.init, update))
+    _train(model, opt, x, y, 1)
+    with pytest.raises(TypeError, match="rule state leaves must be tensors, got float"):
+        _train(model, opt, x, y, 1)
+
+
 def test_named_parameters_give_named_keys():
     model, x, y = build("mlp", 4, seed=0)
     seen = []
