@@ -179,9 +179,9 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         """(Re)build what is not copied with the optimizer: the (compiled) update function
         and the caches keyed by tensors and groups."""
         self._update = compile_own(_update_group) if self._compile else _update_group
-        self._specs: dict[torch.Tensor, Any] = {}
-        # per parameter: the structure of the state last stored and its keys
-        self._keys: dict[torch.Tensor, tuple[Any, tuple[str, ...]]] = {}
+        # per parameter: the pytree structure of its rule state and the self.state[p] keys
+        # of its leaves (their key paths, built once per structure)
+        self._layouts: dict[torch.Tensor, tuple[Any, tuple[str, ...]]] = {}
         self._rule_cache: dict[int, tuple[Any, UpdateRule]] = {}
         # per group: the rule_for() rule it was built from (and dtype, device), the rule
         # with tensor hyper-parameters (compile=True)
@@ -278,33 +278,35 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         flat = self.state[p]
         if not flat:  # never initialised, or emptied by a framework: start afresh
             leaf_state = rule.init({key: p})[key]
-            self._specs[p] = _flatten_leaf_state(leaf_state)[1]
+            initial, spec = _flatten_leaf_state(leaf_state)
+            self._layouts[p] = (spec, tuple(initial))
             return leaf_state
-        spec = self._specs.get(p)
-        if spec is None:
+        layout = self._layouts.get(p)
+        if layout is None:
             expected, spec = _flatten_leaf_state(rule.init({key: p})[key])
             if list(expected) != list(flat):
                 raise RuntimeError(
                     f"optimizer.state for parameter {key!r} holds {sorted(flat)}, "
                     f"the rule expects {sorted(expected)}"
                 )
-            self._specs[p] = spec
-        return pytree.tree_unflatten(list(flat.values()), spec)
+            layout = self._layouts[p] = (spec, tuple(expected))
+        return pytree.tree_unflatten(list(flat.values()), layout[0])
 
     def _store(self, p: torch.Tensor, leaf_state: Any) -> None:
         leaves, spec = pytree.tree_flatten(leaf_state)
-        stored = self._keys.get(p)
-        if stored is not None and spec == stored[0]:
-            # the structure stored last time: its keys again (building the key paths at
-            # every step took half the Python time of a compiled MLP step())
-            if all(isinstance(leaf, torch.Tensor) for leaf in leaves):
-                self.state[p] = dict(zip(stored[1], leaves, strict=True))
-                self._specs[p] = spec
-                return
+        layout = self._layouts.get(p)
+        if (
+            layout is not None
+            and spec == layout[0]
+            and all(isinstance(leaf, torch.Tensor) for leaf in leaves)
+        ):
+            # the layout known for p: its keys again (building the key paths at every
+            # step took half the Python time of a compiled MLP step())
+            self.state[p] = dict(zip(layout[1], leaves, strict=True))
+            return
         flat, spec = _flatten_leaf_state(leaf_state)  # a non-tensor leaf raises here
         self.state[p] = flat
-        self._specs[p] = spec
-        self._keys[p] = (spec, tuple(flat))
+        self._layouts[p] = (spec, tuple(flat))
 
     # ------------------------------------------------------------------ step
     def _gather(self) -> list[tuple[dict[str, Any], list[str], list[torch.Tensor]]]:
@@ -489,8 +491,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         finally:
             self._optimizer_load_state_dict_pre_hooks = pre
             self._optimizer_load_state_dict_post_hooks = post
-        self._specs.clear()
-        self._keys.clear()
+        self._layouts.clear()
         self._rule_cache.clear()
         self._tensor_rules.clear()  # torch.optim's loader made new group dicts
         self._after_load(dtypes)
