@@ -9,6 +9,7 @@ from torch._dynamo.utils import counters
 
 from metaopt.compile import make_meta_step, make_step, module_state
 from tests.compile.compile_models import batches, build, graph_breaks, unrolled_meta_grad
+from tests.compile.test_step import check_compiled_matches_eager
 
 learned = pytest.importorskip("metaopt.learned")
 
@@ -57,6 +58,14 @@ def test_compiled_learned_rule_matches_eager_and_lr_does_not_recompile():
     assert counters["stats"]["unique_graphs"] == graphs
     for name in new_c:
         torch.testing.assert_close(new_c[name], new_e[name], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["cnn", "transformer"])
+def test_compiled_learned_rule_matches_eager_on_cnn_with_batchnorm_and_transformer(kind):
+    """compiled == eager within 1e-5 over 5 steps, one graph without breaks."""
+    net = perturbed_net().requires_grad_(False)  # training, not meta-training: no graph kept
+    check_compiled_matches_eager(kind, learned.learned_rule(net, lr=torch.tensor(1e-2)))
 
 
 def test_meta_step_learned_rule_equals_backprop_through_unroll():

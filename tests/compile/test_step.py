@@ -195,6 +195,7 @@ def test_compiled_adam_matches_eager(kind):
 
 
 @pytest.mark.slow
-def test_compiled_sgd_momentum_mlp_matches_eager():
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "transformer"])
+def test_compiled_sgd_momentum_matches_eager(kind):
     rule, _ = tensor_hyper(metaopt.rules.sgd, lr=0.1, momentum=0.9, weight_decay=1e-3)
-    check_compiled_matches_eager("mlp", rule)
+    check_compiled_matches_eager(kind, rule)
