@@ -23,6 +23,10 @@ __all__ = ["FunctionalOptimizer"]
 
 RuleFactory = Callable[..., UpdateRule]
 
+_SavedState = dict[torch.Tensor, dict[str, tuple[torch.dtype, torch.Tensor]]]
+"""What :meth:`FunctionalOptimizer.load_state_dict` restores: per parameter, each state
+key's dtype (as the rule gives it) and the tensor the state dict holds."""
+
 
 def _flatten_leaf_state(leaf_state: Any) -> tuple[dict[str, torch.Tensor], Any]:
     """A leaf state pytree as ``({path: tensor}, spec)`` for ``optimizer.state[p]``."""
@@ -284,13 +288,20 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         layout = self._layouts.get(p)
         if layout is None:
             expected, spec = _flatten_leaf_state(rule.init({key: p})[key])
-            if list(expected) != list(flat):
+            if set(expected) != set(flat):
                 raise RuntimeError(
                     f"optimizer.state for parameter {key!r} holds {sorted(flat)}, "
                     f"the rule expects {sorted(expected)}"
                 )
             layout = self._layouts[p] = (spec, tuple(expected))
-        return pytree.tree_unflatten(list(flat.values()), layout[0])
+        keys = layout[1]
+        # by key, not by position: a framework (or a state_dict) may hold them in any order
+        if len(flat) != len(keys) or not all(map(flat.__contains__, keys)):
+            raise RuntimeError(
+                f"optimizer.state for parameter {key!r} holds {sorted(flat)}, the rule "
+                f"expects {sorted(keys)}"
+            )
+        return pytree.tree_unflatten([flat[k] for k in keys], layout[0])
 
     def _store(self, p: torch.Tensor, leaf_state: Any) -> None:
         leaves, spec = pytree.tree_flatten(leaf_state)
@@ -470,15 +481,19 @@ class FunctionalOptimizer(torch.optim.Optimizer):
 
         As in ``torch.optim``, the load-state-dict pre-hooks run first (the dict they
         return is the one checked and loaded) and the post-hooks last, once the state is
-        fully restored. Each state tensor gets the dtype the rule gives it (``torch.optim``
-        casts every floating state but ``"step"`` to the parameter's dtype; metaopt's
-        counters, such as Adam's ``"[0].step"``, stay float32)."""
+        fully restored. Each state tensor is the given one, on the parameter's device, in
+        the dtype the rule gives it, whatever the state holds it under: ``torch.optim``
+        casts every floating state but ``"step"`` to the parameter's dtype, which would
+        round metaopt's float32 counters (Adam's ``"[0].step"``) and loss statistics of
+        float16 or bfloat16 parameters, or make them infinite. Like ``torch.optim``, the
+        loaded state may share memory with the given tensors where nothing had to be
+        moved or cast."""
         state_dict = state_dict.copy()  # shallow, as torch.optim (the hooks may edit it)
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        dtypes = self._validate_state_dict(state_dict)
+        saved = self._validate_state_dict(state_dict)
         pre, post = (
             self._optimizer_load_state_dict_pre_hooks,
             self._optimizer_load_state_dict_post_hooks,
@@ -494,31 +509,25 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         self._layouts.clear()
         self._rule_cache.clear()
         self._tensor_rules.clear()  # torch.optim's loader made new group dicts
-        self._after_load(dtypes)
+        self._after_load(saved)
         for post_hook in post.values():
             post_hook(self)
 
-    def _after_load(self, dtypes: dict[torch.Tensor, dict[str, torch.dtype]]) -> None:
-        """Restore what ``torch.optim``'s loader changed: each state tensor's dtype (as
-        :meth:`_validate_state_dict` found the rule gives it)."""
-        for p, expected in dtypes.items():
-            flat = self.state.get(p)
-            if flat:
-                self.state[p] = {
-                    k: v.to(expected[k])
-                    if isinstance(v, torch.Tensor) and k in expected and v.dtype != expected[k]
-                    else v
-                    for k, v in flat.items()
-                }
+    def _after_load(self, saved: _SavedState) -> None:
+        """Replace the state ``torch.optim``'s loader cast by the given tensors, each on
+        its parameter's device and in the dtype the rule gives it (as
+        :meth:`_validate_state_dict` found them), in the rule's key order."""
+        for p, entries in saved.items():
+            self.state[p] = {
+                k: value.to(device=p.device, dtype=dtype) for k, (dtype, value) in entries.items()
+            }
 
-    def _validate_state_dict(
-        self, state_dict: dict[str, Any]
-    ) -> dict[torch.Tensor, dict[str, torch.dtype]]:
+    def _validate_state_dict(self, state_dict: dict[str, Any]) -> _SavedState:
         """Check that ``state_dict`` fits (``ValueError`` otherwise).
 
         Returns:
-            For each parameter with saved state: the dtype of each of its state tensors
-            as the rule initialises them.
+            For each parameter with saved state: each of its state tensors as given, with
+            the dtype the rule initialises it with, in the rule's key order.
         """
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("not an optimizer state_dict: needs 'state' and 'param_groups'")
@@ -528,7 +537,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
                 f"state_dict has {len(saved_groups)} parameter groups, the optimizer has "
                 f"{len(self.param_groups)}"
             )
-        dtypes: dict[torch.Tensor, dict[str, torch.dtype]] = {}
+        saved_state: _SavedState = {}
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
@@ -551,5 +560,5 @@ class FunctionalOptimizer(torch.optim.Optimizer):
                         f"{tuple(p.shape)}): the rule expects state {_describe(expected)}, "
                         f"the state_dict holds {_describe(got)}"
                     )
-                dtypes[p] = {k: v.dtype for k, v in expected.items()}
-        return dtypes
+                saved_state[p] = {k: (v.dtype, got[k]) for k, v in expected.items()}
+        return saved_state

@@ -20,7 +20,7 @@ from metaopt.learned.tasks import (
     new_task,
     observe_loss,
 )
-from metaopt.optim.functional import FunctionalOptimizer
+from metaopt.optim.functional import FunctionalOptimizer, _SavedState
 from metaopt.rules.base import UpdateRule
 
 __all__ = ["LearnedOptimizer"]
@@ -449,8 +449,8 @@ class LearnedOptimizer(FunctionalOptimizer):
         run."""
         super().load_state_dict(state_dict)
 
-    def _after_load(self, dtypes: dict[torch.Tensor, dict[str, torch.dtype]]) -> None:
-        super()._after_load(dtypes)
+    def _after_load(self, saved: _SavedState) -> None:
+        super()._after_load(saved)
         task_index = 0.0
         for group in self.param_groups:
             rule = self.rule_for(group)

@@ -788,6 +788,71 @@ def test_functional_reload_keeps_float32_counters_and_casts_moments_like_torch(d
     assert float(opt.state[p]["[0].step"]) == 4.0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", sorted(ADAM_LIKE))
+def test_reload_in_low_precision_keeps_float32_state_exact(kind, dtype):
+    """torch.optim's loader casts every floating state but "step" to the parameter's
+    dtype: a float32 counter of 1001 read 1000 in bfloat16, a loss statistic of 1e5
+    became inf in float16 (and the next step NaN). The reloaded state is the saved one,
+    and the optimizer continues as if never saved."""
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.randn(4, dtype=dtype))
+    b = nn.Parameter(a.detach().clone())
+    opt_a, opt_b = ADAM_LIKE[kind]([a]), ADAM_LIKE[kind]([b])
+    loss = torch.tensor(1e5)  # feeds the learned rule's loss statistics (float32)
+    for p, o in ((a, opt_a), (b, opt_b)):
+        p.grad = torch.ones_like(p)
+        o.step(lambda: loss)
+    for o in (opt_a, opt_b):  # counters past what bfloat16 holds exactly
+        for k, v in o.state[o.param_groups[0]["params"][0]].items():
+            if k.endswith("step"):
+                v.fill_(1001.0)
+    saved = _saved(opt_b.state_dict())
+    opt_b.load_state_dict(saved)
+    for k, v in opt_a.state[a].items():
+        assert opt_b.state[b][k].dtype == v.dtype, k
+        assert torch.equal(opt_b.state[b][k], v), k
+    for i in range(3):
+        for p, o in ((a, opt_a), (b, opt_b)):
+            p.grad = torch.full_like(p, 0.5 - i)
+            o.step(lambda: loss)
+    assert torch.isfinite(a).all()
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", sorted(ADAM_LIKE))
+def test_state_is_read_by_key_not_by_position(kind):
+    """A state dict, or a framework, may hold a parameter's state keys in another order
+    (torch.optim reads state by key): the next steps are those of the ordered state."""
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.randn(3, dtype=F64))
+    b = nn.Parameter(a.detach().clone())
+    c = nn.Parameter(a.detach().clone())
+    opts = [ADAM_LIKE[kind]([p]) for p in (a, b, c)]
+    for p, o in zip((a, b, c), opts, strict=True):
+        p.grad = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+        o.step()
+    sd = opts[1].state_dict()
+    sd["state"][0] = dict(reversed(list(sd["state"][0].items())))
+    opts[1].load_state_dict(sd)
+    opts[2].state[c] = dict(reversed(list(opts[2].state[c].items())))  # in place
+    for i in range(3):
+        for p, o in zip((a, b, c), opts, strict=True):
+            p.grad = torch.tensor([0.3, 1.0, -1.0], dtype=F64) * (i + 1)
+            o.step()
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_state_with_missing_or_extra_keys_raises_clearly():
+    p = nn.Parameter(torch.ones(3))
+    opt = _functional([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.state[p] = {**opt.state[p], "extra": torch.zeros(())}
+    with pytest.raises(RuntimeError, match="the rule expects"):
+        opt.step()
+
+
 # weight decay and momentum changed between steps
 @pytest.mark.parametrize(
     ("factory", "reference", "hyper"),
