@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 from metaopt._own_cache import compile_own
 from metaopt.rules.base import UpdateRule
 
-__all__ = ["FunctionalOptimizer"]
+__all__ = ["TORCH_OPTIM_FLAGS", "FunctionalOptimizer"]
 
 RuleFactory = Callable[..., UpdateRule]
 
@@ -96,6 +96,19 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
     the half-precision ones (whose own range would overflow at a norm of 65,504 for
     float16), their own otherwise (``None``)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+
+
+TORCH_OPTIM_FLAGS = (
+    "maximize",
+    "amsgrad",
+    "nesterov",
+    "decoupled_weight_decay",
+    "differentiable",
+    "weight_decay",
+)
+"""Parameter-group keys with which ``torch.optim`` optimizers change what they compute.
+A group that sets one of them (to a truthy value) while the rule does not take it is
+rejected (see :meth:`FunctionalOptimizer.add_param_group`)."""
 
 
 class FunctionalOptimizer(torch.optim.Optimizer):
@@ -228,13 +241,39 @@ class FunctionalOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (as ``torch.optim``); its hyper-parameters are validated by building
-        its rule, and an invalid group is not added."""
+        its rule, and an invalid group is not added.
+
+        Raises:
+            ValueError: the group turns on a behaviour of ``torch.optim`` (see
+                :data:`TORCH_OPTIM_FLAGS`) that the rule does not take, e.g.
+                ``{"maximize": True}`` or ``{"weight_decay": 0.01}`` for a rule without
+                weight decay: silently minimising, or not decaying, would train something
+                else than asked. Keys the rule does not know are otherwise kept and
+                ignored, as ``torch.optim`` does (frameworks store their own there).
+        """
         super().add_param_group(param_group)
         try:
+            self._check_flags(self.param_groups[-1])
             self.rule_for(self.param_groups[-1])
         except Exception:
             self.param_groups.pop()
             raise
+
+    def _check_flags(self, group: dict[str, Any]) -> None:
+        """``ValueError`` for a :data:`TORCH_OPTIM_FLAGS` entry of ``group`` that is set
+        (truthy) and that the rule does not take."""
+        for flag in TORCH_OPTIM_FLAGS:
+            if group.get(flag) and flag not in self._hyper_names:
+                rule = (
+                    getattr(self._factory, "__name__", "the rule factory")
+                    if self._factory is not None
+                    else "a ready UpdateRule"
+                )
+                raise ValueError(
+                    f"a parameter group sets {flag}={group[flag]!r}, which {rule} does not "
+                    f"take (its hyper-parameters: {sorted(self._hyper_names)}); remove the "
+                    "key or choose a rule that has it"
+                )
 
     # ------------------------------------------------------------------ rules and keys
     def rule_for(self, group: dict[str, Any]) -> UpdateRule:
@@ -545,6 +584,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
                     f"the optimizer has {len(group['params'])}"
                 )
             merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            self._check_flags(merged)
             rule = self.rule_for(merged)
             self._rule_cache.clear()
             keys = self.param_keys(group)

@@ -79,6 +79,9 @@ class LearnedOptimizer(FunctionalOptimizer):
             rate, ``betas`` and ``eps`` are graph inputs, so schedulers (``OneCycleLR``
             cycles ``betas``) do not recompile. Parameters on the ``meta`` device are
             updated eagerly.
+        weight_decay: accepted as 0 only (``torch.optim.Adam``'s argument, so that code
+            passing ``weight_decay=0`` runs unchanged); anything else raises
+            ``ValueError``, in a parameter group too: the rule learned its own decay.
 
     Parameters on the ``meta`` device are stepped as by ``torch.optim.Adam`` (shapes and
     dtypes only; the net then runs on the ``meta`` device too). Copies (``copy.deepcopy``,
@@ -109,7 +112,9 @@ class LearnedOptimizer(FunctionalOptimizer):
         reuse_buffers: bool = True,
         check_finite: bool = True,
         compile: bool = False,
+        weight_decay: float = 0.0,
     ) -> None:
+        _check_no_weight_decay(weight_decay)
         if net is not None and not isinstance(net, LearnedRuleNet):
             raise TypeError(f"net must be a LearnedRuleNet, got {type(net).__name__}")
         check_importance(importance)
@@ -227,15 +232,20 @@ class LearnedOptimizer(FunctionalOptimizer):
             ValueError: the group asks for a non-zero ``weight_decay`` (Hugging Face-style
                 groups do), which the rule has no way to apply: it learned its own decay
                 towards zero. The group is not added.
+            TypeError: a parameter is not floating point (complex); the group is not added.
         """
-        weight_decay = param_group.get("weight_decay", 0.0) if isinstance(param_group, dict) else 0
-        if weight_decay:
-            raise ValueError(
-                f"LearnedOptimizer has no weight_decay (a group asks for {weight_decay}): "
-                "the learned rule decays weights as it learned to; drop the key or set it "
-                "to 0, or use FunctionalOptimizer(params, metaopt.rules.adamw) for AdamW"
-            )
+        if isinstance(param_group, dict):
+            _check_no_weight_decay(param_group.get("weight_decay", 0.0))
         super().add_param_group(param_group)
+        added = self.param_groups[-1]["params"]
+        unsupported = [p.dtype for p in added if not p.is_floating_point()]
+        if unsupported:
+            self.param_groups.pop()
+            raise TypeError(
+                f"LearnedOptimizer updates floating-point parameters only, got "
+                f"{unsupported[0]} (complex parameters: use FunctionalOptimizer with a rule "
+                "such as metaopt.rules.adam, which steps them as torch.optim does)"
+            )
         self._set_depths()
 
     def _set_depths(self) -> None:
@@ -466,6 +476,17 @@ class LearnedOptimizer(FunctionalOptimizer):
                 task_index = max([task_index, *found])
         self._task_index = int(task_index)
         self._rule_cache.clear()
+
+
+def _check_no_weight_decay(weight_decay: Any) -> None:
+    """``ValueError`` for a non-zero ``weight_decay`` (accepted as 0 so that code written
+    for ``torch.optim.Adam`` that passes ``weight_decay=0`` runs unchanged)."""
+    if weight_decay:
+        raise ValueError(
+            f"LearnedOptimizer has no weight_decay (asked for {weight_decay}): the learned "
+            "rule decays weights as it learned to; drop the argument or set it to 0, or use "
+            "FunctionalOptimizer(params, metaopt.rules.adamw) for AdamW"
+        )
 
 
 def _one_device(params: list[torch.Tensor]) -> torch.device | None:

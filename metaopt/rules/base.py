@@ -10,6 +10,7 @@ parameters that received a gradient.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
@@ -129,8 +130,15 @@ def _scalar(name: str, value: Any) -> Any:
     (a view: an in-place change of the tensor and its gradient still reach it).
 
     Raises:
+        TypeError: neither a real number nor a tensor (a string, ``None``, a complex
+            number), raised when the rule is built rather than at its first update.
         ValueError: a tensor with more than one element.
     """
+    if not isinstance(value, (numbers.Real, torch.Tensor)):
+        raise TypeError(
+            f"{name} must be a real number or a one-element tensor, got {value!r} "
+            f"({type(value).__name__})"
+        )
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(

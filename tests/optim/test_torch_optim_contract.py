@@ -503,13 +503,83 @@ def test_complex_parameters_with_functional_sgd_match_torch():
 
 
 def test_complex_parameters_are_rejected_clearly_by_the_learned_optimizer():
-    p = nn.Parameter(torch.randn(4, dtype=torch.complex64))
+    """At construction, and by add_param_group (the group is not added, so no later step
+    updates some groups before failing on it); a parameter made complex afterwards is
+    rejected by the step, before anything changes."""
+    z = nn.Parameter(torch.randn(4, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="complex64"):
+        LearnedOptimizer([z])
+    r = nn.Parameter(torch.randn(4))
+    opt = LearnedOptimizer([r])
+    with pytest.raises(TypeError, match="complex64"):
+        opt.add_param_group({"params": [z], "lr": 1e-2})
+    assert len(opt.param_groups) == 1
+    p = nn.Parameter(torch.randn(4))
     opt = LearnedOptimizer([p])
+    p.data = torch.randn(4, dtype=torch.complex64)
     before = p.detach().clone()
     (p.abs() ** 2).sum().backward()
     with pytest.raises(TypeError, match="complex64"):
         opt.step()
     assert torch.equal(p, before)
+
+
+@pytest.mark.parametrize("flag", ["maximize", "amsgrad", "decoupled_weight_decay"])
+def test_group_flags_the_rule_does_not_take_are_rejected(flag):
+    """torch.optim honours these per group; a rule without them would silently compute
+    something else, so the group is refused (and not added)."""
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    makers = {
+        "functional-adam": lambda g: _functional(g),
+        "functional-sgd": lambda g: FunctionalOptimizer(g, metaopt.rules.sgd, lr=0.1),
+        "learned": lambda g: _learned(g),
+    }
+    for name, make in makers.items():
+        takes = flag == "amsgrad" and name == "functional-adam"
+        opt = make([a])
+        if takes:
+            opt.add_param_group({"params": [b], flag: True})
+            assert len(opt.param_groups) == 2
+            continue
+        with pytest.raises(ValueError, match=flag):
+            opt.add_param_group({"params": [b], flag: True})
+        assert len(opt.param_groups) == 1, name
+        with pytest.raises(ValueError, match=flag):
+            make([{"params": [a], flag: True}])
+        opt.add_param_group({"params": [b], flag: False, "my_framework_tag": "head"})
+
+
+def test_group_weight_decay_needs_a_rule_that_takes_it():
+    p = nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="weight_decay"):
+        FunctionalOptimizer([{"params": [p], "weight_decay": 0.1}], metaopt.rules.adam(lr=0.1))
+    FunctionalOptimizer([{"params": [p], "weight_decay": 0.0}], metaopt.rules.adam(lr=0.1))
+
+
+def test_learned_optimizer_accepts_zero_weight_decay_only():
+    p = nn.Parameter(torch.ones(2))
+    LearnedOptimizer([p], net=LearnedRuleNet(), weight_decay=0.0)
+    with pytest.raises(ValueError, match="weight_decay"):
+        LearnedOptimizer([p], net=LearnedRuleNet(), weight_decay=0.01)
+
+
+def test_a_loaded_group_with_a_flag_the_rule_does_not_take_is_refused():
+    p = nn.Parameter(torch.ones(2))
+    opt = _functional([p])
+    sd = opt.state_dict()
+    sd["param_groups"][0]["maximize"] = True
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match="maximize"):
+        opt.load_state_dict(sd)
+    _assert_snapshot_equal(before, _snapshot(opt))
+
+
+@pytest.mark.parametrize("bad", ["0.1", None, 1j])
+def test_a_learning_rate_that_is_no_real_number_is_refused_at_construction(bad):
+    p = nn.Parameter(torch.ones(2))
+    for make in (_functional, _learned):
+        with pytest.raises(TypeError, match="real number"):
+            make([p], lr=bad)
 
 
 def test_complex_parameters_with_functional_adam_match_torch_or_raise():
