@@ -30,10 +30,11 @@ __all__ = ["EWC", "SI", "QuadraticRegularizer"]
 BaseFactory = Callable[..., torch.optim.Optimizer]
 
 
-def _trainable(params: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors of ``params`` (one tensor or several) that require gradients."""
-    tensors = [params] if isinstance(params, torch.Tensor) else list(params)
-    return [p for p in tensors if p.requires_grad]
+def _trainable(params: torch.Tensor | Iterable[Any]) -> list[Any]:
+    """The entries of ``params`` (one tensor, several, or ``(name, tensor)`` pairs as
+    ``model.named_parameters()`` gives them) whose tensors require gradients."""
+    entries = [params] if isinstance(params, torch.Tensor) else list(params)
+    return [e for e in entries if (e[1] if isinstance(e, tuple) else e).requires_grad]
 
 
 class QuadraticRegularizer(torch.optim.Optimizer):
@@ -43,7 +44,7 @@ class QuadraticRegularizer(torch.optim.Optimizer):
     the penalty's per-parameter buffers live in ``self.state[p]``.
 
     Args:
-        params: parameters to optimise.
+        params: parameters to optimise (tensors, ``(name, tensor)`` pairs or groups).
         base: base optimizer class or factory, default :class:`torch.optim.Adam`.
         strength: penalty coefficient (lambda for EWC, c for SI).
         **base_options: passed to ``base`` (``lr=``...).

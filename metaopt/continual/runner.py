@@ -138,6 +138,7 @@ def run_stream(
     loss_fn: LossFn = F.cross_entropy,
     eval_batch_size: int = 1000,
     device: str | torch.device | None = None,
+    named_parameters: bool = False,
 ) -> StreamResult:
     """Train sequentially on ``stream`` and evaluate on every task after each task.
 
@@ -156,14 +157,19 @@ def run_stream(
         eval_batch_size: evaluation batch size (does not change results).
         device: where to train (``"cuda"``...); default: where the factory put the model.
             Tasks stay where they are; minibatches are moved.
+        named_parameters: give the optimizer factory ``model.named_parameters()``
+            (``(name, parameter)`` pairs, which ``torch.optim`` optimizers, EWC, SI and
+            :class:`metaopt.LearnedOptimizer` accept) instead of ``model.parameters()``.
+            The learned rule reads parameter kinds (norm, embedding) from names, as it
+            saw them in meta-training.
 
     Returns:
         A :class:`StreamResult` with ``R [T, T]`` and ``b [T]`` (and validation versions if
         the tasks carry validation splits).
 
     Raises:
-        ValueError: an empty stream, a budget below 1, or a task without training or test
-            examples (or with an empty validation split).
+        ValueError: an empty stream, a budget below 1, a task without training or test
+            examples (or with an empty validation split), or a model without parameters.
     """
     if not stream:
         raise ValueError("the stream has no tasks")
@@ -184,8 +190,13 @@ def run_stream(
     if device is not None:
         model.to(device)
     model.train()
-    device = next(model.parameters()).device
-    optimizer = optimizer_factory(model.parameters())
+    first = next(model.parameters(), None)
+    if first is None:
+        raise ValueError("the model has no parameters: nothing to train")
+    device = first.device
+    optimizer = optimizer_factory(
+        model.named_parameters() if named_parameters else model.parameters()
+    )
     data_gen = torch.Generator().manual_seed(seed)
     T = len(stream)
     R = torch.zeros(T, T)

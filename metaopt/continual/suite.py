@@ -435,6 +435,7 @@ def run_suite(
                     batch_size=suite.budget.batch_size,
                     seed=seed,
                     device=device,
+                    named_parameters=True,
                 )
                 yield {
                     "stream": spec.name,

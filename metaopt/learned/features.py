@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Any, NamedTuple
 
 import torch
@@ -207,12 +208,31 @@ def sample_columns(length: int, sample_size: int, device: torch.device) -> torch
     return constant_on(device, _sample_columns_cpu, length, sample_size)
 
 
+_NAME_WORDS = re.compile(r"[a-z]+")
+"""The words of a lower-cased parameter name (``"encoder.ln_1.weight"``: ``encoder``,
+``ln``, ``weight``); digits and punctuation separate them."""
+
+_NORM_WORDS = frozenset({"bn", "ln", "gn"})
+"""Whole words naming a normalisation layer besides those ending in ``norm``."""
+
+
 def _kind(name: str, ndim: int) -> str:
-    lowered = name.lower()
-    if "emb" in lowered:
-        return "embedding"
-    if any(tag in lowered for tag in ("norm", "bn", "ln")):
-        return "norm"
+    """A parameter's kind from the words of its name, else from its rank: ``embedding``
+    for a word starting with ``emb`` (``embed``, ``tok_embeddings``), ``norm`` for a word
+    ending in ``norm`` (``norm1``, ``LayerNorm``, ``input_layernorm``) or one of
+    :data:`_NORM_WORDS` (``bn1``, ``ln_f``), the word nearest the end deciding
+    (``embeddings.LayerNorm.weight`` is a norm); otherwise ``bias`` (rank <= 1) or
+    ``weight``.
+
+    Whole words, not substrings: ``ensemble``, ``member``, ``subnet`` or ``normal_head``
+    name no embedding or norm. A name without words (``"0"``, as ``model.parameters()``
+    keys them) gives the rank's kind: pass ``model.named_parameters()`` to an optimizer
+    so that the rule sees the kinds it was meta-trained with."""
+    for word in reversed(_NAME_WORDS.findall(name.lower())):  # the innermost module first
+        if word.startswith("emb"):
+            return "embedding"
+        if word.endswith("norm") or word in _NORM_WORDS:
+            return "norm"
     if ndim <= 1:
         return "bias"
     return "weight"

@@ -109,3 +109,57 @@ def test_bad_budget(tiny_stream: list[Task]) -> None:
         run_stream(_model(tiny_stream), OPTIMIZERS["sgd"], tiny_stream, batch_size=0)
     with pytest.raises(ValueError, match="no tasks"):
         run_stream(_model(tiny_stream), OPTIMIZERS["sgd"], [])
+    with pytest.raises(ValueError, match="no parameters"):
+        run_stream(torch.nn.Flatten, OPTIMIZERS["sgd"], tiny_stream)
+
+
+@pytest.mark.parametrize("kind", ["adam", "ewc", "si"])
+def test_named_parameters_change_nothing_for_the_baselines(tiny_stream, kind) -> None:
+    """The suite hands optimizers ``model.named_parameters()`` (the learned rule reads
+    parameter kinds from names); the baselines' results are those with plain tensors."""
+    from metaopt.continual.baselines import EWC, SI
+
+    factory = {
+        "adam": OPTIMIZERS["adam"],
+        "ewc": functools.partial(EWC, lr=1e-2, strength=1e2),
+        "si": functools.partial(SI, lr=1e-2, strength=1.0),
+    }[kind]
+    seen = []
+
+    def recording(params):
+        params = list(params)
+        seen.append(type(params[0]))
+        return factory(params)
+
+    plain = run_stream(_model(tiny_stream), recording, tiny_stream, seed=1)
+    named = run_stream(_model(tiny_stream), recording, tiny_stream, seed=1, named_parameters=True)
+    assert seen == [torch.nn.Parameter, tuple]
+    assert torch.equal(plain.R, named.R) and plain.train_loss == named.train_loss
+
+
+def test_named_parameters_reach_the_learned_rule(tiny_stream) -> None:
+    """With names, a LayerNorm's parameters are norm tokens for the learned rule (as in
+    meta-training); without, biases."""
+    from metaopt import LearnedOptimizer
+
+    class WithNorm(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 16)
+            self.norm = torch.nn.LayerNorm(16)
+            self.head = torch.nn.Linear(16, n_outputs(tiny_stream))
+
+        def forward(self, x):
+            return self.head(torch.relu(self.norm(self.fc(x.flatten(1)))))
+
+    keys = []
+
+    def recording(params):
+        opt = LearnedOptimizer(params, lr=1e-2)
+        keys.append(opt.param_keys(opt.param_groups[0]))
+        return opt
+
+    plain = run_stream(WithNorm, recording, tiny_stream, seed=0)
+    named = run_stream(WithNorm, recording, tiny_stream, seed=0, named_parameters=True)
+    assert keys[0][:3] == ["0", "1", "2"] and keys[1][:3] == ["fc.weight", "fc.bias", "norm.weight"]
+    assert not torch.equal(plain.R, named.R) or plain.train_loss != named.train_loss

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -85,6 +86,15 @@ def test_static_descriptor_recognises_kinds_and_shapes():
     assert kind("bn1.weight", (8,)) == "norm"
     assert kind("encoder.layers.0.norm1.bias", (8,)) == "norm"
     assert kind("tok_embedding.weight", (100, 8)) == "embedding"
+    # whole words, the innermost module's deciding
+    assert kind("bert.embeddings.LayerNorm.weight", (8,)) == "norm"
+    assert kind("transformer.h.0.ln_1.bias", (8,)) == "norm"
+    assert kind("model.layers.3.input_layernorm.weight", (8,)) == "norm"
+    assert kind("pos_embed", (1, 17, 8)) == "embedding"
+    for name in ("ensemble.0.weight", "member_1.weight", "subnet.fc.weight", "normal_head.w"):
+        assert kind(name, (8, 4)) == "weight", name
+        assert kind(name.replace("weight", "bias"), (8,)) == "bias", name
+    assert kind("3", (8,)) == "bias" and kind("0", (8, 4)) == "weight"  # unnamed: by rank
     d = static_descriptor("conv.weight", torch.Size((16, 3, 3, 3)), 0.0)
     assert d[STATIC_FEATURES.index("ndim_ge_3")] == 1.0
     assert math.isclose(
@@ -103,3 +113,26 @@ def test_constant_on_copies_an_index_to_its_device_once():
     on_cpu = constant_on(torch.device("cpu"), _sample_columns_cpu, 100, 8)
     assert torch.equal(on_cpu, torch.arange(8) * 100 // 8)
     assert torch.equal(sample_columns(100, 8, torch.device("cpu")), on_cpu)
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn", "transformer"])
+def test_kinds_of_the_meta_training_models_are_those_the_shipped_rule_saw(model_name):
+    """The shipped rule was meta-trained with kinds from name substrings ("emb", "norm",
+    "bn", "ln"); whole-word matching must give the same kinds on those models."""
+    from metaopt.continual import build_model
+
+    def by_substring(name, ndim):
+        lowered = name.lower()
+        if "emb" in lowered:
+            return "embedding"
+        if any(tag in lowered for tag in ("norm", "bn", "ln")):
+            return "norm"
+        return "bias" if ndim <= 1 else "weight"
+
+    def kind(name, shape):
+        d = static_descriptor(name, shape, 0.5)
+        return KINDS[int(d[-len(KINDS) :].argmax())]
+
+    for shape in ((1, 28, 28), (1, 8, 8)):
+        for name, p in build_model(model_name, shape, 10).named_parameters():
+            assert kind(name, p.shape) == by_substring(name, p.ndim), name

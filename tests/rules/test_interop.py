@@ -35,8 +35,10 @@ def _trajectory(rule, steps=10):
 def test_wrapped_torchopt_matches_metaopt(theirs, ours):
     wrapped = _trajectory(rules.from_torchopt(theirs()))
     native = _trajectory(ours())
+    # TorchOpt computes Adam's bias corrections in float32 (``1 - 0.999`` off by 1.3e-5
+    # relative), metaopt in float64 as torch.optim does
     for k in native:
-        torch.testing.assert_close(wrapped[k], native[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(wrapped[k], native[k], rtol=1e-4, atol=1e-5)
 
 
 def test_metaopt_rule_runs_inside_torchopt():
@@ -52,7 +54,8 @@ def test_metaopt_rule_runs_inside_torchopt():
         u2, ref_state = ref.update(g2, ref_state, params=theirs, inplace=False)
         ours = torchopt.apply_updates(ours, u1, inplace=False)
         theirs = torchopt.apply_updates(theirs, u2, inplace=False)
-    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
+    # bias corrections: float32 in TorchOpt, float64 in metaopt (as torch.optim)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-4, atol=1e-5)
 
 
 def test_from_torchopt_rejects_non_transformations():
