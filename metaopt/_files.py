@@ -1,5 +1,6 @@
-"""Atomic file replacement: every file metaopt writes (checkpoints, downloads, results,
-histories, plots) goes through :func:`replace_atomically`."""
+"""Files: every file metaopt writes (checkpoints, downloads, results, histories, plots)
+goes through :func:`replace_atomically`; :func:`load_failure` says why a checkpoint could
+not be read."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["replace_atomically"]
+__all__ = ["load_failure", "replace_atomically"]
 
 
 @contextlib.contextmanager
@@ -43,3 +44,21 @@ def replace_atomically(
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_UNPICKLER_ERROR = "WeightsUnpickler error:"
+
+
+def load_failure(error: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` failed, in a few words.
+
+    For a file that is no weights-only pickle torch's message advises re-running with
+    ``weights_only=False`` and filing an issue, which is wrong advice for a corrupt or
+    foreign file; only the unpickler's own reason (``Unsupported operand 103``,
+    ``Unsupported global: ...``) is kept. Other errors are returned as they are.
+    """
+    message = str(error)
+    if _UNPICKLER_ERROR not in message:
+        return message
+    reason = message.split(_UNPICKLER_ERROR, 1)[1].split("\n\nCheck the documentation", 1)[0]
+    return f"not a weights-only torch file ({' '.join(reason.split())})"

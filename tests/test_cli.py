@@ -139,3 +139,29 @@ def test_verbosity_turns_up_metaopts_logging_only(flags, level, monkeypatch) -> 
     assert main(flags) == 2  # no command: help, after logging is configured
     assert logging.getLogger("metaopt.meta.trainer").getEffectiveLevel() == level
     assert logging.getLogger("matplotlib.font_manager").getEffectiveLevel() >= logging.WARNING
+
+
+def test_bench_refuses_unwritable_outputs_before_any_run(tmp_path: Path, capsys, caplog) -> None:
+    """An --out below a file failed after the first run had trained (with a traceback);
+    a --merge-into path that does not exist yet is created, with a warning (a typo would
+    otherwise merge into nothing silently)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    argv = [*TINY, "--optimizers", "sgd", "--lrs", "0.1"]
+    for option in (["--out", str(blocker / "sub")], ["--merge-into", str(blocker / "r.json")]):
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--out", str(tmp_path / "out"), *option])  # the last --out wins
+        assert exc.value.code == 1
+        err = capsys.readouterr()
+        assert "cannot write into" in err.err and "= 1 runs" not in err.out
+    fresh = tmp_path / "new" / "results.json"
+    with caplog.at_level(logging.WARNING, logger="metaopt.continual.cli"):
+        assert main([*argv, "--out", str(tmp_path / "out2"), "--merge-into", str(fresh)]) == 0
+    assert "no such file yet" in caplog.text and fresh.is_file()
+
+
+def test_bench_help_shows_a_single_percent_sign(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert "in %." in out and "%%" not in out

@@ -239,6 +239,11 @@ class MetaStep:
         """
         if len(train_batches) < 1:
             raise ValueError("train_batches must hold at least one batch")
+        if not self.trainable(params):
+            raise ValueError(
+                "no trainable parameters: params is empty or holds only frozen ones "
+                f"({sorted(params)})"
+            )
         bad = [k for k, v in meta_params.items() if not _is_float(v)]
         if bad:
             raise TypeError(f"meta_params {bad} are not floating-point tensors")

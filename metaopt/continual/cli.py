@@ -11,6 +11,7 @@ import math
 import platform
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +77,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Train models sequentially on continual-learning streams with several optimizers "
             "and report ACC, BWT, FWT, forgetting and learning accuracy (LA, mean diagonal "
-            "of R), mean ± std over seeds, in %%. Hyper-parameters of the baselines are "
+            "of R), mean ± std over seeds, in %. Hyper-parameters of the baselines are "
             "chosen on validation splits held out from the training data."
         ),
     )
-    bench.add_argument("--suite", choices=sorted(SUITES), default="quick", help="preset")
+    bench.add_argument(
+        "--suite",
+        choices=sorted(SUITES),
+        default="quick",
+        help="preset (default quick); the options below override its values",
+    )
     bench.add_argument(
         "--streams",
         nargs="+",
@@ -280,6 +286,15 @@ def bench_command(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is not a folder")
     results_path = Path(args.merge_into) if args.merge_into else out / "results.json"
+    # before any run, not after the first one: where the results go must be writable
+    for folder, option in ((out, "--out"), (results_path.parent, "--merge-into")):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as exc:
+            raise ValueError(f"{option}: cannot write into {folder} ({exc})") from exc
+    if args.merge_into and not results_path.exists():
+        logger.warning("--merge-into %s: no such file yet, this run starts it", results_path)
     if not (args.merge_into or args.resume) and results_path.is_file():
         logger.warning(
             "%s exists and this run replaces it; pass --resume or --merge-into %s to keep "

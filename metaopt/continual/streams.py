@@ -106,8 +106,14 @@ def _check_xy(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
         )
     if y.ndim != 1 or len(y) != len(x):
         raise ValueError(f"{what}: y must be [N] with N = {len(x)}, got {tuple(y.shape)}")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+    if not _integer_labels(y):
         raise ValueError(f"{what}: y must hold integer labels, got {y.dtype}")
+
+
+def _integer_labels(y: torch.Tensor) -> bool:
+    """Whether ``y``'s dtype holds class labels (an integer type; not float, complex or
+    bool)."""
+    return not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
 
 
 def n_outputs(stream: Sequence[Task]) -> int:
@@ -353,6 +359,10 @@ def stream_from_tensors(
         raise ValueError(f"unknown stream kind {kind!r}; expected one of {sorted(builders)}")
     if (x_test is None) != (y_test is None):
         raise ValueError("pass both x_test and y_test, or neither (to hold out a test set)")
+    for name, labels in (("y", y), ("y_test", y_test)):
+        # checked before the int64 cast below, which would truncate 2.7 to class 2
+        if labels is not None and not _integer_labels(labels):
+            raise ValueError(f"{name} must hold integer labels, got {labels.dtype}")
     if x.ndim == 2:
         x = x[:, None, None, :]
     gen = _generator(seed)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from metaopt._files import replace_atomically
+from metaopt._files import load_failure, replace_atomically
 from metaopt.learned.features import N_TASK_FEATURES, N_TOKEN_FEATURES
 from metaopt.learned.network import LearnedRuleNet
 
@@ -104,7 +104,7 @@ def load_checkpoint(path: str | Path) -> tuple[LearnedRuleNet, dict[str, Any]]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt files
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+        raise CheckpointError(f"cannot read checkpoint {path}: {load_failure(err)}") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (format: {got!r})")

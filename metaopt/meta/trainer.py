@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from metaopt._files import replace_atomically
+from metaopt._files import load_failure, replace_atomically
 from metaopt.learned import LearnedRuleNet, learned_rule, load_pretrained, save_checkpoint
 from metaopt.meta.compiled import CompiledContinualSteps
 from metaopt.meta.distributed import DistributedContext, all_reduce_mean, shard
@@ -531,7 +531,8 @@ class MetaTrainer:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises RuntimeError, EOFError, OSError, KeyError...
             raise ValueError(
-                f"{path} is not a readable checkpoint (cut short or corrupt?): {exc}"
+                f"{path} is not a readable checkpoint (cut short or corrupt?): "
+                f"{load_failure(exc)}"
             ) from exc
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")

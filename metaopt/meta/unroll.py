@@ -59,15 +59,31 @@ def inner_step(
     """One inner update; returns the new carry and the inner loss (0-d) at ``step``.
 
     With ``create_graph`` the update stays differentiable (second-order terms kept);
-    otherwise the new parameters are detached leaves and no graph outlives the step.
+    otherwise the new parameters are detached leaves and no graph outlives the step. A
+    parameter the inner loss does not use gets a ``None`` gradient: the rule leaves it and
+    its state as they are (as ``torch.optim`` skips a parameter without ``.grad``).
+
+    Raises:
+        ValueError: no parameters, or an inner loss that depends on none of them.
     """
     params = carry.params
+    if not params:
+        raise ValueError("the inner problem has no trainable parameters: nothing to unroll")
     with torch.enable_grad():
         if not create_graph:
             params = {k: p.detach().requires_grad_(True) for k, p in params.items()}
         loss, buffers = problem.inner_loss(params, carry.buffers, step)
         loss = scalar_loss(loss, "problem.inner_loss")
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+        if not loss.requires_grad:
+            raise ValueError(
+                "problem.inner_loss does not depend on any trainable parameter (its loss "
+                "does not require grad)"
+            )
+        # a parameter the loss does not use (an inactive head) gets None, which the rules
+        # skip (update None, state kept), as torch.optim skips a parameter without .grad
+        grads = torch.autograd.grad(
+            loss, list(params.values()), create_graph=create_graph, allow_unused=True
+        )
     grads = dict(zip(params, grads, strict=True))
     state = problem.prepare_state(carry.state, step, loss.detach())
     if create_graph:

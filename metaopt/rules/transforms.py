@@ -155,7 +155,11 @@ def add_decayed_weights(weight_decay: Scalar = 0.0) -> UpdateRule:
 
     def update_leaf(g, s, p):
         if p is None:
-            raise ValueError("add_decayed_weights needs params: call update(grads, state, params)")
+            raise ValueError(
+                "add_decayed_weights needs the parameter of every gradient: call "
+                "update(grads, state, params) with params in the gradients' structure "
+                "(the same keys); no parameter was found for one of them"
+            )
         return g + weight_decay * p, s
 
     return per_leaf(lambda p: (), update_leaf, "add_decayed_weights")

@@ -199,3 +199,41 @@ def test_compiled_adam_matches_eager(kind):
 def test_compiled_sgd_momentum_matches_eager(kind):
     rule, _ = tensor_hyper(metaopt.rules.sgd, lr=0.1, momentum=0.9, weight_decay=1e-3)
     check_compiled_matches_eager(kind, rule)
+
+
+class _Recurrent(torch.nn.Module):
+    """An LSTM classifier over a sequence of 5 steps of 3 features (Dynamo refuses to
+    compile LSTMs: the step runs eagerly, see docs/compile.md)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = torch.nn.LSTM(3, 6, batch_first=True)
+        self.head = torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+def test_eager_step_on_an_lstm_matches_torch_optim():
+    torch.manual_seed(0)
+    model = _Recurrent().double()
+    gen = torch.Generator().manual_seed(1)
+    data = [
+        (
+            torch.randn(4, 5, 3, generator=gen, dtype=torch.float64),
+            torch.randint(0, 2, (4,), generator=gen),
+        )
+        for _ in range(3)
+    ]
+    rule = metaopt.rules.sgd(lr=0.1, momentum=0.9)
+    params, *_ = run(make_step(model, F.cross_entropy, rule, compile=False), model, data)
+    reference = _Recurrent().double()
+    reference.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        opt.step()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(params[name], p.detach(), rtol=1e-10, atol=1e-12)

@@ -123,6 +123,12 @@ def test_stream_from_tensors_holds_out_test_and_accepts_flat_inputs() -> None:
     assert len(permuted) == 3
     with pytest.raises(ValueError, match="unknown stream kind"):
         stream_from_tensors(x, y, kind="shuffled")
+    # float labels (regression targets, a wrong column) were truncated to classes
+    with pytest.raises(ValueError, match="y must hold integer labels"):
+        stream_from_tensors(x, y.float() + 0.7, n_tasks=2)
+    with pytest.raises(ValueError, match="y_test must hold integer labels"):
+        stream_from_tensors(x, y, x_test=x, y_test=y.float(), n_tasks=2)
+    assert len(stream_from_tensors(x, y.to(torch.int32), n_tasks=2)) == 2
 
 
 def test_validation_is_held_out_from_training_data_only() -> None:

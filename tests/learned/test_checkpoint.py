@@ -43,8 +43,11 @@ def test_bad_files_give_clear_errors(tmp_path):
         load_pretrained("nope")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="cannot read") as caught:
         load_checkpoint(corrupt)
+    # torch's advice to load with weights_only=False is wrong for a corrupt file
+    assert "not a weights-only torch file" in str(caught.value)
+    assert "weights_only" not in str(caught.value) and "file an issue" not in str(caught.value)
     other = tmp_path / "other.pt"
     torch.save({"format": "something/else"}, other)
     with pytest.raises(CheckpointError, match=r"not a metaopt\.learned/1 checkpoint"):

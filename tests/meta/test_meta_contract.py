@@ -741,3 +741,65 @@ def test_estimators_and_config_refuse_bad_options_when_built(build):
     ``steps=1.5`` ran two meta-steps, an integer ``dtype`` failed inside the inner loop."""
     with pytest.raises((ValueError, TypeError)):
         build()
+
+
+# ---------------------------------------------------------------- parameters without gradient
+
+
+class _TwoHeads(nn.Module):
+    """A body and two heads; the forward uses head ``a`` only (``b`` gets no gradient)."""
+
+    def __init__(self, with_b: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(4, 8).double()
+        self.head_a = nn.Linear(8, 3).double()
+        if with_b:
+            self.head_b = nn.Linear(8, 3).double()
+
+    def forward(self, x):
+        return self.head_a(torch.tanh(self.body(x)))
+
+
+def _head_problem(with_b: bool) -> SupervisedProblem:
+    gen = torch.Generator().manual_seed(3)
+    batches = [
+        (torch.randn(8, 4, generator=gen, dtype=F64), torch.randint(0, 3, (8,), generator=gen))
+        for _ in range(3)
+    ]
+    return SupervisedProblem(_TwoHeads(with_b), batches, batches[0])
+
+
+@pytest.mark.parametrize("estimator", ["unrolled", "es", "pes"])
+def test_estimators_skip_a_parameter_the_inner_loss_does_not_use(estimator):
+    """An inactive head (multi-head models, a mixture's idle expert) gets no gradient: it
+    is skipped as torch.optim skips a parameter without .grad (momentum and weight decay
+    do not move it), and the meta-gradient is that of the model without it."""
+
+    def rule(mp):
+        return metaopt.rules.sgd(lr=mp["lr"], momentum=0.9, weight_decay=0.1)
+
+    def make():
+        if estimator == "unrolled":
+            return Unrolled(rule)
+        gen = torch.Generator().manual_seed(5)
+        if estimator == "es":
+            return ES(rule, sigma=0.01, num_pairs=2, generator=gen)
+        return PES(rule, sigma=0.01, truncation=2, num_pairs=2, generator=gen)
+
+    meta = {"lr": torch.tensor(0.1, dtype=F64)}
+    with_b, without_b = make()(meta, _head_problem(True)), make()(meta, _head_problem(False))
+    torch.testing.assert_close(with_b.loss, without_b.loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(with_b.grads["lr"], without_b.grads["lr"], rtol=1e-10, atol=0)
+
+
+def test_estimators_refuse_a_problem_without_trainable_parameters():
+    batches = [(torch.randn(4, 3), torch.randint(0, 3, (4,)))]
+    problem = SupervisedProblem(nn.Flatten(), batches, batches[0])
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        Unrolled(lr_rule)({"lr": torch.tensor(0.1)}, problem)
+    from metaopt.compile import make_meta_step
+
+    step = make_meta_step(nn.Flatten(), nn.functional.cross_entropy, lr_rule, compile=False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        step({"lr": torch.tensor(0.1)}, {}, {}, {}, batches, batches[0])

@@ -173,9 +173,10 @@ def test_mismatched_state_and_updates_give_clear_errors():
         rule.update({"b": torch.zeros(2)}, state)
     with pytest.raises(ValueError, match="apply_updates"):
         metaopt.apply_updates({"a": torch.zeros(2)}, {"b": torch.zeros(2)})
-    with pytest.raises(ValueError, match="needs params"):
-        r = rules.add_decayed_weights(0.1)
-        r.update({"a": torch.zeros(2)}, r.init({"a": torch.zeros(2)}))
+    r = rules.add_decayed_weights(0.1)
+    for params in (None, [torch.zeros(2)], {"x.a": torch.zeros(2)}):  # none, or keyed otherwise
+        with pytest.raises(ValueError, match="needs the parameter of every gradient"):
+            r.update({"a": torch.zeros(2)}, r.init({"a": torch.zeros(2)}), params)
     with pytest.raises(TypeError, match="not an UpdateRule"):
         rules.chain(rules.sgd(), "adam")
     with pytest.raises(ValueError, match="Nesterov"):
