@@ -439,7 +439,9 @@ class LearnedOptimizer(FunctionalOptimizer):
     def new_task(self) -> None:
         """Mark a task boundary: for every parameter with state, snapshot the anchor to its
         current value, fold the finished task's importance into the accumulated
-        importance, reset the in-task counters and increment the task index."""
+        importance, reset the in-task counters and increment the task index (also kept
+        as each group's ``"task_index"``, so that a ``state_dict()`` saved before any
+        parameter has state still holds it)."""
         for group in self.param_groups:
             rule = self.rule_for(group)
             for key, p in zip(self.param_keys(group), group["params"], strict=True):
@@ -449,6 +451,8 @@ class LearnedOptimizer(FunctionalOptimizer):
                 leaf = new_task({key: leaf}, {key: p}, importance=self._options["importance"])
                 self._store(p, leaf[key])
         self._task_index += 1
+        for group in self.param_groups:
+            group["task_index"] = self._task_index
         self._rule_cache.clear()  # rules built while importance was zero skip it
 
     # ------------------------------------------------------------------ state_dict
@@ -461,7 +465,7 @@ class LearnedOptimizer(FunctionalOptimizer):
 
     def _after_load(self, saved: _SavedState) -> None:
         super()._after_load(saved)
-        task_index = 0.0
+        task_index = float(max(g.get("task_index", 0) for g in self.param_groups))
         for group in self.param_groups:
             rule = self.rule_for(group)
             for key, p in zip(self.param_keys(group), group["params"], strict=True):

@@ -275,6 +275,22 @@ def test_load_state_dict_pre_hook_may_convert_the_state_dict():
     _assert_same_params(ours_model, ref_model)
 
 
+def test_learned_task_index_survives_a_state_dict_saved_before_any_step():
+    """new_task() at the start of every task, the state saved before the first step:
+    no parameter has state to carry the index, the groups do."""
+    p = nn.Parameter(torch.ones(3))
+    opt = _learned([p])
+    opt.new_task()
+    opt.new_task()
+    fresh = _learned([nn.Parameter(torch.ones(3))])
+    fresh.load_state_dict(_saved(opt.state_dict()))
+    assert fresh.task_index == 2
+    q = fresh.param_groups[0]["params"][0]
+    q.grad = torch.ones(3)
+    fresh.step()
+    assert float(fresh.state[q][".task_index"]) == 2.0
+
+
 def test_learned_load_state_dict_post_hook_sees_the_loaded_state():
     p = nn.Parameter(torch.randn(4))
     opt = LearnedOptimizer([p])
