@@ -118,7 +118,11 @@ def load_checkpoint(path: str | Path) -> tuple[LearnedRuleNet, dict[str, Any]]:
     if metadata is not None and not isinstance(metadata, dict):
         raise CheckpointError(f"{path}: metadata must be a dict, got {type(metadata).__name__}")
     try:
-        net = LearnedRuleNet(**payload["config"])
+        # its random initialisation is overwritten at once: drawn from a forked generator,
+        # so that building an optimizer does not change the caller's later random numbers
+        # (data order, dropout, heads created afterwards) as torch.optim's do not
+        with torch.random.fork_rng(devices=[]):
+            net = LearnedRuleNet(**payload["config"])
         net.load_state_dict(payload["state_dict"], strict=True)
     except (KeyError, TypeError, RuntimeError, ValueError) as err:
         raise CheckpointError(f"{path} does not fit LearnedRuleNet: {err}") from err

@@ -1181,3 +1181,53 @@ def test_bias_corrections_are_as_exact_as_torch(kind, b2):
         p.grad = torch.ones(4)
         opt.step()
         torch.testing.assert_close(before - p.detach(), torch.ones(4), rtol=0, atol=3e-7)
+
+
+def test_building_the_learned_optimizer_leaves_the_global_rng_alone():
+    """Swapping torch.optim.Adam for the shipped rule must not change later random draws
+    (data order, dropout, heads made afterwards): its net's random initialisation, at
+    once overwritten by the checkpoint, comes from a forked generator."""
+    p = nn.Parameter(torch.ones(3))
+    for build in (
+        lambda: LearnedOptimizer([p]),
+        lambda: LearnedOptimizer.from_pretrained("default", [p]),
+    ):
+        torch.manual_seed(0)
+        build()
+        after = torch.rand(4)
+        torch.manual_seed(0)
+        assert torch.equal(after, torch.rand(4))
+
+
+def test_learned_step_inside_autocast_equals_the_step_outside():
+    """A loop that calls opt.step() inside ``torch.autocast`` must not run the rule's net
+    in bfloat16 (the shipped rule's step differed by 1e-4 on updates of 8e-2); a
+    closure still runs under the caller's autocast."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    results = []
+    for inside in (False, True):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        opt = LearnedOptimizer(model.named_parameters(), lr=1e-2)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()  # outside autocast
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+                opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        out = model(x)
+        seen.append(out.dtype)
+        loss = nn.functional.cross_entropy(out.float(), y)
+        loss.backward()
+        return loss
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        opt.step(closure)
+    assert seen == [torch.bfloat16]
