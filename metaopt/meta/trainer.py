@@ -18,6 +18,7 @@ continues as if never interrupted.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -82,7 +83,10 @@ class TrainConfig:
         ckpt_every: checkpoint every this many meta-steps (and at the end).
         seed: seeds the task sampler, the ES noise and the net initialisation.
         net: keyword arguments of :class:`LearnedRuleNet`.
-        rule_options: extra keyword arguments of :func:`metaopt.learned.learned_rule`.
+        rule_options: extra keyword arguments of :func:`metaopt.learned.learned_rule`
+            (plain data: ``aux_dtype`` by name, e.g. ``"float32"``). They are recorded in
+            the exported rule's metadata (``train_config``) but not applied by
+            ``LearnedOptimizer.from_pretrained``: pass the same options to it.
         family: the task family ranges (:class:`FamilyConfig` as a dict).
         init: start from this learned checkpoint instead of the Adam-identity
             initialisation: a shipped name (e.g. ``"default"``) or a ``.pt`` path (see
@@ -122,6 +126,34 @@ class TrainConfig:
         if self.truncation is not None:
             check_count("truncation", self.truncation)
         check_count("es_pairs", self.es_pairs)
+        # checked now, not when the first checkpoint is written after the first meta-steps
+        try:
+            json.dumps(asdict(self), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                "TrainConfig must hold plain data (numbers, strings, lists, dicts) that "
+                f"its checkpoints can store: {exc}"
+            ) from exc
+        known = set(inspect.signature(learned_rule).parameters) - _SET_BY_THE_TRAINER
+        unknown = set(self.rule_options) - known
+        if unknown:
+            raise ValueError(
+                f"rule_options {sorted(unknown)} are no options of learned_rule "
+                f"({sorted(known)})"
+            )
+        self.learned_rule_options()  # an unknown aux_dtype name fails here
+
+    def learned_rule_options(self) -> dict[str, Any]:
+        """``rule_options`` as :func:`~metaopt.learned.learned_rule` takes them: an
+        ``aux_dtype`` given by name (``"float32"``, plain data for the checkpoints) as the
+        ``torch.dtype``."""
+        options = dict(self.rule_options)
+        if isinstance(options.get("aux_dtype"), str):
+            dtype = getattr(torch, options["aux_dtype"], None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"rule_options: no torch dtype {options['aux_dtype']!r}")
+            options["aux_dtype"] = dtype
+        return options
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (tuples become lists)."""
@@ -135,6 +167,13 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
         return cls(**data)
+
+
+_SET_BY_THE_TRAINER = frozenset(
+    {"net", "lr", "meta_params", "depth", "inplace_state", "workspace", "importance_free"}
+)
+"""Arguments of :func:`~metaopt.learned.learned_rule` that the trainer gives itself, so
+no ``rule_options``."""
 
 
 def _family_config(data: dict[str, Any]) -> FamilyConfig:
@@ -260,9 +299,8 @@ class MetaTrainer:
     # ------------------------------------------------------------------ pieces
     def rule_fn(self, meta_params: Params):
         """The learned rule with ``meta_params`` in place of the net's parameters."""
-        return learned_rule(
-            self.net, self.config.inner_lr, meta_params=meta_params, **self.config.rule_options
-        )
+        options = self.config.learned_rule_options()
+        return learned_rule(self.net, self.config.inner_lr, meta_params=meta_params, **options)
 
     def _make_estimator(self) -> Callable[[Params, ContinualProblem], MetaGradient]:
         cfg = self.config
@@ -360,7 +398,8 @@ class MetaTrainer:
 
     def validate(self, rule=None) -> dict[str, float]:
         """Mean ``evaluate_rule`` metrics over the validation sequences (all ranks)."""
-        rule = rule or learned_rule(self.net, self.config.inner_lr, **self.config.rule_options)
+        options = self.config.learned_rule_options()
+        rule = rule or learned_rule(self.net, self.config.inner_lr, **options)
         keys = ("meta_loss", "acc", "bwt_loss")
         sums = {k: torch.zeros(1, dtype=torch.float64) for k in keys}
         with torch.no_grad():
@@ -456,7 +495,9 @@ class MetaTrainer:
         net = LearnedRuleNet(**self.config.net).to(self.device)
         net.load_state_dict(self.best.get("state") or self.net.state_dict())
         rules = {
-            "learned": learned_rule(net, self.config.inner_lr, **self.config.rule_options),
+            "learned": learned_rule(
+                net, self.config.inner_lr, **self.config.learned_rule_options()
+            ),
             "adam": adam(self.config.inner_lr),
         }
         gen = torch.Generator().manual_seed(seed)

@@ -275,10 +275,28 @@ def test_compile_option_reaches_the_unrolled_estimator(tmp_path, monkeypatch):
         assert seen["compile"] is expected
 
 
-@pytest.mark.parametrize("bad", [{"estimator": "sgd"}, {"steps": 0}, {"clip": 0.0}])
-def test_bad_config(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"estimator": "sgd"}, "estimator"),
+        ({"steps": 0}, "steps"),
+        ({"clip": 0.0}, "clip"),
+        # refused when built, not by the first checkpoint after meta-steps have run
+        ({"rule_options": {"aux_dtype": torch.float32}}, "plain data"),
+        ({"rule_options": {"importanc": "fisher"}}, "no options of learned_rule"),
+        ({"rule_options": {"meta_params": {}}}, "no options of learned_rule"),
+        ({"rule_options": {"aux_dtype": "float33"}}, "no torch dtype"),
+    ],
+)
+def test_bad_config(bad, message):
+    with pytest.raises(ValueError, match=message):
         tiny_config(**bad)
+
+
+def test_rule_options_name_aux_dtype_as_plain_data():
+    config = tiny_config(rule_options={"aux_dtype": "float32", "importance": "fisher"})
+    assert config.learned_rule_options() == {"aux_dtype": torch.float32, "importance": "fisher"}
+    assert TrainConfig.from_dict(config.to_dict()).rule_options == config.rule_options
 
 
 def _cli(out: Path, steps: int) -> list[str]:
