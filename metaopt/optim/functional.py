@@ -203,6 +203,11 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         # per group: the rule_for() rule it was built from (and dtype, device), the rule
         # with tensor hyper-parameters (compile=True)
         self._tensor_rules: dict[int, tuple[tuple[Any, ...], UpdateRule]] = {}
+        # the names given with the parameters (kept when a framework replaces a group's
+        # parameter list and its param_names no longer fit), and the identities of all
+        # groups' parameters when they were last looked at (see _sync_params)
+        self._names: dict[torch.Tensor, str] = {}
+        self._synced: tuple[int, ...] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -306,14 +311,48 @@ class FunctionalOptimizer(torch.optim.Optimizer):
             p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         )
 
-    @staticmethod
-    def param_keys(group: dict[str, Any]) -> list[str]:
+    def param_keys(self, group: dict[str, Any]) -> list[str]:
         """Keys naming the group's parameters for the rule: names when the optimizer was
-        given named parameters, otherwise positions in the group (``"0"``, ``"1"``, ...)."""
+        given named parameters, otherwise positions in the group (``"0"``, ``"1"``, ...).
+
+        When a framework has replaced the group's parameter list (so that its
+        ``param_names`` no longer fit), parameters keep the names they were given with
+        and the others get their positions (all get positions if that would repeat a
+        key)."""
+        params = group["params"]
         names = group.get("param_names")
-        if names is not None and len(names) == len(group["params"]):
+        if names is not None and len(names) == len(params):
             return list(names)
-        return [str(i) for i in range(len(group["params"]))]
+        keys = [self._names.get(p, str(i)) for i, p in enumerate(params)]
+        if len(set(keys)) == len(keys):
+            return keys
+        return [str(i) for i in range(len(params))]
+
+    def _sync_params(self) -> None:
+        """Follow edits of the groups' parameter lists since the last call (frameworks
+        such as Avalanche replace ``param_groups[0]["params"]`` between tasks): remember
+        the names that fit, forget what was cached for parameters no longer optimised
+        (their tensors would stay alive), and tell :meth:`_params_changed`. A tuple of
+        identities compared per call: nothing else happens while the lists are the
+        same."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        ids = tuple(map(id, params))
+        if ids == self._synced:
+            return
+        self._synced = ids
+        for group in self.param_groups:
+            names = group.get("param_names")
+            if names is not None and len(names) == len(group["params"]):
+                self._names.update(zip(group["params"], names, strict=True))
+        present = set(ids)
+        for cache in (self._names, self._layouts):
+            for p in [p for p in cache if id(p) not in present]:
+                del cache[p]
+        self._params_changed(params)
+
+    def _params_changed(self, params: list[torch.Tensor]) -> None:
+        """Called by :meth:`_sync_params` with all groups' parameters, in order, when
+        the parameter lists have changed (nothing to do here)."""
 
     # ------------------------------------------------------------------ state
     def _leaf_state(self, rule: UpdateRule, key: str, p: torch.Tensor) -> Any:
@@ -428,6 +467,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._sync_params()
         plan = self._gather()
         if self.check_finite:
             self._raise_if_nonfinite(plan)

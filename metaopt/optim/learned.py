@@ -178,7 +178,7 @@ class LearnedOptimizer(FunctionalOptimizer):
             {} if self._reuse_buffers and not self._compile else None
         )
         self._loss: torch.Tensor | None = None
-        self._set_depths()
+        self._depth: dict[torch.Tensor, float] = {}  # set by _params_changed
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -227,7 +227,7 @@ class LearnedOptimizer(FunctionalOptimizer):
         return self._depth.get(p, 0.5)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As ``torch.optim.Optimizer.add_param_group``; also updates parameter depths.
+        """As ``torch.optim.Optimizer.add_param_group``.
 
         Raises:
             ValueError: the group asks for a non-zero ``weight_decay`` (Hugging Face-style
@@ -247,13 +247,15 @@ class LearnedOptimizer(FunctionalOptimizer):
                 f"{unsupported[0]} (complex parameters: use FunctionalOptimizer with a rule "
                 "such as metaopt.rules.adam, which steps them as torch.optim does)"
             )
-        self._set_depths()
 
-    def _set_depths(self) -> None:
-        """Each parameter's depth: its position among all groups' parameters, in [0, 1]."""
-        ordered = [p for group in getattr(self, "param_groups", []) for p in group["params"]]
-        n = len(ordered)
-        self._depth = {p: i / (n - 1) if n > 1 else 0.5 for i, p in enumerate(ordered)}
+    def _params_changed(self, params: list[torch.Tensor]) -> None:
+        """Each parameter's depth: its position among all groups' parameters, in [0, 1]
+        (recomputed whenever the groups' parameter lists change, so that a parameter
+        whose state starts later, e.g. a new head, sits where it is now); the fused
+        steps' cached views of parameters no longer optimised are dropped."""
+        n = len(params)
+        self._depth = {p: i / (n - 1) if n > 1 else 0.5 for i, p in enumerate(params)}
+        self._view_caches.clear()
 
     def rule_for(self, group: dict[str, Any]) -> UpdateRule:
         """The group's rule; during ``step(closure)`` it first records the closure's loss."""
@@ -447,6 +449,7 @@ class LearnedOptimizer(FunctionalOptimizer):
         importance, reset the in-task counters and increment the task index (also kept
         as each group's ``"task_index"``, so that a ``state_dict()`` saved before any
         parameter has state still holds it)."""
+        self._sync_params()
         for group in self.param_groups:
             rule = self.rule_for(group)
             for key, p in zip(self.param_keys(group), group["params"], strict=True):
@@ -470,6 +473,7 @@ class LearnedOptimizer(FunctionalOptimizer):
 
     def _after_load(self, saved: _SavedState) -> None:
         super()._after_load(saved)
+        self._sync_params()
         task_index = float(max(g.get("task_index", 0) for g in self.param_groups))
         for group in self.param_groups:
             rule = self.rule_for(group)

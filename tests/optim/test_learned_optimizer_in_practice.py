@@ -396,7 +396,7 @@ def test_weight_decay_in_a_group_is_refused_not_ignored(default_net):
     opt = LearnedOptimizer([{**no_decay, "weight_decay": 0.0}], net=copy.deepcopy(default_net))
     with pytest.raises(ValueError, match="weight_decay"):
         opt.add_param_group({**decay, "weight_decay": 0.1})
-    assert len(opt.param_groups) == 1 and len(opt._depth) == len(no_decay["params"])
+    assert len(opt.param_groups) == 1
     opt.add_param_group({**decay, "weight_decay": 0})
     assert len(opt.param_groups) == 2
 
@@ -550,3 +550,73 @@ def test_zero_lr_after_a_boundary_only_pulls_towards_the_anchors(default_net):
         moved = max(moved, float((p.detach() - old).abs().max()))
     assert moved > 0  # the shipped rule does pull back after a boundary
     assert torch.equal(model[2].bias, frozen_before)
+
+
+class _BodyWithNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.norm(self.fc(x)))
+
+
+@pytest.mark.parametrize("mode", ["reset", "update"])
+def test_avalanche_style_param_list_replacement_keeps_names_depths_and_frees_old_heads(
+    default_net, mode
+):
+    """Avalanche replaces ``param_groups[0]["params"]`` between experiences (its
+    ``param_names`` then no longer fit) and, in reset mode, empties the state. The
+    parameters given with names keep them (a LayerNorm stays a norm token), depths follow
+    the new list as in an optimizer built on it, and the replaced head is freed as
+    torch.optim frees it."""
+    import gc
+    import weakref
+
+    from metaopt.learned.features import KINDS, STATIC_FEATURES
+
+    torch.manual_seed(0)
+    body = _BodyWithNorm()
+    old_head = nn.Linear(16, 2)
+    named = [*body.named_parameters(), *(("head." + n, p) for n, p in old_head.named_parameters())]
+    opt = LearnedOptimizer(named, lr=1e-3, net=copy.deepcopy(default_net))
+    x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))
+
+    def train(head: nn.Module) -> None:
+        for _ in range(2):
+            opt.zero_grad()
+            nn.functional.cross_entropy(head(body(x)), y).backward()
+            opt.step()
+
+    train(old_head)
+    opt.new_task()
+    new_head = nn.Linear(16, 2)
+    if mode == "reset":
+        opt.state.clear()
+    else:
+        for p in old_head.parameters():
+            opt.state.pop(p)
+    new_list = [*body.parameters(), *new_head.parameters()]
+    opt.param_groups[0]["params"] = new_list
+    gone = weakref.ref(old_head.weight)
+    del old_head, named
+    train(new_head)
+    gc.collect()
+    assert gone() is None, gc.get_referrers(gone())
+
+    def descriptor(p: torch.Tensor) -> dict[str, float]:
+        d = opt.state[p][".descriptor"]
+        return {
+            "depth": float(d[STATIC_FEATURES.index("depth_fraction")]),
+            "kind": KINDS[int(d[-len(KINDS) :].argmax())],
+        }
+
+    n = len(new_list)
+    if mode == "reset":  # every state started in the new list
+        for i, p in enumerate(new_list):
+            assert descriptor(p)["depth"] == pytest.approx(i / (n - 1))
+    assert descriptor(body.norm.weight)["kind"] == "norm"
+    assert descriptor(body.norm.bias)["kind"] == "norm"
+    assert descriptor(new_head.weight)["depth"] == pytest.approx((n - 2) / (n - 1))
+    assert opt.task_index == 1

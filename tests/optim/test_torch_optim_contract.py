@@ -1231,3 +1231,24 @@ def test_learned_step_inside_autocast_equals_the_step_outside():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         opt.step(closure)
     assert seen == [torch.bfloat16]
+
+
+@pytest.mark.parametrize("kind", sorted(ADAM_LIKE))
+def test_a_parameter_removed_from_the_groups_is_freed_like_with_torch(kind):
+    """Frameworks replace a group's parameter list between tasks; the optimizer's caches
+    must not keep the removed tensors (and their gradients) alive."""
+    import gc
+    import weakref
+
+    keep, old = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    opt = ADAM_LIKE[kind]([keep, old])
+    keep.grad, old.grad = torch.ones(3), torch.ones(3)
+    opt.step()
+    opt.state.pop(old)
+    opt.param_groups[0]["params"] = [keep]
+    gone = weakref.ref(old)
+    del old
+    keep.grad = torch.ones(3)
+    opt.step()
+    gc.collect()
+    assert gone() is None
