@@ -47,7 +47,8 @@ class LearnedState(NamedTuple):
         descriptor: ``[N_STATIC_FEATURES]`` float32 static shape descriptor.
         pending: ``[0]``; ``[1]`` after :func:`metaopt.learned.new_task` was called
             without parameters: the next ``update`` snapshots the anchor and folds the
-            importance (it has the parameter values).
+            importance (it has the parameter values). Its value is 1 if the closed task
+            updated the parameter, else 0 (then no importance is added).
     """
 
     step: torch.Tensor

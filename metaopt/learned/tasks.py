@@ -82,6 +82,11 @@ def map_learned(state: Any, fn: Callable[[str, LearnedState], LearnedState]) -> 
 def fold_task(leaf: LearnedState, param: torch.Tensor, importance: str = "path") -> LearnedState:
     """Snapshot the anchor to ``param`` and add the finished task's importance score.
 
+    A parameter the finished task never updated (frozen, without gradients, or a second
+    boundary right after the first) scores 0: Adam's second moment still holds an earlier
+    task's gradients, and adding their ``"fisher"`` or ``"weight_grad"`` score again at
+    every boundary counted them twice. ``"path"`` scores 0 there anyway.
+
     Args:
         leaf: the parameter's leaf state.
         param: the parameter's current value (same shape).
@@ -104,6 +109,7 @@ def fold_task(leaf: LearnedState, param: torch.Tensor, importance: str = "path")
         score = param.abs() * root_v
     else:
         score = v
+    score = score * _updated_in_task(leaf).to(score.dtype)
     aux = leaf.anchor.dtype
     return leaf._replace(
         anchor=param.to(aux, copy=True),
@@ -122,6 +128,15 @@ many orders of magnitude smaller."""
 
 def _importance_cap(dtype: torch.dtype) -> float:
     return min(IMPORTANCE_CAP, torch.finfo(dtype).max)
+
+
+def _updated_in_task(leaf: LearnedState) -> torch.Tensor:
+    """0-d: 1 if the task being folded updated the parameter, else 0. With a pending
+    boundary (``new_task(state)`` without params, which resets ``task_step`` at once) the
+    flag was kept in ``pending``."""
+    if leaf.pending.numel():
+        return leaf.pending[0]
+    return (leaf.task_step > 0).to(leaf.pending.dtype)
 
 
 def _advance(leaf: LearnedState) -> LearnedState:
@@ -160,8 +175,11 @@ def new_task(state: Any, params: Any | None = None, *, importance: str | None = 
                 "update folds the task with the rule's importance option "
                 "(learned_rule(..., importance=...))"
             )
+        # pending holds whether the task being closed updated the parameter (two
+        # boundaries before the next update fold as one: either task may have)
         return map_learned(
-            state, lambda key, leaf: _advance(leaf)._replace(pending=leaf.pending.new_ones(1))
+            state,
+            lambda key, leaf: _advance(leaf)._replace(pending=_updated_in_task(leaf).reshape(1)),
         )
     importance = "path" if importance is None else importance
     check_importance(importance)

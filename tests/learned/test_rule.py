@@ -149,6 +149,28 @@ def test_new_task_snapshots_anchor_and_folds_importance():
         assert float(state[k].task_step) == 5.0  # input untouched
 
 
+@pytest.mark.parametrize("importance", ["path", "weight_grad", "fisher"])
+def test_a_boundary_after_no_update_adds_no_importance(importance):
+    """A second boundary right after the first (two hooks calling new_task), or a task
+    in which a parameter got no update (frozen), adds nothing: Adam's second moment still
+    holds the earlier task's gradients, and "fisher" / "weight_grad" counted them again."""
+    params = mlp_params(torch.float32)
+    rule = learned_rule(perturbed_net(), lr=1e-2, importance=importance)
+    moved, state = _run(rule, copy_params(params), 5)
+    once = new_task(state, moved, importance=importance)
+    twice = new_task(once, moved, importance=importance)
+    for k in params:
+        assert float(once[k].importance.float().abs().sum()) > 0
+        assert torch.equal(twice[k].importance, once[k].importance)
+        assert float(twice[k].task_index) == 2.0
+    # the same with boundaries marked without parameters (folded at the next update)
+    deferred_once = rule.update.fold_pending(new_task(state), moved)
+    deferred_twice = rule.update.fold_pending(new_task(new_task(state)), moved)
+    for k in params:
+        torch.testing.assert_close(deferred_once[k].importance, once[k].importance, rtol=0, atol=0)
+        assert torch.equal(deferred_twice[k].importance, deferred_once[k].importance)
+
+
 def test_observe_loss_tracks_averages_and_task_start():
     state = learned_rule(LearnedRuleNet()).init(mlp_params(torch.float32))
     for value in (4.0, 2.0, 1.0):
