@@ -165,3 +165,20 @@ def test_bench_help_shows_a_single_percent_sign(capsys) -> None:
         main(["bench", "--help"])
     out = capsys.readouterr().out
     assert "in %." in out and "%%" not in out
+
+
+@pytest.mark.parametrize("device", ["meta", "xpu", "mps"])
+def test_bench_refuses_devices_this_machine_cannot_use(device, capsys) -> None:
+    """They passed the check and the first run died with a traceback."""
+    import torch
+
+    try:
+        torch.empty(1, device=device)
+        if device != "meta":
+            pytest.skip(f"{device} is usable here")
+    except (RuntimeError, AssertionError):
+        pass
+    with pytest.raises(SystemExit) as exc:
+        main([*TINY, "--optimizers", "sgd", "--lrs", "0.1", "--device", device])
+    assert exc.value.code == 1
+    assert "--device" in capsys.readouterr().err

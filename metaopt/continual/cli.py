@@ -215,6 +215,14 @@ def _check_device(name: str | None) -> None:
         raise ValueError(f"--device {name!r} is not a torch device: {exc}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name!r}: CUDA is not available on this machine")
+    if device.type == "meta":
+        raise ValueError("--device meta holds no values: nothing can be trained or measured")
+    try:  # the index too (cuda:7 on a one-GPU machine), and mps / xpu builds
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        text = str(exc).strip()
+        reason = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+        raise ValueError(f"--device {name!r} is not usable on this machine: {reason}") from exc
 
 
 def _check_n_tasks(results_path: Path, rows: list[dict[str, Any]], streams: dict[str, int]) -> None:

@@ -108,6 +108,11 @@ def _check_xy(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: y must be [N] with N = {len(x)}, got {tuple(y.shape)}")
     if not _integer_labels(y):
         raise ValueError(f"{what}: y must hold integer labels, got {y.dtype}")
+    if len(y) and int(y.min()) < 0:
+        # a lookup table indexed with -1 wraps to its last entry: -1 became another class
+        raise ValueError(f"{what}: labels must be >= 0, got {int(y.min())}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{what}: x holds NaN or infinite values")
 
 
 def _integer_labels(y: torch.Tensor) -> bool:
@@ -363,6 +368,12 @@ def stream_from_tensors(
         # checked before the int64 cast below, which would truncate 2.7 to class 2
         if labels is not None and not _integer_labels(labels):
             raise ValueError(f"{name} must hold integer labels, got {labels.dtype}")
+    for name, images, labels in (("", x, y), ("_test", x_test, y_test)):
+        if labels is not None and len(images) != len(labels):
+            # the held-out split below is drawn over the labels: extra images were dropped
+            raise ValueError(
+                f"x{name} has {len(images)} examples, y{name} {len(labels)}: they must match"
+            )
     if x.ndim == 2:
         x = x[:, None, None, :]
     gen = _generator(seed)

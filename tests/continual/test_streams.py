@@ -129,6 +129,16 @@ def test_stream_from_tensors_holds_out_test_and_accepts_flat_inputs() -> None:
     with pytest.raises(ValueError, match="y_test must hold integer labels"):
         stream_from_tensors(x, y, x_test=x, y_test=y.float(), n_tasks=2)
     assert len(stream_from_tensors(x, y.to(torch.int32), n_tasks=2)) == 2
+    # negative labels were silently merged with another class (-1 indexed the last entry
+    # of the label table); mismatched lengths dropped examples; NaN images trained to NaN
+    with pytest.raises(ValueError, match="labels must be >= 0"):
+        stream_from_tensors(x, y - 1, n_tasks=2, scenario="class")
+    with pytest.raises(ValueError, match="must match"):
+        stream_from_tensors(torch.cat([x, x]), y, n_tasks=2)
+    nan_x = x.clone()
+    nan_x[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        stream_from_tensors(nan_x, y, n_tasks=2)
 
 
 def test_validation_is_held_out_from_training_data_only() -> None:
