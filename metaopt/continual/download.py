@@ -92,10 +92,21 @@ def verify_file(path: str | os.PathLike[str], expected_sha256: str) -> None:
         )
 
 
+def _verify_download(tmp: Path, dest: Path, expected: str) -> None:
+    """:func:`verify_file` of a download's temporary file, whose error names ``dest``
+    (the temporary file is gone by the time anyone reads the message)."""
+    got = _content_sha256(tmp)
+    if got != expected:
+        raise ChecksumError(
+            f"{dest}: checksum mismatch of the download (sha256 {got}, expected {expected}; "
+            "not saved)"
+        )
+
+
 def _fetch(url: str, dest: Path, expected: str, timeout: float) -> None:
     try:
         with (
-            replace_atomically(dest, check=lambda tmp: verify_file(tmp, expected)) as out,
+            replace_atomically(dest, check=lambda t: _verify_download(t, dest, expected)) as out,
             urllib.request.urlopen(url, timeout=timeout) as resp,
         ):
             announced = resp.headers.get("Content-Length")
