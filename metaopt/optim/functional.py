@@ -124,7 +124,8 @@ class FunctionalOptimizer(torch.optim.Optimizer):
             gradient holds NaN or inf (default). ``False`` skips the check (one device
             sync per step) and lets non-finite values flow into parameters.
         compile: run each group's update (``rule.update`` over all its parameters and the
-            in-place addition) through ``torch.compile``. Every non-zero float
+            in-place addition) through ``torch.compile``, one compiled function per
+            parameter layout (device type, dtypes and shapes). Every non-zero float
             hyper-parameter (``lr``, each of ``betas``, ``eps``, ...) is then passed to the
             factory as a 0-d tensor (float64 on CPU and CUDA, as precise as the number),
             so schedulers that change them (``OneCycleLR`` cycles ``betas``) do not
@@ -193,9 +194,10 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def _reset_transient(self) -> None:
-        """(Re)build what is not copied with the optimizer: the (compiled) update function
+        """(Re)build what is not copied with the optimizer: the compiled update functions
         and the caches keyed by tensors and groups."""
-        self._update = compile_own(_update_group) if self._compile else _update_group
+        # compile=True: one compiled update per parameter layout (see _update_for)
+        self._updates: dict[tuple[Any, ...], Callable[..., dict[str, Any]]] = {}
         # per parameter: the pytree structure of its rule state and the self.state[p] keys
         # of its leaves (their key paths, built once per structure)
         self._layouts: dict[torch.Tensor, tuple[Any, tuple[str, ...]]] = {}
@@ -489,10 +491,8 @@ class FunctionalOptimizer(torch.optim.Optimizer):
     ) -> None:
         rule = self.rule_for(group)
         state = {k: self._leaf_state(rule, k, p) for k, p in zip(keys, params, strict=True)}
-        update = self._update
-        if params[0].device.type == "meta":  # shapes only: nothing to compile
-            update = _update_group
-        elif update is not _update_group:
+        update = self._update_for(params)
+        if update is not _update_group:
             rule = self._tensor_hyper_rule(group, rule)
         grads = [p.grad for p in params]
         complex_keys = [k for k, p in zip(keys, params, strict=True) if p.is_complex()]
@@ -509,6 +509,22 @@ class FunctionalOptimizer(torch.optim.Optimizer):
             new_state = update(rule, keys, params, grads, state)
         for k, p in zip(keys, params, strict=True):
             self._store(p, new_state[k])
+
+    def _update_for(self, params: list[torch.Tensor]) -> Callable[..., dict[str, Any]]:
+        """The update function for a group of these parameters: eager without
+        ``compile=True`` or on the ``meta`` device (shapes only), else a compiled one per
+        layout (device type, dtypes and shapes), each with a ``torch.compile`` cache of its
+        own. One function shared by all groups compiled a graph per group into one cache
+        and, past Dynamo's recompile limit (8 groups of other shapes, e.g. per-layer
+        learning rates), ran the remaining groups eagerly; groups of one layout (a head
+        per task) still share a function and its graphs."""
+        if not self._compile or params[0].device.type == "meta":
+            return _update_group
+        key = (params[0].device.type, *((p.dtype, tuple(p.shape)) for p in params))
+        update = self._updates.get(key)
+        if update is None:
+            update = self._updates[key] = compile_own(_update_group)
+        return update
 
     def _tensor_hyper_rule(self, group: dict[str, Any], rule: UpdateRule) -> UpdateRule:
         """``rule`` rebuilt with the group's non-zero float hyper-parameters (also inside

@@ -777,12 +777,46 @@ def test_deepcopy_of_a_compiled_functional_optimizer_compiles_its_own_update():
         _loss(m, x).backward()
         o.step()
     both = copy.deepcopy({"model": model, "opt": opt})
-    assert both["opt"]._update is not opt._update
+    assert both["opt"]._updates == {} and len(opt._updates) == 1  # rebuilt, not copied
     for m, o in ((model, opt), (both["model"], both["opt"])):
         o.zero_grad()
         _loss(m, x).backward()
         o.step()
+    assert not set(map(id, both["opt"]._updates.values())) & set(map(id, opt._updates.values()))
     _assert_same_params(model, both["model"], atol=0)
+
+
+def test_compiled_functional_groups_of_many_layouts_stay_compiled(monkeypatch):
+    """Per-layer learning rates: 10 groups of other shapes. One compiled function for
+    all groups hit Dynamo's recompile limit (8) and ran the rest eagerly; one per layout
+    compiles each once (Dynamo with its eager backend here: the graphs are what counts)."""
+    from torch._dynamo.utils import counters
+
+    import metaopt.optim.functional as functional
+    from metaopt._own_cache import with_own_cache
+
+    monkeypatch.setattr(
+        functional,
+        "compile_own",
+        lambda fn: torch.compile(with_own_cache(fn), backend="eager", fullgraph=True),
+    )
+    layers = [nn.Linear(3 + i, 2 + i) for i in range(10)]
+    ref_layers = copy.deepcopy(layers)
+
+    def groups(mods):
+        return [{"params": m.parameters(), "lr": 1e-2 * (i + 1)} for i, m in enumerate(mods)]
+
+    ours, ref = _functional(groups(layers), compile=True), torch.optim.Adam(groups(ref_layers))
+    counters.clear()
+    for _ in range(2):
+        for mods, opt in ((layers, ours), (ref_layers, ref)):
+            opt.zero_grad()
+            sum(m(torch.ones(1, m.in_features)).square().sum() for m in mods).backward()
+            opt.step()
+    assert counters["stats"]["unique_graphs"] == 10
+    assert len(ours._updates) == 10
+    for a, b in zip(layers, ref_layers, strict=True):
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
 
 
 def test_deepcopy_of_an_optimizer_with_a_ready_rule_steps_like_the_original():
