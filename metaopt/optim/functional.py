@@ -198,6 +198,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         and the caches keyed by tensors and groups."""
         # compile=True: one compiled update per parameter layout (see _update_for)
         self._updates: dict[tuple[Any, ...], Callable[..., dict[str, Any]]] = {}
+        self._update_of_params: dict[tuple[int, ...], Callable[..., dict[str, Any]]] = {}
         # per parameter: the pytree structure of its rule state and the self.state[p] keys
         # of its leaves (their key paths, built once per structure)
         self._layouts: dict[torch.Tensor, tuple[Any, tuple[str, ...]]] = {}
@@ -346,6 +347,7 @@ class FunctionalOptimizer(torch.optim.Optimizer):
             names = group.get("param_names")
             if names is not None and len(names) == len(group["params"]):
                 self._names.update(zip(group["params"], names, strict=True))
+        self._update_of_params.clear()
         present = set(ids)
         for cache in (self._names, self._layouts):
             for p in [p for p in cache if id(p) not in present]:
@@ -520,10 +522,16 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         per task) still share a function and its graphs."""
         if not self._compile or params[0].device.type == "meta":
             return _update_group
-        key = (params[0].device.type, *((p.dtype, tuple(p.shape)) for p in params))
-        update = self._updates.get(key)
+        ids = tuple(map(id, params))  # 2 us for 50 tensors, the layout key 21 us
+        update = self._update_of_params.get(ids)
         if update is None:
-            update = self._updates[key] = compile_own(_update_group)
+            key = (params[0].device.type, *((p.dtype, tuple(p.shape)) for p in params))
+            update = self._updates.get(key)
+            if update is None:
+                update = self._updates[key] = compile_own(_update_group)
+            # a tensor reshaped in place (p.data = x) keeps its id: its function's own
+            # guards then recompile, correct either way
+            self._update_of_params[ids] = update
         return update
 
     def _tensor_hyper_rule(self, group: dict[str, Any], rule: UpdateRule) -> UpdateRule:
