@@ -35,6 +35,7 @@ from metaopt.continual.suite import (
     SUITES,
     Budget,
     SuiteSpec,
+    build_stream,
     check_stream,
     row_key,
     run_suite,
@@ -329,7 +330,11 @@ def bench_command(args: argparse.Namespace) -> int:
     streams_to_run = {key[0] for key in to_run}
     for spec in suite.streams:
         if spec.name in streams_to_run:
-            check_stream(spec, args.data_dir)  # before any run, not when its stream comes
+            # before any run, not when its stream comes: the files, and (building it once
+            # for the first seed, a few seconds) what only the data can tell: unreadable
+            # images, a class without test examples, too few examples for the budget
+            check_stream(spec, args.data_dir)
+            build_stream(spec, suite.budget, suite.seeds[0], args.data_dir)
     learned = [s for s in suite.settings if s.optimizer == "learned"]
     if learned:
         infos = {s.label: _checkpoint_info(s.checkpoint) for s in learned}

@@ -198,7 +198,8 @@ def build_stream(
     one (``0:1, 2:3, ...``).
 
     Raises:
-        ValueError: a task has no more than ``n_val`` training examples.
+        ValueError: a task has no test examples, or no more than ``n_val`` training
+            examples.
     """
     x_train, y_train = load_dataset(spec.dataset, data_dir, "train")
     x_test, y_test = load_dataset(spec.dataset, data_dir, "test")
@@ -240,6 +241,9 @@ def build_stream(
         )
     n_keep = None if budget.n_train is None else budget.n_train + budget.n_val
     stream = subsample(stream, n_keep, budget.n_test, seed=gen)
+    for task in stream:
+        if len(task.y_test) == 0:  # e.g. a dataset folder whose test files lack a class
+            raise ValueError(f"stream {name!r}: task {task.name!r} has no test examples")
     smallest = min(len(t.y_train) for t in stream)
     if budget.n_val >= smallest:
         raise ValueError(

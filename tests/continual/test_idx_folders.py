@@ -3,6 +3,7 @@ directory, through the loader, the stream builder and ``metaopt bench``."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import tempfile
 from pathlib import Path
@@ -173,3 +174,29 @@ def test_any_shape_channels_and_classes_round_trip_into_streams_and_models(
     for name in ("mlp", "cnn", "transformer"):
         model = build_model(name, (channels, *side), outputs)
         assert model(tasks[-1].x_test[:2]).shape == (2, outputs)
+
+
+@pytest.mark.parametrize("problem", ["cut-short images", "class without test examples"])
+def test_bench_finds_data_problems_before_any_run(tmp_path: Path, problem, capsys) -> None:
+    """They surfaced when the stream's turn came, after every earlier stream's runs."""
+    _toy(tmp_path, n_classes=4)
+    folder = tmp_path / "toy"
+    if problem == "cut-short images":
+        raw = gzip.decompress((folder / "train-images-idx3-ubyte.gz").read_bytes())
+        (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(raw[:-100]))
+    else:
+        labels = folder / "t10k-labels-idx1-ubyte"
+        data = bytearray(labels.read_bytes())
+        data[8:] = bytes(b if b < 2 else 0 for b in data[8:])  # none of the second task
+        labels.write_bytes(bytes(data))
+    argv = ["bench", "--streams", "split-digits-domain", "split-toy-domain", "--n-tasks", "2",
+            "--models", "mlp", "--optimizers", "sgd", "--lrs", "0.1", "--seeds", "0",
+            "--steps", "1", "--train-per-task", "20", "--val-per-task", "2",
+            "--test-per-task", "10", "--no-progress", "--data-dir", str(tmp_path),
+            "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 1
+    captured = capsys.readouterr()
+    assert "runs; results" not in captured.out  # nothing ran
+    assert "toy" in captured.err
