@@ -19,6 +19,7 @@ import torch
 
 from metaopt._machine import cpu_model
 from metaopt._version import __version__
+from metaopt.continual import suite as suite_module
 from metaopt.continual.data import DATASETS
 from metaopt.continual.report import (
     format_markdown,
@@ -35,7 +36,6 @@ from metaopt.continual.suite import (
     SUITES,
     Budget,
     SuiteSpec,
-    build_stream,
     check_stream,
     row_key,
     run_suite,
@@ -328,19 +328,22 @@ def bench_command(args: argparse.Namespace) -> int:
     _check_n_tasks(results_path, rows, {s.name: s.n_tasks for s in suite.streams})
     to_run = _planned(suite) - skip
     streams_to_run = {key[0] for key in to_run}
-    for spec in suite.streams:
-        if spec.name in streams_to_run:
-            # before any run, not when its stream comes: the files, and (building it once
-            # for the first seed, a few seconds) what only the data can tell: unreadable
-            # images, a class without test examples, too few examples for the budget
-            check_stream(spec, args.data_dir)
-            build_stream(spec, suite.budget, suite.seeds[0], args.data_dir)
+    # before any run, not when a stream's turn comes: every stream's files here, what only
+    # the data can tell after the other checks (below)
+    specs = [spec for spec in suite.streams if spec.name in streams_to_run]
+    for spec in specs:
+        check_stream(spec, args.data_dir)
     learned = [s for s in suite.settings if s.optimizer == "learned"]
     if learned:
         infos = {s.label: _checkpoint_info(s.checkpoint) for s in learned}
         stored = old_meta.get("learned_checkpoints", {})
         _check_checkpoints(results_path, rows, stored, infos, to_run)
         meta["learned_checkpoints"] = {**stored, **infos}
+
+    # each stream built once for the first seed (a few seconds): unreadable images, a task
+    # without test examples or too few examples for the budget stop here, before any run
+    for spec in specs:
+        suite_module.build_stream(spec, suite.budget, suite.seeds[0], args.data_dir)
 
     from tqdm import tqdm
 
