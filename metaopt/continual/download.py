@@ -82,31 +82,31 @@ def _content_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_file(path: str | os.PathLike[str], expected_sha256: str) -> None:
-    """Raise :class:`ChecksumError` unless the decompressed content of ``path`` matches."""
+def verify_file(
+    path: str | os.PathLike[str],
+    expected_sha256: str,
+    *,
+    shown_as: str | os.PathLike[str] | None = None,
+) -> None:
+    """Raise :class:`ChecksumError` unless the decompressed content of ``path`` matches.
+
+    ``shown_as`` names the file in the message instead of ``path`` (a download's
+    temporary file is gone by the time anyone reads it)."""
     path = Path(path)
     got = _content_sha256(path)
     if got != expected_sha256:
         raise ChecksumError(
-            f"{path}: checksum mismatch (sha256 of content {got}, expected {expected_sha256})"
-        )
-
-
-def _verify_download(tmp: Path, dest: Path, expected: str) -> None:
-    """:func:`verify_file` of a download's temporary file, whose error names ``dest``
-    (the temporary file is gone by the time anyone reads the message)."""
-    got = _content_sha256(tmp)
-    if got != expected:
-        raise ChecksumError(
-            f"{dest}: checksum mismatch of the download (sha256 {got}, expected {expected}; "
-            "not saved)"
+            f"{shown_as or path}: checksum mismatch (sha256 of content {got}, expected "
+            f"{expected_sha256})"
         )
 
 
 def _fetch(url: str, dest: Path, expected: str, timeout: float) -> None:
     try:
         with (
-            replace_atomically(dest, check=lambda t: _verify_download(t, dest, expected)) as out,
+            replace_atomically(
+                dest, check=lambda tmp: verify_file(tmp, expected, shown_as=dest)
+            ) as out,
             urllib.request.urlopen(url, timeout=timeout) as resp,
         ):
             announced = resp.headers.get("Content-Length")
