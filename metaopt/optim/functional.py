@@ -370,14 +370,10 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         layout = self._layouts.get(p)
         if layout is None:
             expected, spec = _flatten_leaf_state(rule.init({key: p})[key])
-            if set(expected) != set(flat):
-                raise RuntimeError(
-                    f"optimizer.state for parameter {key!r} holds {sorted(flat)}, "
-                    f"the rule expects {sorted(expected)}"
-                )
             layout = self._layouts[p] = (spec, tuple(expected))
         keys = layout[1]
-        # by key, not by position: a framework (or a state_dict) may hold them in any order
+        # by key, not by position: a framework (or a state_dict) may hold them in any order;
+        # checked here for a layout just built and a cached one alike
         if len(flat) != len(keys) or not all(map(flat.__contains__, keys)):
             raise RuntimeError(
                 f"optimizer.state for parameter {key!r} holds {sorted(flat)}, the rule "
