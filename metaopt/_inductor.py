@@ -82,6 +82,8 @@ def inductor(
 
     config = dict(list_mode_options(mode)) if mode and mode != "default" else {}
     config.update(options or {})
+    if _runs_on_cpu(example_inputs, any):
+        _probe_cpu_simd_once()
     with batched_cpp_kernels():
         if not uses_max_pool(gm):
             return compile_fx(
@@ -99,10 +101,7 @@ def inductor(
         # entry compiled without these changes would be served (AOT autograd's cache is
         # off whenever the FX graph cache is)
         config["fx_graph_cache"] = False
-        on_cpu = all(
-            x.device.type == "cpu" for x in example_inputs if isinstance(x, torch.Tensor)
-        )
-        if on_cpu:
+        if _runs_on_cpu(example_inputs, all):
             config.setdefault("layout_optimization", False)
         return compile_fx(
             gm,
@@ -111,6 +110,33 @@ def inductor(
             config_patches=config,
             decompositions=decompositions,
         )
+
+
+def _runs_on_cpu(example_inputs: list[Any], quantifier: Callable[..., bool]) -> bool:
+    """Whether ``quantifier`` (``any`` or ``all``) of the tensor inputs are on a CPU
+    (``True`` for a graph without tensor inputs)."""
+    devices = [x.device.type for x in example_inputs if isinstance(x, torch.Tensor)]
+    return not devices or quantifier(d == "cpu" for d in devices)
+
+
+def _probe_cpu_simd_once() -> None:
+    """Find the SIMD instruction sets this CPU can build for, with ``cpp.vec_isa_ok``
+    unset, before a compilation applies its options.
+
+    torch 2.13 caches that list (``cpu_vec_isa.valid_vec_isa_list``) on first use, under
+    whatever ``cpp.vec_isa_ok`` is set then: a process whose first compilation passes
+    ``options={"cpp.vec_isa_ok": False}`` is left without SIMD for good. Its later
+    compilations then generate scalar code, and the SIMD code the FX graph cache serves
+    from other processes for the same graphs fails to build (``'at::vec' has not been
+    declared``: the kernels are built without the SIMD macros); this failed a CI run.
+    ``cpp.vec_isa_ok`` is still read by every compilation, so ``False`` keeps turning
+    SIMD off for the compilations that ask. Cached by torch, so a no-op after the first
+    call."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor import cpu_vec_isa
+
+    with inductor_config.patch({"cpp.vec_isa_ok": None}):
+        cpu_vec_isa.valid_vec_isa_list()
 
 
 def _within(

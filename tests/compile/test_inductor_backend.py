@@ -3,6 +3,11 @@ decomposition of max-pool backward, which gave wrong gradients in training graph
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -173,3 +178,46 @@ def test_meta_step_without_remat_on_a_pooling_cnn_matches_eager():
     torch.testing.assert_close(got.meta_grads["lr"], want.meta_grads["lr"], rtol=1e-4, atol=1e-6)
     for k, g in want.init_grads.items():
         torch.testing.assert_close(got.init_grads[k], g, rtol=1e-4, atol=1e-6)
+
+
+_SIMD_SCRIPT = """
+import sys
+import torch
+from torch._inductor import cpu_vec_isa
+from metaopt._inductor import inductor
+
+def double_sin(x):
+    return x.sin() * 2
+
+x = torch.randn(1000)
+if sys.argv[1] == "no-simd-first":
+    no_simd = {"cpp.vec_isa_ok": False}
+    without = torch.compile(lambda x: x.cos() + 1, backend=inductor, options=no_simd)
+    torch.testing.assert_close(without(x), x.cos() + 1)
+    assert cpu_vec_isa.pick_vec_isa() != cpu_vec_isa.invalid_vec_isa, "SIMD lost for the process"
+torch.testing.assert_close(torch.compile(double_sin, backend=inductor)(x), double_sin(x))
+"""
+
+
+def _run_simd_script(mode: str, cache_dir) -> None:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run(
+        [sys.executable, "-c", _SIMD_SCRIPT, mode], env=env, capture_output=True, text=True,
+        cwd=Path(__file__).parents[2],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_compile_without_simd_leaves_simd_on_for_the_next_ones_and_the_cache(tmp_path):
+    """torch 2.13 caches the CPU's SIMD sets under the first compilation's options: a first
+    ``cpp.vec_isa_ok=False`` compile left the process without SIMD, and SIMD code the FX
+    graph cache held from another process then failed to build (a CI failure). The
+    second process here gets ``double_sin`` from the cache the first one filled."""
+    if subprocess.run(
+        [sys.executable, "-c", "from torch._inductor import cpu_vec_isa as c;"
+         "assert c.pick_vec_isa() != c.invalid_vec_isa"],
+        env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)},
+    ).returncode:
+        pytest.skip("Inductor finds no SIMD instruction set on this machine")
+    _run_simd_script("simd", tmp_path)
+    _run_simd_script("no-simd-first", tmp_path)
