@@ -31,7 +31,7 @@ from metaopt.continual.data import (
     load_idx_dataset,
 )
 from metaopt.continual.models import build_model
-from metaopt.continual.streams import n_outputs, stream_from_tensors
+from metaopt.continual.streams import Task, n_outputs, stream_from_tensors
 from metaopt.meta.objective import ContinualProblem
 
 __all__ = [
@@ -103,6 +103,11 @@ class FamilyConfig:
     )
 
     def __post_init__(self) -> None:
+        for name in ("models", "kinds", "datasets"):
+            if isinstance(getattr(self, name), str):  # its letters were taken as names
+                raise ValueError(
+                    f"{name} must be a tuple of names, got the string {getattr(self, name)!r}"
+                )
         for name, chosen, allowed in (
             ("models", self.models, MODELS),
             ("kinds", self.kinds, KINDS),
@@ -171,6 +176,11 @@ class FamilyConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (for checkpoint metadata)."""
         return asdict(self)
+
+
+MAX_DRAWS = 100
+"""Draws of a sequence's examples before :meth:`TaskFamily.sample` gives up on leaving
+no task without training or held-out examples."""
 
 
 def _load_pool(name: str, data_dir: str | None, mnist_size: int):
@@ -251,6 +261,39 @@ class TaskFamily:
                     f"{error}"
                 ) from error
 
+    def _draw_stream(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        kind: str,
+        seed: int,
+        options: dict[str, Any],
+        gen: torch.Generator,
+    ) -> list[Task]:
+        """A stream of ``config.examples`` images drawn from ``(x, y)`` whose every task
+        has training and held-out examples: a split sequence's draw can leave a task
+        without either (its held-out loss, a mean over nothing, made the meta-loss NaN),
+        and is then drawn again, up to :data:`MAX_DRAWS` times."""
+        problem = ""
+        for _ in range(MAX_DRAWS):
+            index = torch.randperm(len(y), generator=gen)[: self.config.examples]
+            try:
+                stream = stream_from_tensors(
+                    x[index], y[index], kind=kind, test_fraction=0.25, seed=seed, **options
+                )
+            except ValueError as error:  # a task without training examples
+                problem = str(error)
+                continue
+            empty = [task.name for task in stream if not len(task.y_test)]
+            if not empty:
+                return stream
+            problem = f"tasks {empty} have no held-out examples"
+        raise ValueError(
+            f"{MAX_DRAWS} draws of {self.config.examples} examples for a {kind} sequence "
+            f"of {options['n_tasks']} tasks all left a task empty ({problem}): raise "
+            "examples or lower n_tasks"
+        )
+
     def sample(self, gen: torch.Generator) -> ContinualProblem:
         """One random task sequence; all randomness comes from ``gen``."""
         cfg = self.config
@@ -269,10 +312,7 @@ class TaskFamily:
             keep = torch.isin(y, classes)
             x, y = x[keep], y[keep]
             options.update(scenario="domain", classes=classes.tolist())
-        index = torch.randperm(len(y), generator=gen)[: cfg.examples]
-        stream = stream_from_tensors(
-            x[index], y[index], kind=kind, test_fraction=0.25, seed=seed, **options
-        )
+        stream = self._draw_stream(x, y, kind, seed, options, gen)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_model(

@@ -44,7 +44,7 @@ from metaopt.meta.objective import ContinualProblem, evaluate_rule
 from metaopt.meta.problem import MetaGradient, check_count
 from metaopt.meta.tasks import FamilyConfig, TaskFamily
 from metaopt.meta.unroll import Unrolled
-from metaopt.rules import adam
+from metaopt.rules import UpdateRule, adam
 from metaopt.tree import Params
 
 __all__ = ["CHECKPOINT_FORMAT", "MetaTrainer", "TrainConfig", "check_out_dir", "plot_history"]
@@ -113,6 +113,13 @@ class TrainConfig:
     init: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.family, FamilyConfig):  # the form its docs name, as plain data
+            self.family = self.family.to_dict()
+        if not isinstance(self.family, dict):
+            raise ValueError(
+                "family must be a FamilyConfig or a dict of its fields, got "
+                f"{type(self.family).__name__}"
+            )
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         for name in ("steps", "tasks_per_step", "val_every", "val_tasks", "ckpt_every"):
@@ -141,7 +148,23 @@ class TrainConfig:
                 f"rule_options {sorted(unknown)} are no options of learned_rule "
                 f"({sorted(known)})"
             )
-        self.learned_rule_options()  # an unknown aux_dtype name fails here
+        _family_config(self.family)  # the family's own checks, before any data is read
+        self._check_rule()
+
+    def _check_rule(self) -> None:
+        """Build the learned rule these settings describe once (on the meta device, no
+        random draws), so bad ``net`` or ``rule_options`` values (an unknown
+        ``aux_dtype`` name, ``topk_fraction=5``) fail now, not after the data loads."""
+        options = self.learned_rule_options()
+        try:
+            with torch.device("meta"):
+                net = LearnedRuleNet(**self.net)
+        except TypeError as exc:
+            raise ValueError(f"net: {exc}") from exc
+        try:
+            learned_rule(net, self.inner_lr, **options)
+        except ValueError as exc:
+            raise ValueError(f"rule_options: {exc}") from exc
 
     def learned_rule_options(self) -> dict[str, Any]:
         """``rule_options`` as :func:`~metaopt.learned.learned_rule` takes them: an
@@ -177,6 +200,11 @@ no ``rule_options``."""
 
 
 def _family_config(data: dict[str, Any]) -> FamilyConfig:
+    """The :class:`FamilyConfig` of a config's plain-data ``family`` (``ValueError`` for
+    unknown fields or values it refuses)."""
+    unknown = set(data) - {f.name for f in fields(FamilyConfig)}
+    if unknown:
+        raise ValueError(f"family: unknown FamilyConfig fields {sorted(unknown)}")
     tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     if "model_sizes" in tuples:
         tuples["model_sizes"] = {
@@ -421,10 +449,14 @@ class MetaTrainer:
 
         Returns:
             The best validation record (``{"step", "meta_loss", "acc", ...}``).
+
+        Raises:
+            TypeError: ``steps`` is not an integer.
+            ValueError: ``steps < 1``.
         """
-        target = self.config.steps if steps is None else steps
+        target = self.config.steps if steps is None else check_count("steps", steps)
         if not self.baseline:
-            self.baseline = {"adam": self.validate(adam(self.config.inner_lr))}
+            self.baseline = {"adam": self.validate(self._adam())}
         if not self.history:
             self._record_validation()
         bar = tqdm(
@@ -464,6 +496,13 @@ class MetaTrainer:
         bar.close()
         return self.best
 
+    def _adam(self) -> UpdateRule:
+        """The baseline: Adam with the inner lr and the ``betas`` and ``eps`` of
+        ``rule_options`` (the rule the learned one equals at its identity initialisation)."""
+        options = self.config.rule_options
+        same = {k: options[k] for k in ("betas", "eps") if k in options}
+        return adam(self.config.inner_lr, **same)
+
     def _record_validation(self) -> None:
         val = self.validate()
         record = {"step": self.step, **{f"val_{k}": v for k, v in val.items()}}
@@ -498,7 +537,7 @@ class MetaTrainer:
             "learned": learned_rule(
                 net, self.config.inner_lr, **self.config.learned_rule_options()
             ),
-            "adam": adam(self.config.inner_lr),
+            "adam": self._adam(),
         }
         gen = torch.Generator().manual_seed(seed)
         problems = [self.val_family.sample(gen).to(self.device) for _ in range(n_sequences)]

@@ -132,6 +132,32 @@ def test_family_rejects_unknown_choices():
         ContinualProblem(torch.nn.Linear(2, 2), [object()], steps_per_task=[0])
 
 
+def test_family_refuses_a_string_where_names_belong():
+    with pytest.raises(ValueError, match="tuple of names"):
+        FamilyConfig(datasets="digits")
+
+
+def test_every_task_of_a_drawn_sequence_has_training_and_held_out_examples(monkeypatch):
+    """60 examples over 5 two-class tasks: about one draw in five left a task without
+    held-out (NaN meta-loss) or training examples (an error mid-run); such draws are
+    drawn again, and a family too small for that gives up with a clear error."""
+    config = FamilyConfig(models=("mlp",), kinds=("split",), n_tasks=(5, 5),
+                          steps_per_task=(1, 1), examples=60)
+    family = TaskFamily(config)
+    for seed in range(40):
+        problem = family.sample(torch.Generator().manual_seed(seed))
+        assert all(len(t.y_train) and len(t.y_test) for t in problem.tasks)
+    monkeypatch.setattr(meta_tasks, "MAX_DRAWS", 1)
+    failures = 0
+    for seed in range(40):
+        try:
+            family.sample(torch.Generator().manual_seed(seed))
+        except ValueError as error:
+            assert "raise examples or lower n_tasks" in str(error)
+            failures += 1
+    assert failures
+
+
 def test_family_model_sizes_reach_the_models_and_misfits_fail_up_front():
     """``model_sizes`` set every model a sequence draws (the paper suite's sizes here);
     sizes that cannot be built for a pool's images fail when the family is made (they

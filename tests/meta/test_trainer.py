@@ -286,11 +286,50 @@ def test_compile_option_reaches_the_unrolled_estimator(tmp_path, monkeypatch):
         ({"rule_options": {"importanc": "fisher"}}, "no options of learned_rule"),
         ({"rule_options": {"meta_params": {}}}, "no options of learned_rule"),
         ({"rule_options": {"aux_dtype": "float33"}}, "no torch dtype"),
+        # values learned_rule refuses, also before any data is read
+        ({"rule_options": {"importance": "bogus"}}, "rule_options: importance"),
+        ({"rule_options": {"topk_fraction": 5.0}}, "rule_options: topk_fraction"),
+        ({"rule_options": {"betas": [0.9]}}, "rule_options: invalid betas"),
+        ({"net": {"widht": 8}}, "net: .*widht"),
+        ({"family": "digits"}, "family must be a FamilyConfig"),
+        ({"family": {"exemples": 100}}, "unknown FamilyConfig fields"),
+        ({"family": {"examples": 3}}, "examples must be >= 20"),
     ],
 )
 def test_bad_config(bad, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**bad)
+
+
+def test_checking_a_config_draws_no_random_numbers():
+    before = torch.random.get_rng_state()
+    tiny_config(net={"d_model": 8})
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_a_family_config_is_taken_as_its_plain_data():
+    config = tiny_config(family=TINY_FAMILY)
+    assert config.family == TINY_FAMILY.to_dict()
+    assert config.to_dict() == tiny_config().to_dict()
+
+
+@pytest.mark.parametrize(("steps", "error"), [(2.5, TypeError), (0, ValueError), (-3, ValueError)])
+def test_train_refuses_a_bad_step_count_before_any_work(tmp_path, steps, error):
+    trainer = MetaTrainer(tiny_config(), tmp_path, progress=False)
+    with pytest.raises(error, match="steps"):
+        trainer.train(steps)
+    assert trainer.step == 0 and not trainer.history and not trainer.baseline
+
+
+def test_the_adam_baseline_has_the_rules_betas_and_eps(tmp_path):
+    """At its identity initialisation the learned rule is Adam with its betas and eps:
+    the baseline the trainer reports must be that Adam, not Adam's defaults."""
+    options = {"betas": [0.5, 0.6], "eps": 1e-3}
+    trainer = MetaTrainer(tiny_config(rule_options=options), tmp_path, progress=False)
+    learned, baseline = trainer.validate(), trainer.validate(trainer._adam())
+    assert learned["meta_loss"] == pytest.approx(baseline["meta_loss"], rel=1e-5)
+    default = trainer.validate(MetaTrainer(tiny_config(), tmp_path / "d", progress=False)._adam())
+    assert default["meta_loss"] != pytest.approx(baseline["meta_loss"], rel=1e-5)
 
 
 def test_rule_options_name_aux_dtype_as_plain_data():
