@@ -166,7 +166,8 @@ def _implicit_vjp(
     """``-(d^2 L_in / d phi d theta) (H + damping I)^{-1} cotangent`` at ``params``.
 
     ``params`` and ``cotangent`` share one pytree structure (a dict, a tuple, nested
-    containers, one tensor); the result has ``meta_params``' structure.
+    containers, one tensor); the result has ``meta_params``' structure, ``None`` at its
+    leaves that are not floating point (constants).
     """
     params, meta_params = detach_tree(params), detach_tree(meta_params)
     leaves, spec = pytree.tree_flatten(params)
@@ -183,9 +184,23 @@ def _implicit_vjp(
         return {k: x + damping * v[k] for k, x in as_dict(out).items()}
 
     v = conjugate_gradient(hvp, as_dict(detach_tree(cotangent)), cg_iters, tol)
-    _, pullback = vjp(lambda mp: grad_theta(params, mp), meta_params)
-    (mixed,) = pullback(as_tree(v))
-    return pytree.tree_map(torch.neg, mixed)
+    meta_leaves, meta_spec = pytree.tree_flatten(meta_params)
+    varying = [i for i, x in enumerate(meta_leaves) if x.is_floating_point()]
+
+    def with_varying(*values: torch.Tensor) -> Any:
+        full = list(meta_leaves)
+        for i, value in zip(varying, values, strict=True):
+            full[i] = value
+        return pytree.tree_unflatten(full, meta_spec)
+
+    _, pullback = vjp(
+        lambda *values: grad_theta(params, with_varying(*values)),
+        *(meta_leaves[i] for i in varying),
+    )
+    mixed: list[torch.Tensor | None] = [None] * len(meta_leaves)
+    for i, g in zip(varying, pullback(as_tree(v)), strict=True):
+        mixed[i] = -g
+    return pytree.tree_unflatten(mixed, meta_spec)
 
 
 class Implicit:
@@ -205,7 +220,7 @@ class Implicit:
 
     def __call__(self, meta_params: Params, problem: ImplicitProblem) -> MetaGradient:
         meta_params = detach_tree(meta_params)
-        with torch.no_grad():
+        with torch.enable_grad():  # a solver may take torch.optim steps; its input is detached
             params = detach_tree(problem.solve(meta_params))
         _tensor_leaves(params, "problem.solve's result")
         loss = problem.meta_loss(params, meta_params)
@@ -253,10 +268,10 @@ class _ImplicitRoot(torch.autograd.Function):
                 config["cg_iters"],
                 config["tol"],
             )
-        grads = pytree.tree_leaves(out)
+        grads = pytree.tree_flatten(out, is_leaf=lambda x: x is None)[0]  # None: constants
         anchors = [t for t in (*tensors[n:], *grad_outputs) if t is not None and t.requires_grad]
         if torch.is_grad_enabled() and anchors:  # backward(create_graph=True)
-            grads = [_FirstOrderOnly.apply(g, *anchors) for g in grads]
+            grads = [g if g is None else _FirstOrderOnly.apply(g, *anchors) for g in grads]
         return (None, *([None] * n), *grads)
 
 
@@ -283,9 +298,13 @@ def implicit_root(
     """Decorator: make a user's inner solver differentiable by implicit differentiation.
 
     The decorated ``solver(meta_params, *args, **kwargs) -> params`` may be anything
-    (a loop of ``torch.optim`` steps, a closed form, L-BFGS); it runs without a graph.
-    ``params`` and ``meta_params`` may be any pytree of tensors (a dict, a tuple, nested
-    containers, one tensor); ``inner_loss`` receives them in the same structure.
+    (a loop of ``torch.optim`` steps, a closed form, L-BFGS); it runs with gradients
+    enabled on detached ``meta_params``, and its result is detached (no graph through
+    the solver is kept). ``params`` and ``meta_params`` may be any pytree of tensors (a
+    dict, a tuple, nested containers, one tensor); ``inner_loss`` receives them in the
+    same structure. ``params`` must be floating point (``TypeError`` otherwise);
+    ``meta_params`` leaves that are not (an iteration count) are constants and get no
+    gradient.
     The returned parameters carry gradients to the tensors in ``meta_params`` as if the
     solver had been differentiated through at its fixed point
     ``grad_theta inner_loss(params, meta_params) = 0``. First order only: a second
@@ -302,9 +321,17 @@ def implicit_root(
     def decorate(solver: Callable[..., Any]) -> Callable[..., Any]:
         def solve(meta_params: Any, *args: Any, **kwargs: Any) -> Any:
             meta_leaves, meta_spec = _tensor_leaves(meta_params, "meta_params")
-            with torch.no_grad():
+            with torch.enable_grad():  # a loop of torch.optim steps needs autograd
                 params = detach_tree(solver(detach_tree(meta_params), *args, **kwargs))
             leaves, spec = _tensor_leaves(params, "the solver's result")
+            not_float = [
+                f"leaf {i}: {x.dtype}" for i, x in enumerate(leaves) if not x.is_floating_point()
+            ]
+            if not_float:
+                raise TypeError(
+                    "the solver's result must hold floating-point tensors (the fixed point "
+                    f"is differentiated), got {not_float}"
+                )
             config = {
                 "n_params": len(leaves),
                 "param_spec": spec,

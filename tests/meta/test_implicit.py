@@ -135,3 +135,55 @@ def test_conjugate_gradient_warns_when_it_stops_short_of_the_tolerance(caplog):
     with caplog.at_level("WARNING", logger="metaopt.meta.implicit"):
         conjugate_gradient(lambda v: {"x": a @ v["x"]}, b, max_iters=50)
     assert not caplog.records
+
+
+def _sgd_ridge_solver(mp):
+    w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.SGD([w], lr=1e-3, momentum=0.9)
+    for _ in range(3000):
+        optimizer.zero_grad()
+        ridge_inner({"w": w}, mp).backward()
+        optimizer.step()
+    return {"w": w.detach()}
+
+
+def test_a_solver_of_torch_optim_steps_works_in_both_forms():
+    """The solver runs with autograd on (a loop of torch.optim steps failed under the
+    no_grad it ran in), on detached meta-parameters, and leaves no graph behind."""
+    lam = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    expected = closed_form(lam.detach())[1]
+    params = implicit_root(ridge_inner, cg_iters=50)(_sgd_ridge_solver)({"lam": lam})
+    ridge_outer(params, None).backward()
+    torch.testing.assert_close(lam.grad, expected, rtol=1e-6, atol=1e-8)
+
+    class SGDRidge(Ridge):
+        def solve(self, mp):
+            assert not mp["lam"].requires_grad
+            return _sgd_ridge_solver(mp)
+
+    result = Implicit(cg_iters=50)({"lam": lam.detach()}, SGDRidge())
+    torch.testing.assert_close(result.grads["lam"], expected, rtol=1e-6, atol=1e-8)
+    with torch.no_grad():  # the caller's grad mode does not reach the solver
+        params = implicit_root(ridge_inner)(_sgd_ridge_solver)({"lam": lam})
+    assert not params["w"].requires_grad
+
+
+def test_implicit_root_treats_non_float_meta_params_as_constants():
+    @implicit_root(ridge_inner, cg_iters=50)
+    def solve(mp):
+        w = torch.zeros(5, dtype=torch.float64)
+        step = 1.0 / (torch.linalg.matrix_norm(X, 2) ** 2 + mp["lam"])
+        for _ in range(int(mp["iters"])):
+            w = w - step * (X.T @ (X @ w - Y) + mp["lam"] * w)
+        return {"w": w}
+
+    lam = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    params = solve({"iters": torch.tensor(3000), "lam": lam})
+    ridge_outer(params, None).backward()
+    torch.testing.assert_close(lam.grad, closed_form(lam.detach())[1], rtol=1e-6, atol=1e-8)
+
+
+def test_implicit_root_refuses_a_solver_result_that_is_not_floating_point():
+    solve = implicit_root(ridge_inner)(lambda mp: {"w": torch.zeros(5, dtype=torch.int64)})
+    with pytest.raises(TypeError, match=r"floating-point.*int64"):
+        solve({"lam": torch.tensor(1.0, dtype=torch.float64, requires_grad=True)})
