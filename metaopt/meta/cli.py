@@ -200,8 +200,14 @@ def check_args(args: argparse.Namespace) -> None:
     if args.compare < 0:
         raise ValueError(f"--compare must be >= 0, got {args.compare}")
     check_out_dir(Path(args.out))
-    if args.export and Path(args.export).is_dir():
-        raise ValueError(f"--export {args.export} is a directory; give a file path")
+    if args.export:
+        export = Path(args.export)
+        if export.is_dir():
+            raise ValueError(f"--export {args.export} is a directory; give a file path")
+        try:  # its folder is made when the rule is written, after the training
+            check_out_dir(export.parent)
+        except ValueError as exc:
+            raise ValueError(f"--export {args.export}: {exc}") from None
 
 
 def process_device(device: str, ctx: DistributedContext) -> torch.device:

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -244,8 +245,14 @@ def check_out_dir(path: Path) -> None:
         if existing.exists():
             if not existing.is_dir():
                 raise ValueError(f"output folder {path}: {existing} is not a directory")
-            if not os.access(existing, os.W_OK | os.X_OK):
-                raise ValueError(f"output folder {path}: {existing} is not writable")
+            try:  # os.access alone says yes to root everywhere, /proc included
+                if not os.access(existing, os.W_OK | os.X_OK):
+                    raise PermissionError("permission denied")
+                tempfile.TemporaryFile(dir=existing).close()
+            except OSError as exc:
+                raise ValueError(
+                    f"output folder {path}: {existing} is not writable ({exc})"
+                ) from None
             return
 
 

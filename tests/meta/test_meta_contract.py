@@ -447,6 +447,9 @@ def _cli_args(tmp_path) -> list[str]:
         ["--out", "FILE"],
         ["--out", "FILE/run"],
         ["--export", "DIR"],
+        ["--export", "FILE/rule.pt"],  # refused after the training, with a traceback
+        ["--export", "/proc/rule.pt"],  # root may write anywhere os.access is asked about
+        ["--out", "/proc/run"],
     ],
 )
 def test_cli_refuses_bad_arguments_before_any_work(tmp_path, monkeypatch, capsys, extra):
