@@ -109,6 +109,17 @@ def test_cuda_graph_benchmark_checks_and_times_each_optimizer(monkeypatch, capsy
     assert out.count("max |replayed - launched| after 5 more steps 0.00e+00") == 2
     assert "learned eager, graph" in out and "x1.00 of fused Adam" in out
 
+    class Frozen(module.Launched):  # a replay that does not take the launched step
+        def step(self):
+            pass
+
+    monkeypatch.setattr(module, "Captured", Frozen)
+    module.bench("100k", steps=2, repeats=1, learned_kinds=["eager"], device="cpu")
+    out = capsys.readouterr().out
+    assert out.count("replays another step than the launched one") == 2
+    assert not re.search(r"graph +[\d.]+ ms/step", out)
+    monkeypatch.setattr(module, "Captured", NotCaptured)
+
     def fails(opt):
         raise RuntimeError("operation not permitted when stream is capturing")
 
