@@ -60,3 +60,20 @@ def test_checkpoint_option_picks_the_learned_rule(bench, capsys, tmp_path):
 def test_asking_for_more_images_than_the_split_has_is_refused(bench):
     with pytest.raises(ValueError, match="training images"):
         bench.split_train_heldout("digits", 5000, 100, None)
+
+
+def test_the_learned_optimizer_gets_the_parameters_names(bench, monkeypatch):
+    """As the rule was meta-trained: without names the transformer's norms read as
+    biases and its embeddings as weights."""
+    given = []
+
+    class Recording(bench.LearnedOptimizer):
+        def __init__(self, params, **kwargs):
+            params = list(params)
+            given.append(params)
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(bench, "LearnedOptimizer", Recording)
+    bench.main(["--dataset", "digits", "--models", "mlp", "--seeds", "1", "--epochs", "1",
+                "--train", "64", "--heldout", "32", "--batch", "32"])
+    assert given and all(isinstance(p, tuple) and isinstance(p[0], str) for p in given[0])
