@@ -14,6 +14,7 @@ import collections
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -32,9 +33,11 @@ def _synchronize(device: torch.device) -> None:
 
 def profile_steps(
     opt: torch.optim.Optimizer, steps: int, device: torch.device
-) -> tuple[float, int, int, collections.Counter[str]]:
-    """Seconds per step (profiled, so slower than unprofiled), operator calls and device
-    kernels per step, and the operator-call counts of the profiled steps."""
+) -> tuple[float, int, int, int, collections.Counter[str]]:
+    """Seconds per step (profiled, so slower than unprofiled), the step's own ATen calls
+    (those not inside another ATen operator), all ATen calls (nested ones included) and
+    device kernels per step (memory copies and sets included), and the operator-call
+    counts of the profiled steps (nested included)."""
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
@@ -48,13 +51,25 @@ def profile_steps(
         _synchronize(device)
     seconds = (time.perf_counter() - start) / steps
     ops: collections.Counter[str] = collections.Counter()
-    kernels = 0
+    outermost = kernels = 0
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels += 1
         elif event.name.startswith("aten::"):
             ops[event.name] += 1
-    return seconds, sum(ops.values()) // steps, kernels // steps, ops
+            outermost += not _inside_aten_call(event)
+    return seconds, outermost // steps, sum(ops.values()) // steps, kernels // steps, ops
+
+
+def _inside_aten_call(event: Any) -> bool:
+    """Whether a profiler event runs inside another ATen operator (``aten::add_`` inside
+    ``aten::_foreach_add_``), so that it is not one of the step's own calls."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,14 +99,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {args.device}, MLP {sum(p.numel() for p in params)} "
           f"parameters in {len(params)} tensors; {args.steps} profiled steps")
     results = {name: profile_steps(opt, args.steps, device) for name, opt in opts.items()}
-    base_ops, base_kernels = results["Adam fused"][1], results["Adam fused"][2]
-    for name, (seconds, ops, kernels, _) in results.items():
-        print(f"{name:<17} {1e3 * seconds:8.3f} ms/step (profiled)  {ops:5d} aten ops/step "
-              f"(x{ops / max(base_ops, 1):.0f})  {kernels:5d} kernels/step "
+    _, base_calls, base_ops, base_kernels, _ = results["Adam fused"]
+    for name, (seconds, calls, ops, kernels, _) in results.items():
+        print(f"{name:<17} {1e3 * seconds:8.3f} ms/step (profiled)  {calls:5d} ATen calls/step "
+              f"(x{calls / max(base_calls, 1):.0f}; {ops} with the calls inside them, "
+              f"x{ops / max(base_ops, 1):.0f})  {kernels:5d} kernels/step "
               f"(x{kernels / max(base_kernels, 1):.0f} of fused Adam)")
     for name in opts:
         if name != "Adam fused":
-            counts = results[name][3]
+            counts = results[name][4]
             print(f"\nmost frequent operators, {name} (calls per step):")
             for op, n in counts.most_common(args.top):
                 print(f"  {op:<40} {n / args.steps:6.1f}")
