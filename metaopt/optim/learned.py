@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from metaopt.learned.checkpoint import load_pretrained
 from metaopt.learned.fused import compiled_fused_step, fusable
@@ -23,6 +25,8 @@ from metaopt.learned.tasks import (
 )
 from metaopt.optim.functional import FunctionalOptimizer, _SavedState
 from metaopt.rules.base import UpdateRule
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["LearnedOptimizer"]
 
@@ -83,6 +87,14 @@ class LearnedOptimizer(FunctionalOptimizer):
         weight_decay: accepted as 0 only (``torch.optim.Adam``'s argument, so that code
             passing ``weight_decay=0`` runs unchanged); anything else raises
             ``ValueError``, in a parameter group too: the rule learned its own decay.
+        process_group: the ``torch.distributed`` group whose processes train one model
+            together (``DistributedDataParallel``'s, e.g. ``dist.group.WORLD``): the loss
+            a closure returns is averaged over it before it reaches the rule's task
+            token, so that every process's rule sees the same loss statistics and the
+            replicas stay identical (each feeding its own loss, they drift apart). Every
+            process of the group must then call ``step(closure)`` together. ``None``:
+            this process's loss (a warning when a closure's loss is fed while
+            ``torch.distributed`` runs more than one process). Not copied.
 
     Parameters on the ``meta`` device are stepped as by ``torch.optim.Adam`` (shapes and
     dtypes only; the net then runs on the ``meta`` device too). Copies (``copy.deepcopy``,
@@ -114,8 +126,10 @@ class LearnedOptimizer(FunctionalOptimizer):
         check_finite: bool = True,
         compile: bool = False,
         weight_decay: float = 0.0,
+        process_group: Any = None,
     ) -> None:
         _check_no_weight_decay(weight_decay)
+        self._process_group = process_group
         if net is not None and not isinstance(net, LearnedRuleNet):
             raise TypeError(f"net must be a LearnedRuleNet, got {type(net).__name__}")
         check_importance(importance)
@@ -178,11 +192,13 @@ class LearnedOptimizer(FunctionalOptimizer):
             {} if self._reuse_buffers and not self._compile else None
         )
         self._loss: torch.Tensor | None = None
+        self._warned_local_loss = False
         self._depth: dict[torch.Tensor, float] = {}  # set by _params_changed
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._factory = self._rule_factory()  # a closure over this optimizer
+        self._process_group = None  # process groups are not copied
 
     @classmethod
     def from_pretrained(
@@ -435,12 +451,32 @@ class LearnedOptimizer(FunctionalOptimizer):
         with torch.enable_grad():
             loss = closure()
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            self._loss = loss.detach()
+            self._loss = self._shared_loss(loss.detach())
         try:
             with _autocast_off():
                 return self._step(lambda: loss)
         finally:
             self._loss = None
+
+    def _shared_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` averaged over :attr:`process_group` (``loss`` itself without one)."""
+        if self._process_group is None:
+            if (
+                not self._warned_local_loss
+                and dist.is_available()
+                and dist.is_initialized()
+                and dist.get_world_size() > 1
+            ):
+                logger.warning(
+                    "LearnedOptimizer.step(closure) under torch.distributed feeds this "
+                    "process's own loss to the rule: replicas of one model drift apart. "
+                    "Pass process_group= (e.g. dist.group.WORLD) to average it."
+                )
+                self._warned_local_loss = True
+            return loss
+        total = loss.reshape(()).clone()
+        dist.all_reduce(total, group=self._process_group)  # SUM: gloo has no AVG
+        return total / dist.get_world_size(self._process_group)
 
     @torch.no_grad()
     def new_task(self) -> None:

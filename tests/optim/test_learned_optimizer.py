@@ -248,7 +248,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out: str, closure: bool) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -258,32 +258,56 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         model, x, y = build("mlp", 4, seed=12, dtype=torch.float32)
         ddp = DistributedDataParallel(model)
-        opt = LearnedOptimizer(ddp.parameters(), lr=1e-2, net=perturbed_net())
+        group = dist.group.WORLD if closure else None
+        opt = LearnedOptimizer(ddp.parameters(), lr=1e-2, net=perturbed_net(),
+                               process_group=group)
         shard = slice(rank * 6, (rank + 1) * 6)
+
+        def step_closure():
+            opt.zero_grad()
+            loss = _loss(ddp, x[shard], y[shard])
+            loss.backward()
+            return loss
+
         for step in range(4):
             if step == 2:
                 opt.new_task()
-            opt.zero_grad()
-            _loss(ddp, x[shard], y[shard]).backward()
-            opt.step()
+            if closure:  # each rank's own loss; the rule must see their mean
+                opt.step(step_closure)
+            else:
+                step_closure()
+                opt.step()
         torch.save([p.detach() for p in model.parameters()], f"{out}.{rank}")
         dist.barrier()  # no rank tears gloo down while its peer still talks to it
     finally:
         dist.destroy_process_group()
 
 
-def test_inside_distributed_data_parallel(tmp_path):
+@pytest.mark.parametrize("closure", [False, True], ids=["step", "closure"])
+def test_inside_distributed_data_parallel(tmp_path, closure):
+    """Replicas stay identical and equal one process on the full batch; with a closure,
+    the rule sees the ranks' mean loss through ``process_group`` (each rank's own loss
+    made the replicas drift apart)."""
     out = str(tmp_path / "params")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), out, closure), nprocs=2, join=True)
     ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
     model, x, y = build("mlp", 4, seed=12, dtype=torch.float32)
     opt = LearnedOptimizer(model.parameters(), lr=1e-2, net=perturbed_net())
-    for step in range(4):  # single process, full batch: the same averaged gradients
+
+    def full_batch():  # single process: the same averaged gradients and mean loss
+        opt.zero_grad()
+        loss = 0.5 * (_loss(model, x[:6], y[:6]) + _loss(model, x[6:], y[6:]))
+        loss.backward()
+        return loss
+
+    for step in range(4):
         if step == 2:
             opt.new_task()
-        opt.zero_grad()
-        (0.5 * (_loss(model, x[:6], y[:6]) + _loss(model, x[6:], y[6:]))).backward()
-        opt.step()
+        if closure:
+            opt.step(full_batch)
+        else:
+            full_batch()
+            opt.step()
     for a, b, p in zip(ranks[0], ranks[1], model.parameters(), strict=True):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, p.detach(), rtol=1e-5, atol=1e-6)
@@ -631,3 +655,25 @@ def test_a_step_on_another_device_uses_no_host_tensor(kind):
     with _HostTensorOps() as host:
         opt.step()
     assert dict(host.seen) == {}
+
+
+def test_a_closure_loss_under_distributed_without_a_group_warns_once(monkeypatch, caplog):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    model, x, y = build("mlp", 3, seed=14, dtype=torch.float32)
+    opt = LearnedOptimizer(model.parameters(), lr=1e-2, net=LearnedRuleNet())
+
+    def closure():
+        opt.zero_grad()
+        loss = _loss(model, x, y)
+        loss.backward()
+        return loss
+
+    with caplog.at_level("WARNING", logger="metaopt.optim.learned"):
+        opt.step(closure)
+        opt.step(closure)
+    assert sum("process_group=" in r.getMessage() for r in caplog.records) == 1
+    grouped = LearnedOptimizer(model.parameters(), net=LearnedRuleNet(), process_group=object())
+    assert copy.deepcopy(grouped)._process_group is None  # process groups are not copied
