@@ -8,9 +8,10 @@ on: ``param_groups`` with their own hyper-parameters (read at every step, so eve
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -26,6 +27,20 @@ RuleFactory = Callable[..., UpdateRule]
 _SavedState = dict[torch.Tensor, dict[str, tuple[torch.dtype, torch.Tensor]]]
 """What :meth:`FunctionalOptimizer.load_state_dict` restores: per parameter, each state
 key's dtype (as the rule gives it) and the tensor the state dict holds."""
+
+
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+@contextlib.contextmanager
+def _autocast_off() -> Iterator[None]:
+    """Autocast turned off for every device type where it is on (none entered where it
+    is off: this runs at every step)."""
+    with contextlib.ExitStack() as stack:
+        for device_type in _AUTOCAST_DEVICE_TYPES:
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
 
 
 def _flatten_leaf_state(leaf_state: Any) -> tuple[dict[str, torch.Tensor], Any]:
@@ -451,13 +466,31 @@ class FunctionalOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every parameter that has a gradient.
 
+        The closure runs with autograd on and the caller's autocast; the update runs with
+        autocast off, in the parameters' and the state's dtypes (a rule with a network of
+        its own, the learned rule, computed it in bfloat16 under autocast otherwise).
+
         Args:
             closure: re-evaluates the model and returns the loss (optional).
 
         Returns:
             The closure's loss, or ``None``.
         """
-        return self._step(closure)
+        if closure is None:
+            with _autocast_off():
+                return self._step(None)
+        with torch.enable_grad():
+            loss = closure()
+        self._closure_loss(loss)
+        try:
+            with _autocast_off():
+                return self._step(lambda: loss)
+        finally:
+            self._closure_loss(None)
+
+    def _closure_loss(self, loss: Any) -> None:
+        """Given the closure's return value before the update and ``None`` after it, for
+        subclasses whose rule observes losses (nothing here)."""
 
     def _step(self, closure: Callable[[], Any] | None) -> Any:
         """The body of :meth:`step`, without ``torch.optim``'s step hooks: ``torch.optim``

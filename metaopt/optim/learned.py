@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -434,28 +433,12 @@ class LearnedOptimizer(FunctionalOptimizer):
             self._step_input_cache[id(group)] = (key, tensors)
         return tensors
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One update of every parameter that has a gradient (see ``torch.optim``).
-
-        Returns:
-            The closure's loss, or ``None``; a scalar tensor loss feeds the task token.
-        """
-        # self._step, not super().step(): torch.optim wraps FunctionalOptimizer.step with
-        # the hook runner as well, and the hooks would run twice. The update runs with
-        # autocast off (the closure keeps the caller's): under autocast the rule's net
-        # computed in bfloat16 and the step differed from the same step outside it.
-        if closure is None:
-            with _autocast_off():
-                return self._step(None)
-        with torch.enable_grad():
-            loss = closure()
+    def _closure_loss(self, loss: Any) -> None:
+        """A closure's scalar tensor loss feeds the task token (averaged over
+        :attr:`process_group`) during the step it belongs to."""
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             self._loss = self._shared_loss(loss.detach())
-        try:
-            with _autocast_off():
-                return self._step(lambda: loss)
-        finally:
+        else:
             self._loss = None
 
     def _shared_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -525,20 +508,6 @@ class LearnedOptimizer(FunctionalOptimizer):
                 task_index = max([task_index, *found])
         self._task_index = int(task_index)
         self._rule_cache.clear()
-
-
-_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
-
-
-@contextlib.contextmanager
-def _autocast_off() -> Iterator[None]:
-    """Autocast turned off for every device type where it is on (none entered where it
-    is off: this runs at every step)."""
-    with contextlib.ExitStack() as stack:
-        for device_type in _AUTOCAST_DEVICE_TYPES:
-            if torch.is_autocast_enabled(device_type):
-                stack.enter_context(torch.autocast(device_type, enabled=False))
-        yield
 
 
 def _check_no_weight_decay(weight_decay: Any) -> None:

@@ -1233,7 +1233,19 @@ def test_building_the_learned_optimizer_leaves_the_global_rng_alone():
         assert torch.equal(after, torch.rand(4))
 
 
-def test_learned_step_inside_autocast_equals_the_step_outside():
+def _learned_rule_factory(lr=1e-2):
+    return metaopt.learned.learned_rule(metaopt.learned.load_pretrained("default"), lr)
+
+
+LEARNED_SHELLS = {
+    "LearnedOptimizer": lambda params: LearnedOptimizer(params, lr=1e-2),
+    # the functional shell around the same rule (it ran the net under autocast)
+    "FunctionalOptimizer": lambda params: FunctionalOptimizer(params, _learned_rule_factory),
+}
+
+
+@pytest.mark.parametrize("shell", sorted(LEARNED_SHELLS))
+def test_learned_step_inside_autocast_equals_the_step_outside(shell):
     """A loop that calls opt.step() inside ``torch.autocast`` must not run the rule's net
     in bfloat16 (the shipped rule's step differed by 1e-4 on updates of 8e-2); a
     closure still runs under the caller's autocast."""
@@ -1243,7 +1255,7 @@ def test_learned_step_inside_autocast_equals_the_step_outside():
     for inside in (False, True):
         torch.manual_seed(1)
         model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-        opt = LearnedOptimizer(model.named_parameters(), lr=1e-2)
+        opt = LEARNED_SHELLS[shell](model.named_parameters())
         for _ in range(3):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()  # outside autocast
