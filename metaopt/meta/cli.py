@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from metaopt.continual.data import check_dataset_name
-from metaopt.meta.distributed import DistributedContext, init_distributed
+from metaopt.meta.distributed import DistributedContext, check_ranks_agree, init_distributed
 from metaopt.meta.tasks import DATASETS, KINDS, MODELS, SMALL_MODELS, FamilyConfig
 from metaopt.meta.trainer import MetaTrainer, TrainConfig, check_out_dir
 
@@ -237,6 +237,7 @@ def meta_train_command(args: argparse.Namespace) -> int:
     if not args.no_resume and trainer.resume():
         logger.info("continuing at meta-step %d of %d", trainer.step, config.steps)
     try:
+        check_ranks_agree(trainer.fingerprint(), ctx)  # else their all-reduces mix and hang
         best = trainer.train()
         if dist.is_initialized():
             dist.barrier()  # every rank is done before any tears gloo down

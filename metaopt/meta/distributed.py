@@ -13,11 +13,13 @@ examples pick whenever CUDA is available, cannot all-reduce CPU tensors.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,6 +29,7 @@ from metaopt.tree import Params
 __all__ = [
     "DistributedContext",
     "all_reduce_mean",
+    "check_ranks_agree",
     "default_backend",
     "init_distributed",
     "shard",
@@ -88,6 +91,32 @@ def default_backend() -> str:
     """``"cpu:gloo,cuda:nccl"`` when CUDA is available, else ``"gloo"``: a process group
     that all-reduces CPU tensors (the meta-trainer's) with gloo either way."""
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
+def check_ranks_agree(fingerprint: Any, ctx: DistributedContext) -> None:
+    """Raise ``ValueError`` on every rank unless ``fingerprint`` (plain data: numbers,
+    strings, lists, dicts) is the same on all of them. Every rank must call it.
+
+    Ranks that disagree about where a run stands (one resumed a checkpoint that another
+    did not see, with a node-local ``--out``) or about its settings (``--steps``,
+    ``--val-every`` given to one rank only) paired all-reduces of different meanings:
+    they mixed validation sums into the training counts, then waited for each other
+    for good.
+    """
+    if ctx.world_size <= 1:
+        return
+    text = json.dumps(fingerprint, sort_keys=True, allow_nan=True)
+    digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little", signed=True)
+    mine = torch.tensor([digest], dtype=torch.int64)  # a CPU tensor: gloo on every backend
+    every = [torch.empty_like(mine) for _ in range(ctx.world_size)]
+    dist.all_gather(every, mine)
+    differ = [rank for rank, theirs in enumerate(every) if not torch.equal(theirs, every[0])]
+    if differ:
+        raise ValueError(
+            f"ranks {differ} do not run the same meta-training as rank 0 (another step "
+            "resumed from, other settings or another starting net): give every rank the "
+            "same arguments and the same --out checkpoint"
+        )
 
 
 def shard(items: Sequence[T], ctx: DistributedContext) -> list[T]:

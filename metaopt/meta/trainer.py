@@ -503,6 +503,16 @@ class MetaTrainer:
         bar.close()
         return self.best
 
+    def fingerprint(self) -> dict[str, Any]:
+        """Plain data that the processes of one distributed run share: the meta-step
+        reached, the configuration and a checksum of the net (see
+        :func:`metaopt.meta.distributed.check_ranks_agree`)."""
+        return {
+            "step": self.step,
+            "config": self.config.to_dict(),
+            "net": [float(v.double().sum()) for v in self.net.state_dict().values()],
+        }
+
     def _adam(self) -> UpdateRule:
         """The baseline: Adam with the inner lr and the ``betas`` and ``eps`` of
         ``rule_options`` (the rule the learned one equals at its identity initialisation)."""

@@ -14,6 +14,7 @@ from metaopt.meta import distributed
 from metaopt.meta.distributed import (
     DistributedContext,
     all_reduce_mean,
+    check_ranks_agree,
     init_distributed,
     shard,
 )
@@ -96,3 +97,36 @@ def test_default_backend_all_reduces_cpu_tensors_also_where_cuda_is(monkeypatch)
     assert joined.pop() == "nccl"
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert init_distributed() == DistributedContext() and not joined
+
+
+def _agreement_worker(rank: int, world: int, port: int, fingerprints: list, result: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    ctx = init_distributed()
+    try:
+        try:
+            check_ranks_agree(fingerprints[rank], ctx)
+            outcome = "agree"
+        except ValueError as error:
+            outcome = str(error)
+        torch.save(outcome, f"{result}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_run_different_meta_trainings_all_stop_with_the_reason(tmp_path):
+    """Ranks at different steps (one resumed, one not) or with other settings paired
+    all-reduces of different meanings, then hung: every rank now raises, naming the
+    ranks that differ from rank 0; ranks that agree go on."""
+    result = str(tmp_path / "outcome")
+    same = {"step": 2, "config": {"steps": 4}, "net": [0.5]}
+    for fingerprints, expected in (
+        ([same, dict(same)], "agree"),
+        ([same, {**same, "step": 0}], "ranks [1] do not run the same meta-training"),
+    ):
+        mp.spawn(_agreement_worker, args=(2, _free_port(), fingerprints, result), nprocs=2,
+                 join=True)
+        for rank in range(2):
+            assert expected in torch.load(f"{result}.{rank}", weights_only=True)
