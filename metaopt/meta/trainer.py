@@ -22,7 +22,6 @@ import inspect
 import json
 import logging
 import math
-import os
 import signal
 import tempfile
 import threading
@@ -245,9 +244,7 @@ def check_out_dir(path: Path) -> None:
         if existing.exists():
             if not existing.is_dir():
                 raise ValueError(f"output folder {path}: {existing} is not a directory")
-            try:  # os.access alone says yes to root everywhere, /proc included
-                if not os.access(existing, os.W_OK | os.X_OK):
-                    raise PermissionError("permission denied")
+            try:  # a file made there, not os.access: that says yes to root, /proc included
                 tempfile.TemporaryFile(dir=existing).close()
             except OSError as exc:
                 raise ValueError(

@@ -476,30 +476,27 @@ class FunctionalOptimizer(torch.optim.Optimizer):
         Returns:
             The closure's loss, or ``None``.
         """
-        if closure is None:
-            with _autocast_off():
-                return self._step(None)
-        with torch.enable_grad():
-            loss = closure()
-        self._closure_loss(loss)
-        try:
-            with _autocast_off():
-                return self._step(lambda: loss)
-        finally:
-            self._closure_loss(None)
-
-    def _closure_loss(self, loss: Any) -> None:
-        """Given the closure's return value before the update and ``None`` after it, for
-        subclasses whose rule observes losses (nothing here)."""
-
-    def _step(self, closure: Callable[[], Any] | None) -> Any:
-        """The body of :meth:`step`, without ``torch.optim``'s step hooks: ``torch.optim``
-        wraps every class's own ``step`` with the hook runner, so a subclass's ``step``
-        calls this, not ``super().step()``, or the hooks would run twice."""
+        # subclasses customise _closure_loss, not step: torch.optim wraps every class's
+        # own step with the hook runner, and a step calling super().step() ran them twice
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._closure_loss(loss)
+        try:
+            with _autocast_off():
+                self._update_groups()
+        finally:
+            self._closure_loss(None)
+        return loss
+
+    def _closure_loss(self, loss: Any) -> None:
+        """Given the closure's return value (``None`` without one) before the update and
+        ``None`` after it, for subclasses whose rule observes losses (nothing here)."""
+
+    def _update_groups(self) -> None:
+        """The update of :meth:`step`: every parameter with a gradient, group by group,
+        after checking every group's gradients and hyper-parameters."""
         self._sync_params()
         plan = self._gather()
         if self.check_finite:
@@ -508,7 +505,6 @@ class FunctionalOptimizer(torch.optim.Optimizer):
             self.rule_for(group)
         for group, keys, params in self._update_calls(plan):
             self._step_group(group, keys, params)
-        return loss
 
     def _update_calls(
         self, plan: list[tuple[dict[str, Any], list[str], list[torch.Tensor]]]
